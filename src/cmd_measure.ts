@@ -1,0 +1,9 @@
+/** `qimg measure`. */
+
+import type { Io } from "./command.ts";
+import { notSupportedYet } from "./command.ts";
+
+/** Runs `measure`. */
+export function run(_args: string[], _io: Io): Promise<number> {
+  return Promise.reject(notSupportedYet("measure"));
+}

@@ -1,0 +1,9 @@
+/** `qimg snapshot`. */
+
+import type { Io } from "./command.ts";
+import { notSupportedYet } from "./command.ts";
+
+/** Runs `snapshot`. */
+export function run(_args: string[], _io: Io): Promise<number> {
+  return Promise.reject(notSupportedYet("snapshot"));
+}

@@ -1,0 +1,144 @@
+/**
+ * The driver interface every image format implements (types only).
+ * Two halves, as in QEMU: a static FormatDriver per format, and a
+ * FormatImage per open image. A missing optional member is the capability.
+ */
+
+import type { BlockFile } from "./file.ts";
+import type { OptionDesc, OptionValues } from "./options.ts";
+import type { JsonValue } from "./output.ts";
+
+/** What one layer knows about a run of guest bytes. */
+export interface BlockStatus {
+  /** Length of the run in bytes; > 0 and possibly longer than asked. */
+  length: number;
+  /** Allocated in this layer. */
+  data: boolean;
+  /** Reads as zeroes. Neither data nor zero: ask the backing file. */
+  zero: boolean;
+  /** Where the bytes live in `file` (map's "offset"). */
+  hostOffset?: number;
+  /** The host file holding the bytes, when hostOffset is set. */
+  file?: string;
+  /** Stored compressed. */
+  compressed?: boolean;
+}
+
+/** A backing file reference as stored in an image. */
+export interface BackingRef {
+  /** The name exactly as stored. */
+  name: string;
+  /** The format as stored, if any. */
+  format?: string;
+}
+
+/** Format-specific facts for `info` (keys in qemu's order). */
+export interface FormatInfo {
+  /** Cluster size in bytes, when the format has one. */
+  clusterSize?: number;
+  /** Whether the image was not closed cleanly. */
+  dirty?: boolean;
+  /** qemu's `format-specific` object: `{ type, data }`. */
+  formatSpecific?: { type: string; data: Record<string, JsonValue> };
+  /** Whether the image is encrypted. */
+  encrypted?: boolean;
+}
+
+/** Result of a metadata consistency check, as qemu's BdrvCheckResult. */
+export interface CheckResult {
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  imageEndOffset?: number;
+  totalClusters?: number;
+  allocatedClusters?: number;
+  fragmentedClusters?: number;
+  compressedClusters?: number;
+  /** Lines the check prints while it runs (qemu's fprintf(stderr) lines). */
+  messages: string[];
+}
+
+/** Options for opening an image. */
+export interface OpenOptions {
+  /** Open for writing. */
+  write?: boolean;
+  /** Share locks (-U); accepted, qimg takes no locks. */
+  forceShare?: boolean;
+}
+
+/** Options for creating an image. */
+export interface CreateOptions {
+  /** Virtual size in bytes. */
+  size: number;
+  /** Values parsed from `-o` against the driver's createOptions. */
+  options: OptionValues;
+}
+
+/** One open image of one format: answers for its own layer only. */
+export interface FormatImage {
+  /** Virtual size in bytes. */
+  readonly size: number;
+  /** The backing file as stored, if any. */
+  readonly backing?: BackingRef;
+  /** The host file this image lives in. */
+  readonly file: BlockFile;
+  /**
+   * Reads guest bytes into `buf`. Ranges this layer does not hold are
+   * filled from `backingRead` when given, else with zeroes.
+   */
+  read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void>;
+  /** Block status of this layer at `offset`. */
+  blockStatus(offset: number, length: number): Promise<BlockStatus>;
+  /** Format-specific facts for info. */
+  info(): Promise<FormatInfo>;
+  /** Makes written data and metadata durable. */
+  flush(): Promise<void>;
+  /** Closes the image and its file. */
+  close(): Promise<void>;
+  /** Writes guest bytes. */
+  write?(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void>;
+  /** Makes a range read as zeroes. */
+  writeZeroes?(offset: number, length: number): Promise<void>;
+  /** Checks metadata consistency; repairs when `repair` is set. */
+  check?(options: { repair?: "leaks" | "all" }): Promise<CheckResult>;
+  /** Changes the virtual size. */
+  resize?(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void>;
+}
+
+/** Reads guest bytes from the layers below an image. */
+export type BackingReader = (offset: number, buf: Uint8Array) => Promise<void>;
+
+/** Size estimate for `measure`. */
+export interface MeasureResult {
+  required: number;
+  fullyAllocated: number;
+  bitmaps?: number;
+}
+
+/** One image format: a static table, as QEMU's BlockDriver. */
+export interface FormatDriver {
+  /** The name as qemu spells it (`vpc`, not `vhd`). */
+  readonly name: string;
+  /** Scores the first bytes of a file 0-100 (raw answers 1, the fallback). */
+  probe?(head: Uint8Array, filename: string): number;
+  /** Opens an image on a host file. */
+  open(file: BlockFile, options: OpenOptions): Promise<FormatImage>;
+  /** Creates an image on a new (empty, writable) host file. */
+  create?(file: BlockFile, options: CreateOptions): Promise<void>;
+  /** The `-o` options `create` takes, in qemu's order. */
+  readonly createOptions?: OptionDesc[];
+  /** The `-o` options `amend` takes. */
+  readonly amendOptions?: OptionDesc[];
+  /** Estimates the file size for an image of `size` holding `allocated` guest bytes. */
+  measure?(size: number, options: OptionValues, source?: MeasureSource): Promise<MeasureResult>;
+  /** Whether images of this format can have a backing file. */
+  readonly supportsBacking?: boolean;
+}
+
+/** What measure needs to know about a source image. */
+export interface MeasureSource {
+  /** Walks the source's allocated extents. */
+  extents(): AsyncIterable<{ offset: number; length: number; data: boolean; zero: boolean }>;
+}

@@ -1,0 +1,209 @@
+/**
+ * BlockFile: positional I/O over a host file. This file and cli.ts are the
+ * only places that use `Deno.*`; every format driver sees only BlockFile.
+ */
+
+import { QimgError } from "./errors.ts";
+
+/** A run of a host file that either holds data or is a hole. */
+export interface HostExtent {
+  /** Length in bytes from the offset asked (> 0). */
+  length: number;
+  /** False for a hole (reads as zeroes, takes no disk space). */
+  data: boolean;
+}
+
+/** Positional byte I/O on one host file. */
+export interface BlockFile {
+  /** The name as the user gave it (printed by map, info, errors). */
+  readonly name: string;
+  /** Whether writes are allowed. */
+  readonly writable: boolean;
+  /** Current length of the file in bytes. */
+  size(): Promise<number>;
+  /** Bytes the file occupies on disk (st_blocks * 512). */
+  allocated(): Promise<number>;
+  /** Reads into `buf` at `offset`; returns bytes read, short only at end of file. */
+  read(offset: number, buf: Uint8Array): Promise<number>;
+  /** Writes all of `data` at `offset`. */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Sets the file length. */
+  truncate(size: number): Promise<void>;
+  /** Makes written data durable. */
+  flush(): Promise<void>;
+  /** Releases the handle; later calls fail. */
+  close(): Promise<void>;
+  /** Resolves a backing or extent file name relative to this file's directory. */
+  resolve(name: string): string;
+  /**
+   * Whether the bytes at `offset` are data or a hole, and for how long.
+   * Files that cannot tell answer "all data".
+   */
+  extent(offset: number, length: number): Promise<HostExtent>;
+  /** Allocates disk blocks for a range without writing (fallocate); may be absent. */
+  allocate?(offset: number, length: number): Promise<void>;
+}
+
+/** How a file is opened. */
+export interface OpenFileOptions {
+  /** Open for writing as well as reading. */
+  write?: boolean;
+  /** Create the file, truncating an existing one. */
+  create?: boolean;
+}
+
+/** Joins `name` to the directory of `base` unless `name` is absolute, as qemu does for backing files. */
+export function resolveRelative(base: string, name: string): string {
+  if (name.startsWith("/") || name === "") return name;
+  const slash = base.lastIndexOf("/");
+  return slash < 0 ? name : base.slice(0, slash + 1) + name;
+}
+
+/**
+ * A BlockFile over Deno.FsFile. Each read or write is a synchronous
+ * seek + read/write pair: nothing can run between the seek and the transfer,
+ * so many requests in flight on one handle stay correct, and the sync calls
+ * are an order of magnitude faster than Deno's async ones on cached data.
+ */
+export class DenoFile implements BlockFile {
+  readonly name: string;
+  readonly writable: boolean;
+  #file: Deno.FsFile;
+  #path: string;
+  #holes: HoleFinder | null | undefined;
+
+  private constructor(name: string, path: string, file: Deno.FsFile, writable: boolean) {
+    this.name = name;
+    this.#path = path;
+    this.#file = file;
+    this.writable = writable;
+  }
+
+  /** Opens `path`; errors keep Deno's error class so callers can map them. */
+  static open(path: string, options: OpenFileOptions = {}): Promise<DenoFile> {
+    const write = options.write || options.create || false;
+    const file = Deno.openSync(path, {
+      read: true,
+      write,
+      create: options.create,
+      truncate: options.create,
+    });
+    if (!file.statSync().isFile) {
+      file.close();
+      // qemu's file driver refuses directories and other non-regular files.
+      throw new QimgError(`'file' driver requires '${path}' to be a regular file`);
+    }
+    return Promise.resolve(new DenoFile(path, path, file, write));
+  }
+
+  size(): Promise<number> {
+    return Promise.resolve(this.#file.statSync().size);
+  }
+
+  allocated(): Promise<number> {
+    const st = this.#file.statSync();
+    return Promise.resolve(st.blocks === null ? st.size : st.blocks * 512);
+  }
+
+  read(offset: number, buf: Uint8Array): Promise<number> {
+    const f = this.#file;
+    f.seekSync(offset, Deno.SeekMode.Start);
+    let done = 0;
+    while (done < buf.length) {
+      const n = f.readSync(buf.subarray(done));
+      if (n === null || n === 0) break;
+      done += n;
+    }
+    return Promise.resolve(done);
+  }
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    const f = this.#file;
+    f.seekSync(offset, Deno.SeekMode.Start);
+    let done = 0;
+    while (done < data.length) done += f.writeSync(data.subarray(done));
+    return Promise.resolve();
+  }
+
+  truncate(size: number): Promise<void> {
+    this.#file.truncateSync(size);
+    return Promise.resolve();
+  }
+
+  flush(): Promise<void> {
+    if (this.writable) this.#file.syncDataSync();
+    return Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    this.#holes?.close();
+    this.#file.close();
+    return Promise.resolve();
+  }
+
+  resolve(name: string): string {
+    return resolveRelative(this.#path, name);
+  }
+
+  async extent(offset: number, length: number): Promise<HostExtent> {
+    if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path);
+    if (this.#holes === null) return { length, data: true };
+    return this.#holes.extent(offset, length, await this.size());
+  }
+}
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+
+/**
+ * lseek(SEEK_DATA/SEEK_HOLE) through libc, used only when the ffi permission
+ * is already granted (never prompts). Absent that, files report all data.
+ */
+class HoleFinder {
+  #lib: Deno.DynamicLibrary<typeof LIBC>;
+  #fd: number;
+  private constructor(lib: Deno.DynamicLibrary<typeof LIBC>, fd: number) {
+    this.#lib = lib;
+    this.#fd = fd;
+  }
+
+  static async open(path: string): Promise<HoleFinder | null> {
+    try {
+      if (Deno.build.os !== "linux") return null;
+      const st = await Deno.permissions.query({ name: "ffi" });
+      if (st.state !== "granted") return null;
+      const lib = Deno.dlopen("libc.so.6", LIBC);
+      const cpath = new TextEncoder().encode(path + "\0");
+      const fd = lib.symbols.open(cpath, 0) as number;
+      if (fd < 0) {
+        lib.close();
+        return null;
+      }
+      return new HoleFinder(lib, fd);
+    } catch {
+      return null;
+    }
+  }
+
+  extent(offset: number, length: number, fileSize: number): HostExtent {
+    if (offset >= fileSize) return { length, data: false };
+    const s = this.#lib.symbols;
+    const data = Number(s.lseek(this.#fd, BigInt(offset), SEEK_DATA));
+    if (data < 0) return { length, data: false }; // ENXIO: only a hole to the end
+    if (data > offset) return { length: Math.min(length, data - offset), data: false };
+    const hole = Number(s.lseek(this.#fd, BigInt(offset), SEEK_HOLE));
+    if (hole < 0) return { length, data: true };
+    return { length: Math.min(length, Math.max(hole - offset, 1)), data: true };
+  }
+
+  close(): void {
+    this.#lib.symbols.close(this.#fd);
+    this.#lib.close();
+  }
+}
+
+const LIBC = {
+  open: { parameters: ["buffer", "i32"], result: "i32" },
+  lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
+  close: { parameters: ["i32"], result: "i32" },
+} as const;

@@ -1,0 +1,289 @@
+/**
+ * Image: an open image with its backing chain. Probes and opens formats,
+ * reads through the chain, and turns each layer's block status into
+ * extents (depth, present, zero) for map, convert, compare and measure.
+ */
+
+import type { BlockStatus, FormatDriver, FormatImage, FormatInfo } from "./driver.ts";
+import { type BlockFile, DenoFile } from "./file.ts";
+import { isPermissionError, QimgError, strerror } from "./errors.ts";
+import { findFormat, probeFormat } from "./formats.ts";
+import type { JsonValue } from "./output.ts";
+
+/** A run of guest bytes with the same status through the whole chain. */
+export interface Extent {
+  /** Guest offset in bytes. */
+  offset: number;
+  /** Length in bytes. */
+  length: number;
+  /** Allocated with data in the layer at `depth`. */
+  data: boolean;
+  /** Reads as zeroes. */
+  zero: boolean;
+  /** Some layer of the chain (not just "beyond the chain") answers for it. */
+  present: boolean;
+  /** Index in the chain of the layer that answered (0 = top). */
+  depth: number;
+  /** Host offset of the bytes, when known. */
+  hostOffset?: number;
+  /** Host file of the bytes, when `hostOffset` is set. */
+  file?: string;
+  /** Stored compressed. */
+  compressed?: boolean;
+}
+
+/** What `info --output=json` prints for one image, in qemu's key order. */
+export type ImageInfo = { [key: string]: JsonValue | undefined };
+
+/** How to open an image. */
+export interface OpenImageOptions {
+  /** The format; probed from the file's first bytes when absent. */
+  format?: string;
+  /** Open for writing. */
+  write?: boolean;
+  /** Open the backing chain (default true). */
+  backing?: boolean;
+  /** Called with qemu's warnings (e.g. raw probing on a writable open). */
+  warn?: (message: string) => void;
+  /** Opens a host file; defaults to the local file system. */
+  openFile?: (path: string, write: boolean) => Promise<BlockFile>;
+}
+
+const PROBE_BYTES = 2048;
+const MAX_CHAIN = 64;
+
+/** One layer of a chain: the open format image and how it was opened. */
+export interface Layer {
+  image: FormatImage;
+  driver: FormatDriver;
+  /** The file name as given or as stored in the overlay. */
+  filename: string;
+}
+
+/** Opens a local host file. */
+export function openHostFile(path: string, write: boolean): Promise<BlockFile> {
+  return DenoFile.open(path, { write });
+}
+
+/** Maps a runtime error from opening `path` to qemu's inner message. */
+export function openErrorMessage(path: string, e: unknown): string {
+  if (e instanceof QimgError) return e.message;
+  if (isPermissionError(e)) return strerror(e);
+  return `Could not open '${path}': ${strerror(e)}`;
+}
+
+async function openLayer(
+  filename: string,
+  options: OpenImageOptions,
+  write: boolean,
+): Promise<Layer> {
+  const openFile = options.openFile ?? openHostFile;
+  let file: BlockFile;
+  try {
+    file = await openFile(filename, write);
+  } catch (e) {
+    throw new QimgError(`Could not open '${filename}': ${openErrorMessage(filename, e)}`);
+  }
+  try {
+    let driver: FormatDriver | undefined;
+    if (options.format !== undefined) {
+      driver = findFormat(options.format);
+      if (!driver) throw new QimgError(`Unknown driver '${options.format}'`);
+    } else {
+      const head = new Uint8Array(PROBE_BYTES);
+      const n = await file.read(0, head);
+      driver = probeFormat(head.subarray(0, n), filename);
+      if (driver.name === "raw" && write) {
+        options.warn?.(
+          `WARNING: Image format was not specified for '${filename}' and probing guessed raw.\n` +
+            "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
+            "         Specify the 'raw' format explicitly to remove the restrictions.",
+        );
+      }
+    }
+    const image = await driver.open(file, { write });
+    return { image, driver, filename };
+  } catch (e) {
+    await file.close();
+    if (e instanceof QimgError) {
+      throw new QimgError(`Could not open '${filename}': ${e.message}`, { exitCode: e.exitCode });
+    }
+    throw e;
+  }
+}
+
+/**
+ * An open image and its backing chain. Reads, block status and extents
+ * answer for the guest view of the whole chain.
+ */
+export class Image {
+  /** Top layer first. */
+  readonly chain: Layer[];
+
+  constructor(chain: Layer[]) {
+    this.chain = chain;
+  }
+
+  /** The top image's format name. */
+  get format(): string {
+    return this.chain[0].driver.name;
+  }
+
+  /** Virtual size in bytes. */
+  get size(): number {
+    return this.chain[0].image.size;
+  }
+
+  /** The top layer's file name. */
+  get filename(): string {
+    return this.chain[0].filename;
+  }
+
+  /** Reads guest bytes at `offset` into `buf` through the chain. */
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    return this.#readAt(0, offset, buf);
+  }
+
+  #readAt(depth: number, offset: number, buf: Uint8Array): Promise<void> {
+    const layer = this.chain[depth];
+    if (!layer) {
+      buf.fill(0);
+      return Promise.resolve();
+    }
+    const size = layer.image.size;
+    if (offset >= size) {
+      buf.fill(0);
+      return Promise.resolve();
+    }
+    if (offset + buf.length > size) {
+      buf.fill(0, size - offset);
+      buf = buf.subarray(0, size - offset);
+    }
+    const below = depth + 1 < this.chain.length
+      ? (o: number, b: Uint8Array) => this.#readAt(depth + 1, o, b)
+      : undefined;
+    return layer.image.read(offset, buf, below);
+  }
+
+  /** Block status through the chain at `offset`, for at most `length` bytes. */
+  async blockStatus(offset: number, length: number, base = this.chain.length): Promise<Extent> {
+    for (let depth = 0;; depth++) {
+      const layer = this.chain[depth];
+      if (depth >= base || !layer) {
+        return {
+          offset,
+          length,
+          data: false,
+          zero: true,
+          present: false,
+          depth: depth - 1 < 0 ? 0 : depth - 1,
+        };
+      }
+      if (offset >= layer.image.size) {
+        // Past the end of a shorter backing file: zeroes, answered by this layer.
+        return { offset, length, data: false, zero: true, present: true, depth };
+      }
+      const s: BlockStatus = await layer.image.blockStatus(
+        offset,
+        Math.min(length, layer.image.size - offset),
+      );
+      length = Math.min(length, s.length);
+      if (s.data || s.zero) {
+        return {
+          offset,
+          length,
+          data: s.data,
+          zero: s.zero,
+          present: true,
+          depth,
+          hostOffset: s.hostOffset,
+          file: s.file,
+          compressed: s.compressed,
+        };
+      }
+      if (depth === this.chain.length - 1) {
+        return { offset, length, data: false, zero: true, present: false, depth };
+      }
+    }
+  }
+
+  /**
+   * Yields coalesced extents from `start` for `length` bytes. Neighbours
+   * merge when their status is the same and their host offsets continue.
+   */
+  async *extents(options: { start?: number; length?: number } = {}): AsyncGenerator<Extent> {
+    const start = options.start ?? 0;
+    const end = Math.min(this.size, start + (options.length ?? this.size));
+    let pending: Extent | undefined;
+    for (let offset = start; offset < end;) {
+      const e = await this.blockStatus(offset, end - offset);
+      if (e.length <= 0) throw new Error(`blockStatus returned an empty run at ${offset}`);
+      if (pending && canMerge(pending, e)) {
+        pending.length += e.length;
+      } else {
+        if (pending) yield pending;
+        pending = { ...e };
+      }
+      offset += e.length;
+    }
+    if (pending) yield pending;
+  }
+
+  /** The top layer's format-specific facts. */
+  formatInfo(): Promise<FormatInfo> {
+    return this.chain[0].image.info();
+  }
+
+  /** Flushes every writable layer. */
+  async flush(): Promise<void> {
+    for (const l of this.chain) await l.image.flush();
+  }
+
+  /** Closes every layer. */
+  async close(): Promise<void> {
+    for (const l of this.chain) await l.image.close();
+  }
+
+  /** Closes the image with `await using`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+function canMerge(a: Extent, b: Extent): boolean {
+  if (a.data !== b.data || a.zero !== b.zero || a.present !== b.present || a.depth !== b.depth) {
+    return false;
+  }
+  if (a.compressed !== b.compressed || a.file !== b.file) return false;
+  if (a.hostOffset === undefined || b.hostOffset === undefined) {
+    return a.hostOffset === b.hostOffset;
+  }
+  return a.hostOffset + a.length === b.hostOffset;
+}
+
+/**
+ * Opens an image and, unless told not to, its backing chain.
+ */
+export async function openImageChain(
+  filename: string,
+  options: OpenImageOptions = {},
+): Promise<Image> {
+  const chain: Layer[] = [];
+  try {
+    chain.push(await openLayer(filename, options, options.write ?? false));
+    while (options.backing !== false) {
+      const top = chain[chain.length - 1];
+      const ref = top.image.backing;
+      if (!ref) break;
+      if (chain.length >= MAX_CHAIN) {
+        throw new QimgError(`Backing chain of '${filename}' is too deep`);
+      }
+      const path = top.image.file.resolve(ref.name);
+      chain.push(await openLayer(path, { ...options, format: ref.format, warn: undefined }, false));
+    }
+  } catch (e) {
+    for (const l of chain) await l.image.close();
+    throw e;
+  }
+  return new Image(chain);
+}

@@ -1,0 +1,106 @@
+/** The raw format: guest bytes are the file's bytes. */
+
+import type {
+  BlockStatus,
+  CreateOptions,
+  FormatDriver,
+  FormatImage,
+  FormatInfo,
+} from "./driver.ts";
+import type { BlockFile } from "./file.ts";
+import { QimgError } from "./errors.ts";
+import { alignUp } from "./bytes.ts";
+import { preallocateFile, PROTOCOL_CREATE_OPTIONS } from "./protocol.ts";
+
+class RawImage implements FormatImage {
+  readonly file: BlockFile;
+  #size: number;
+  constructor(file: BlockFile, size: number) {
+    this.file = file;
+    this.#size = size;
+  }
+
+  get size(): number {
+    return this.#size;
+  }
+
+  async read(offset: number, buf: Uint8Array): Promise<void> {
+    const n = await this.file.read(offset, buf);
+    if (n < buf.length) buf.fill(0, n);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.file.write(offset, data);
+    if (offset + data.length > this.#size) this.#size = offset + data.length;
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    const chunk = new Uint8Array(Math.min(length, 1 << 20));
+    for (let done = 0; done < length; done += chunk.length) {
+      await this.file.write(
+        offset + done,
+        chunk.subarray(0, Math.min(chunk.length, length - done)),
+      );
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    const e = await this.file.extent(offset, Math.min(length, this.#size - offset));
+    return {
+      length: Math.min(e.length, this.#size - offset),
+      data: e.data,
+      zero: !e.data,
+      hostOffset: offset,
+      file: this.file.name,
+    };
+  }
+
+  info(): Promise<FormatInfo> {
+    return Promise.resolve({});
+  }
+
+  async resize(size: number, options: { preallocation?: string }): Promise<void> {
+    const old = this.#size;
+    await this.file.truncate(size);
+    if (size > old) {
+      await preallocateFile(this.file, old, size - old, options.preallocation ?? "off");
+    }
+    this.#size = size;
+  }
+
+  flush(): Promise<void> {
+    return this.file.flush();
+  }
+
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}
+
+async function createRaw(file: BlockFile, options: CreateOptions): Promise<void> {
+  const prealloc = String(options.options.preallocation ?? "off");
+  await file.truncate(options.size);
+  await preallocateFile(file, 0, options.size, prealloc);
+}
+
+/** The raw format driver. */
+export const rawDriver: FormatDriver = {
+  name: "raw",
+  probe: () => 1,
+  async open(file) {
+    // The block layer counts whole 512-byte sectors; the tail reads as zeroes.
+    return new RawImage(file, alignUp(await file.size(), 512));
+  },
+  create: createRaw,
+  createOptions: [
+    { name: "size", type: "size", help: "Virtual disk size" },
+    ...PROTOCOL_CREATE_OPTIONS,
+  ],
+  // A raw file is as large as its guest, whatever the source holds.
+  measure: (size) => Promise.resolve({ required: size, fullyAllocated: size }),
+};
+
+/** Raised by drivers whose format a file is not. */
+export function notInFormat(format: string): QimgError {
+  return new QimgError(`Image is not in ${format} format`);
+}
