@@ -2,9 +2,21 @@
  * The test task: makes sure Debian's qemu-img (the oracle) is installed,
  * runs the whole suite with `deno test`, and ends with the plain line
  * `N passed, M failed` that CI reads.
+ *
+ * Tests run with `--no-check` so that one file's type error costs one
+ * failure, not the whole run: tests/project_test.ts runs `deno check`
+ * (and fmt, lint, doc lint) as tests of their own.
  */
 
-const decoder = new TextDecoder();
+/** Counts from deno test's last summary line, or null when there is none. */
+export function parseSummary(text: string): { passed: number; failed: number } | null {
+  // "ok | 12 passed (3 steps) | 0 failed | 2 ignored (1s)",
+  // "FAILED | 1 passed | 2 failed (1 step) (84ms)".
+  const re = /^(?:ok|FAILED) \| (\d+) passed(?: \(\d+ steps?\))? \| (\d+) failed/gm;
+  let last: RegExpExecArray | null = null;
+  for (let m = re.exec(text); m; m = re.exec(text)) last = m;
+  return last ? { passed: Number(last[1]), failed: Number(last[2]) } : null;
+}
 
 async function has(cmd: string): Promise<boolean> {
   try {
@@ -12,8 +24,7 @@ async function has(cmd: string): Promise<boolean> {
       args: ["-c", `command -v ${cmd}`],
       stdout: "null",
       stderr: "null",
-    })
-      .output();
+    }).output();
     return r.success;
   } catch {
     return false;
@@ -27,6 +38,7 @@ async function ensureQemuImg(): Promise<void> {
     console.error(
       "qemu-img is needed for the oracle tests: install Debian's qemu-utils (sudo apt-get install qemu-utils) and run again.",
     );
+    console.log("0 passed, 1 failed");
     Deno.exit(1);
   }
   console.error("Installing qemu-utils (the oracle for the tests)...");
@@ -34,47 +46,58 @@ async function ensureQemuImg(): Promise<void> {
     const r = await new Deno.Command("apt-get", {
       args,
       env: { DEBIAN_FRONTEND: "noninteractive" },
+      stdin: "null",
       stdout: "null",
       stderr: "inherit",
     }).output();
     if (!r.success) {
       console.error(`apt-get ${args.join(" ")} failed; install qemu-utils by hand and run again.`);
+      console.log("0 passed, 1 failed");
       Deno.exit(1);
     }
   }
 }
 
-await ensureQemuImg();
+async function main(): Promise<number> {
+  await ensureQemuImg();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "test",
+      "--no-prompt",
+      "--no-check",
+      "--allow-read",
+      "--allow-write",
+      "--allow-run",
+      "--allow-env",
+      "--allow-ffi",
+      "--allow-sys",
+      "--doc",
+      ...Deno.args,
+    ],
+    env: { NO_COLOR: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
 
-const child = new Deno.Command(Deno.execPath(), {
-  args: [
-    "test",
-    "--no-prompt",
-    "--allow-read",
-    "--allow-write",
-    "--allow-run",
-    "--allow-env",
-    "--allow-ffi",
-    "--doc",
-    ...Deno.args,
-  ],
-  env: { NO_COLOR: "1" },
-  stdout: "piped",
-  stderr: "inherit",
-}).spawn();
-
-let tail = "";
-const reader = child.stdout.getReader();
-for (;;) {
-  const { value, done } = await reader.read();
-  if (done) break;
-  await Deno.stdout.write(value);
-  tail = (tail + decoder.decode(value, { stream: true })).slice(-4096);
+  const decoder = new TextDecoder();
+  let tail = "";
+  const reader = child.stdout.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    await Deno.stdout.write(value);
+    tail = (tail + decoder.decode(value, { stream: true })).slice(-8192);
+  }
+  const status = await child.status;
+  const summary = parseSummary(tail);
+  const passed = summary?.passed ?? 0;
+  // No summary means deno test itself failed (bad flags, a config error): one failure.
+  let failed = summary?.failed ?? 1;
+  if (!status.success && failed === 0) failed = 1;
+  if (passed === 0 && failed === 0) failed = 1;
+  console.log(`${passed} passed, ${failed} failed`);
+  return failed === 0 ? 0 : 1;
 }
-const status = await child.status;
-// Deno's summary: "ok | 12 passed (3 steps) | 0 failed | 1 ignored (1s)".
-const m = /(\d+) passed(?: \(\d+ steps?\))? \| (\d+) failed/.exec(tail);
-const passed = m ? Number(m[1]) : 0;
-const failed = m ? Number(m[2]) : (status.success ? 0 : 1);
-console.log(`${passed} passed, ${failed} failed`);
-Deno.exit(status.success && failed === 0 && passed > 0 ? 0 : 1);
+
+if (import.meta.main) Deno.exit(await main());
