@@ -1,9 +1,496 @@
-/** `qimg convert`. */
+/**
+ * `qimg convert`: parses qemu-img 7.2's options, checks them in qemu's
+ * order with its messages, creates or opens the target and runs the copy
+ * engine in convert.ts.
+ */
 
 import type { Io } from "./command.ts";
-import { notSupportedYet } from "./command.ts";
+import { notSupportedYet, optionError } from "./command.ts";
+import { getopt } from "./getopt.ts";
+import { QimgError, strerror } from "./errors.ts";
+import { type Image, openImageChain } from "./image.ts";
+import { findFormat } from "./formats.ts";
+import type { FormatDriver } from "./driver.ts";
+import { formatOptionHelp, isHelpOption, type OptionValues, parseOptions } from "./options.ts";
+import { PROTOCOL_CREATE_OPTIONS } from "./protocol.ts";
+import { parseSizeExact } from "./size.ts";
+import { convert, imageTarget, MAX_PARALLEL, MAX_SPARSE } from "./convert.ts";
+import { Progress } from "./progress.ts";
+
+const LONG = [
+  { name: "help", arg: "none", val: "h" },
+  { name: "object", arg: "required", val: "object" },
+  { name: "image-opts", arg: "none", val: "image-opts" },
+  { name: "force-share", arg: "none", val: "U" },
+  { name: "target-image-opts", arg: "none", val: "target-image-opts" },
+  { name: "salvage", arg: "none", val: "salvage" },
+  { name: "target-is-zero", arg: "none", val: "target-is-zero" },
+  { name: "bitmaps", arg: "none", val: "bitmaps" },
+  { name: "skip-broken-bitmaps", arg: "none", val: "skip-broken-bitmaps" },
+] as const;
+
+const INT64_MAX = 0x7fffffffffffffffn;
+
+/**
+ * qemu-img's cvtnum_full: a size with an optional suffix, between `min`
+ * and `max`, with its two messages.
+ */
+export function cvtnum(name: string, value: string, min = 0n, max = INT64_MAX): number {
+  const v = parseSizeExact(value);
+  if (v === "invalid") {
+    throw new QimgError(
+      `Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\n` +
+        "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+    );
+  }
+  if (v === "range" || v < min || v > max) {
+    throw new QimgError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
+  }
+  return Number(v);
+}
+
+/** C's strtol/strtoul with base 0 over the whole string (qemu_strtol); undefined when invalid. */
+export function parseCInteger(text: string): bigint | undefined {
+  const m = /^[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$/.exec(text);
+  if (!m) return undefined;
+  const [, sign, digits] = m;
+  let v: bigint;
+  if (/^0[xX]/.test(digits)) v = BigInt(digits);
+  else if (digits.length > 1 && digits[0] === "0") v = BigInt("0o" + digits.slice(1));
+  else v = BigInt(digits);
+  return sign === "-" ? -v : v;
+}
+
+/** qemu's is_valid_option_list: no empty list, no empty element (`,,` is an escaped comma). */
+export function isValidOptionList(text: string): boolean {
+  if (text === "" || text.startsWith(",")) return false;
+  for (let i = 0; i < text.length; i++) {
+    if (text[i] !== ",") continue;
+    if (text[i + 1] === ",") {
+      i++;
+      continue;
+    }
+    if (i + 1 >= text.length) return false;
+  }
+  return true;
+}
+
+/** Appends an `-o` argument to the accumulated options, as qemu's accumulate_options. */
+export function accumulateOptions(current: string | undefined, arg: string): string {
+  if (!isValidOptionList(arg)) throw new QimgError(`Invalid option list: ${arg}`);
+  return current === undefined ? arg : `${current},${arg}`;
+}
+
+const CACHE_MODES = ["none", "off", "writeback", "writethrough", "directsync", "unsafe"];
+
+/** Whether `mode` is a cache mode qemu accepts. */
+export function isCacheMode(mode: string): boolean {
+  return CACHE_MODES.includes(mode);
+}
+
+/** Formats that can write compressed clusters in qemu 7.2 (block_driver_can_compress). */
+const COMPRESSING_FORMATS = ["qcow", "qcow2", "vmdk"];
+
+function canCompress(driver: FormatDriver): boolean {
+  const flag = (driver as { supportsCompression?: boolean }).supportsCompression;
+  return flag ?? COMPRESSING_FORMATS.includes(driver.name);
+}
+
+/** The `-o help` listing for a format: qemu's print_block_option_help. */
+export function blockOptionHelp(format: string, filename: string | undefined): string {
+  const driver = findFormat(format);
+  if (!driver) throw new QimgError(`Unknown file format '${format}'`);
+  if (!driver.create || !driver.createOptions) {
+    throw new QimgError(`Format driver '${format}' does not support image creation`);
+  }
+  const protocol = new Set(PROTOCOL_CREATE_OPTIONS.map((o) => o.name));
+  const own = driver.createOptions.filter((o) => !protocol.has(o.name));
+  if (filename !== undefined) {
+    const all = [...own];
+    for (const o of PROTOCOL_CREATE_OPTIONS) if (!all.some((x) => x.name === o.name)) all.push(o);
+    return "Supported options:\n" + formatOptionHelp(all);
+  }
+  return `Supported ${format} options:\n` + formatOptionHelp(own) +
+    "\nThe protocol level may support further options.\n" +
+    "Specify the target filename to include those options.\n";
+}
+
+/** Opens a source image, read-only, through the Io. */
+export function openSource(io: Io, name: string, format: string | undefined): Promise<Image> {
+  return openImageChain(name, { format, openFile: (p, w) => io.openFile(p, { write: w }) });
+}
+
+/** Parses an `--image-opts` string to a file name and format (driver=...,file.filename=...). */
+function imageOptsTarget(text: string): { filename: string; format?: string } {
+  let filename: string | undefined;
+  let format: string | undefined;
+  for (const part of text.split(",")) {
+    const eq = part.indexOf("=");
+    const key = eq < 0 ? part : part.slice(0, eq);
+    const value = eq < 0 ? "on" : part.slice(eq + 1);
+    if (key === "driver") format = value;
+    else if (key === "file.filename" || key === "filename") filename = value;
+    else if (key !== "file.driver") throw notSupportedYet(`image option '${key}'`);
+  }
+  if (filename === undefined) throw notSupportedYet("--image-opts without file.filename");
+  return { filename, format };
+}
+
+/**
+ * Creates an image file the way qemu's bdrv_create does for the file
+ * protocol: a new file, the format's create, and (raw) the first block
+ * allocated. Errors carry qemu's inner message.
+ */
+export async function createTargetFile(
+  io: Io,
+  path: string,
+  driver: FormatDriver,
+  size: number,
+  options: OptionValues,
+): Promise<void> {
+  let file;
+  try {
+    file = await io.openFile(path, { create: true, write: true });
+  } catch (e) {
+    throw new QimgError(`Could not create '${path}': ${strerror(e)}`);
+  }
+  try {
+    await driver.create!(file, { size, options });
+    // file-posix allocates the first block of a new file (alignment probing).
+    const fileSize = await file.size();
+    if (fileSize > 0 && (await file.allocated()) === 0) {
+      await file.write(0, new Uint8Array(Math.min(fileSize, 4096)));
+    }
+  } finally {
+    await file.close();
+  }
+}
 
 /** Runs `convert`. */
-export function run(_args: string[], _io: Io): Promise<number> {
-  return Promise.reject(notSupportedYet("convert"));
+export async function run(args: string[], io: Io): Promise<number> {
+  const { options, operands } = getopt(
+    args,
+    ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:",
+    [...LONG],
+    "convert",
+  );
+  let fmt: string | undefined;
+  let outFmt: string | undefined;
+  let cache = "unsafe";
+  let srcCache = "writeback";
+  let outBase: string | undefined;
+  let backingFmt: string | undefined;
+  let snapshotName: string | undefined;
+  let snapshotOpts: Record<string, string> | undefined;
+  let createOptions: string | undefined;
+  let imageOpts = false;
+  let targetImageOpts = false;
+  let skipCreate = false;
+  let progress = false;
+  let quiet = false;
+  let explicitSparse = false;
+  let minSparse = 4096;
+  let compressed = false;
+  let copyRange = false;
+  let salvage = false;
+  let targetIsZero = false;
+  let bitmaps = false;
+  let skipBroken = false;
+  let parallel = 8;
+  let outOfOrder = false;
+  for (const o of options) {
+    const arg = o.arg ?? "";
+    switch (o.opt) {
+      case "h":
+        return (await import("./cmd_util.ts")).printHelp(io);
+      case "f":
+        fmt = arg;
+        break;
+      case "O":
+        outFmt = arg;
+        break;
+      case "B":
+        outBase = arg;
+        break;
+      case "C":
+        copyRange = true;
+        break;
+      case "c":
+        compressed = true;
+        break;
+      case "F":
+        backingFmt = arg;
+        break;
+      case "o":
+        createOptions = accumulateOptions(createOptions, arg);
+        break;
+      case "l":
+        if (arg.startsWith("snapshot.")) {
+          snapshotOpts = {};
+          for (const part of arg.split(",")) {
+            const eq = part.indexOf("=");
+            const key = eq < 0 ? part : part.slice(0, eq);
+            if (key !== "snapshot.id" && key !== "snapshot.name") {
+              throw new QimgError(
+                `Invalid parameter '${key}'\nqimg: Failed in parsing snapshot param '${arg}'`,
+              );
+            }
+            snapshotOpts[key] = eq < 0 ? "on" : part.slice(eq + 1);
+          }
+        } else {
+          snapshotName = arg;
+        }
+        break;
+      case "S": {
+        const v = cvtnum("buffer size for sparse output", arg);
+        if (v % 512 !== 0 || v > MAX_SPARSE) {
+          throw new QimgError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to " +
+              `${MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output).`,
+          );
+        }
+        minSparse = v;
+        explicitSparse = true;
+        break;
+      }
+      case "p":
+        progress = true;
+        break;
+      case "t":
+        cache = arg;
+        break;
+      case "T":
+        srcCache = arg;
+        break;
+      case "q":
+        quiet = true;
+        break;
+      case "n":
+        skipCreate = true;
+        break;
+      case "m": {
+        const v = parseCInteger(arg);
+        if (v === undefined || v < 1n || v > BigInt(MAX_PARALLEL)) {
+          throw new QimgError(
+            `Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_PARALLEL}`,
+          );
+        }
+        parallel = Number(v);
+        break;
+      }
+      case "W":
+        outOfOrder = true;
+        break;
+      case "U":
+        break; // qimg takes no locks
+      case "r":
+        cvtnum("rate limit", arg);
+        break; // accepted; qimg does not throttle
+      case "object":
+        throw notSupportedYet("--object");
+      case "image-opts":
+        imageOpts = true;
+        break;
+      case "salvage":
+        salvage = true;
+        break;
+      case "target-image-opts":
+        targetImageOpts = true;
+        break;
+      case "target-is-zero":
+        targetIsZero = true;
+        break;
+      case "bitmaps":
+        bitmaps = true;
+        break;
+      case "skip-broken-bitmaps":
+        skipBroken = true;
+        break;
+      default:
+        throw optionError(o);
+    }
+  }
+
+  if (outFmt === undefined && !targetImageOpts) outFmt = "raw";
+  if (skipBroken && !bitmaps) {
+    throw new QimgError("Use of --skip-broken-bitmaps requires --bitmaps");
+  }
+  if (compressed && copyRange) throw new QimgError("Cannot enable copy offloading when -c is used");
+  if (explicitSparse && copyRange) {
+    throw new QimgError("Cannot enable copy offloading when -S is used");
+  }
+  if (copyRange && salvage) throw new QimgError("Cannot use copy offloading in salvaging mode");
+  if (targetImageOpts && !skipCreate) {
+    throw new QimgError("--target-image-opts requires use of -n flag");
+  }
+  if (skipCreate && createOptions !== undefined) {
+    throw new QimgError("-o has no effect when skipping image creation");
+  }
+  if (targetIsZero && !skipCreate) throw new QimgError("--target-is-zero requires use of -n flag");
+
+  const srcNames = operands.slice(0, -1);
+  const outName = operands.length >= 2 ? operands[operands.length - 1] : undefined;
+  if (createOptions !== undefined && isHelpOption(createOptions)) {
+    if (outFmt === undefined) throw new QimgError("Option help requires a format be specified");
+    io.stdout(blockOptionHelp(outFmt, outName));
+    return 0;
+  }
+  if (srcNames.length < 1 || outName === undefined) {
+    throw new QimgError("Must specify image file name");
+  }
+  if (!isCacheMode(srcCache)) throw new QimgError(`Invalid source cache option: ${srcCache}`);
+
+  const meter = new Progress(progress && !quiet, 1, (t) => io.stdout(t));
+  meter.print(0, 100);
+  const sources: Image[] = [];
+  let target: Image | undefined;
+  let exitCode = 1;
+  try {
+    for (const name of srcNames) {
+      if (imageOpts) {
+        const spec = imageOptsTarget(name);
+        sources.push(await openSource(io, spec.filename, spec.format ?? fmt));
+      } else {
+        sources.push(await openSource(io, name, fmt));
+      }
+    }
+    if (snapshotOpts || snapshotName !== undefined) {
+      if (!snapshotOpts && sources.length > 1) {
+        throw new QimgError("No support for concatenating multiple snapshot");
+      }
+      throw new QimgError(
+        `Failed to load snapshot: Block format '${
+          sources[0].format
+        }' used by device '' does not support temporarily loading internal snapshots`,
+      );
+    }
+    const total = sources.reduce((s, img) => s + Math.ceil(img.size / 512) * 512, 0);
+
+    let driver: FormatDriver | undefined;
+    let values: OptionValues = {};
+    if (!skipCreate) {
+      driver = findFormat(outFmt!);
+      if (!driver) throw new QimgError(`Unknown file format '${outFmt}'`);
+      if (!driver.create) {
+        throw new QimgError(`Format driver '${driver.name}' does not support image creation`);
+      }
+      if (createOptions !== undefined) {
+        values = parseOptions(createOptions, driver.createOptions ?? [], outName);
+      }
+      values.size = total;
+      if (outBase !== undefined) {
+        if (!driver.supportsBacking) {
+          throw new QimgError(`Backing file not supported for file format '${outFmt}'`);
+        }
+        values.backing_file = outBase;
+      }
+      if (backingFmt !== undefined) {
+        if (!driver.supportsBacking) {
+          throw new QimgError(`Backing file format not supported for file format '${outFmt}'`);
+        }
+        values.backing_fmt = backingFmt;
+      }
+    }
+    const baseParam = values.backing_file;
+    if (typeof baseParam === "string") outBase = baseParam;
+    const targetHasBacking = outBase !== undefined;
+    if (targetIsZero && targetHasBacking) {
+      io.stderr(
+        "qimg: Cannot use --target-is-zero when the destination image has a backing file\n",
+      );
+      exitCode = 0; // qemu-img 7.2 reports this but exits 0
+      return exitCode;
+    }
+    if (sources.length > 1 && outBase !== undefined) {
+      throw new QimgError(
+        "Having a backing file for the target makes no sense when concatenating multiple input images",
+      );
+    }
+    if (typeof baseParam === "string" && values.backing_fmt === undefined) {
+      throw new QimgError("Use of backing file requires explicit backing format");
+    }
+    if (compressed) {
+      if (driver && !canCompress(driver)) {
+        throw new QimgError("Compression not supported for this file format");
+      }
+      if (values.encryption === true || values["encrypt.format"] !== undefined) {
+        throw new QimgError("Compression and encryption not supported at the same time");
+      }
+      const prealloc = values.preallocation;
+      if (prealloc !== undefined && prealloc !== "off") {
+        throw new QimgError("Compression and preallocation not supported at the same time");
+      }
+    }
+    if (bitmaps) {
+      if (sources.length > 1) {
+        throw new QimgError("Copying bitmaps only possible with single source");
+      }
+      if (sources[0].format !== "qcow2") throw new QimgError("Source lacks bitmap support");
+      throw notSupportedYet("--bitmaps");
+    }
+
+    if (!skipCreate) {
+      try {
+        await createTargetFile(io, outName, driver!, total, values);
+      } catch (e) {
+        throw new QimgError(`${outName}: error while converting ${outFmt}: ${strerror(e)}`);
+      }
+    }
+    if (!isCacheMode(cache)) throw new QimgError(`Invalid cache option: ${cache}`);
+
+    let targetName = outName;
+    let targetFmt = outFmt;
+    if (targetImageOpts) {
+      const spec = imageOptsTarget(outName);
+      targetName = spec.filename;
+      targetFmt = spec.format;
+    }
+    try {
+      target = await openImageChain(targetName, {
+        format: targetFmt,
+        write: true,
+        openFile: (p, w) => io.openFile(p, { write: w }),
+        warn: (m) => io.stderr(m + "\n"),
+      });
+    } catch (e) {
+      if (targetImageOpts && e instanceof QimgError) {
+        throw new QimgError(
+          `Could not open '${outName}': ${e.message.replace(/^Could not open '[^']*': /, "")}`,
+        );
+      }
+      throw e;
+    }
+    const top = target.chain[0].image as { writeCompressed?: unknown };
+    if (compressed && typeof top.writeCompressed !== "function") {
+      throw new QimgError("Compression not supported for this file format");
+    }
+    if (skipCreate && target.size < total) {
+      throw new QimgError("output file is smaller than input file");
+    }
+    const info = await target.formatInfo();
+    await convert(sources, imageTarget(target), {
+      minSparse,
+      parallel,
+      outOfOrder,
+      targetIsZero: targetIsZero || (!skipCreate && minSparse > 0 && !targetHasBacking),
+      targetHasBacking,
+      targetBackingSize: targetHasBacking && !skipCreate && target.chain.length > 1
+        ? target.chain[1].image.size
+        : undefined,
+      compressed,
+      clusterSize: info.clusterSize,
+      salvage,
+      quiet,
+      warn: (m) => io.stderr(`qimg: warning: ${m}\n`),
+      progress: (p) => meter.print(p, 0),
+    });
+    await target.flush();
+    meter.print(100, 0);
+    exitCode = 0;
+  } finally {
+    meter.end();
+    if (target) await target.close();
+    for (const s of sources) await s.close();
+  }
+  return exitCode;
 }

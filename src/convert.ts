@@ -1,0 +1,518 @@
+/**
+ * The copy engine behind `convert` and `dd`: copies the guest view of one
+ * or more source images (concatenated) to a target, as qemu-img does.
+ *
+ * Block status decides what is read: zero and unallocated runs are never
+ * read. Data is read in chunks of up to 2 MiB by several workers at once
+ * (`parallel`), zero-detected in 512-byte sectors with runs of at least
+ * `minSparse` bytes left out, and written in offset order unless
+ * `outOfOrder`. The chunking follows qemu-img's so that the written
+ * ranges (hence the allocated size of the output) and the progress figures
+ * match. Targets are anything with `write` (and optionally `writeZeroes`,
+ * `writeCompressed`): a raw or qcow2 FormatImage plugs in unchanged.
+ */
+
+import type { FormatImage } from "./driver.ts";
+import { Image } from "./image.ts";
+import { QimgError, strerror } from "./errors.ts";
+import { isZero } from "./bytes.ts";
+
+const SECTOR = 512;
+/** qemu-img's IO_BUF_SIZE: 2 MiB per request. */
+const IO_BUF_SECTORS = 4096;
+/** The largest buffer qemu-img grows to (16 MiB). */
+const MAX_BUF_SECTORS = 32768;
+/** The most sectors one block-status query or request covers (BDRV_REQUEST_MAX_SECTORS). */
+const REQUEST_MAX_SECTORS = Math.floor(0x7fffffff / SECTOR);
+/** The most parallel workers `-m` allows. */
+export const MAX_PARALLEL = 16;
+/** The largest `-S` value, in bytes. */
+export const MAX_SPARSE = MAX_BUF_SECTORS * SECTOR;
+
+/** Where converted data goes. A FormatImage satisfies it. */
+export interface CopyTarget {
+  /** Virtual size in bytes. */
+  readonly size: number;
+  /** Writes guest bytes. */
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** Makes a range read as zeroes; `mayUnmap` lets it deallocate (punch holes). */
+  writeZeroes?(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
+  /**
+   * Writes one whole cluster compressed. A zero-length write at offset 0
+   * marks the end of the stream (qemu aligns the file end then).
+   */
+  writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
+}
+
+/** How to convert. Sizes are in bytes. */
+export interface ConvertOptions {
+  /** Zero runs at least this long stay unwritten (`-S`); 0 writes everything. Default 4096. */
+  minSparse?: number;
+  /** Requests in flight (`-m`), 1 to 16. Default 8. */
+  parallel?: number;
+  /** Allow writes out of offset order (`-W`). */
+  outOfOrder?: boolean;
+  /** The target already reads as zeroes (a new image, or `--target-is-zero`): zero runs are skipped. */
+  targetIsZero?: boolean;
+  /** The target has a backing file: runs unallocated above the source's base stay unallocated. */
+  targetHasBacking?: boolean;
+  /** Size of the target's backing file when known; zero runs beyond it are left alone. */
+  targetBackingSize?: number;
+  /** Write compressed clusters (`-c`). */
+  compressed?: boolean;
+  /** The target's cluster size (needed with `compressed`). */
+  clusterSize?: number;
+  /** The target's request alignment in bytes (default 1). */
+  requestAlignment?: number;
+  /** The target's preferred request size; requests grow up to 16 MiB to reach it. */
+  optimalTransfer?: number;
+  /** Turn read errors into zeroes (`--salvage`), warning unless `quiet`. */
+  salvage?: boolean;
+  /** Suppress salvage warnings. */
+  quiet?: boolean;
+  /** Receives warnings (without the program name). */
+  warn?: (message: string) => void;
+  /** Receives the absolute percentage done (single precision), as qemu's progress meter. */
+  progress?: (percent: number) => void;
+}
+
+/** How a run of the source is to be copied. */
+const enum Status {
+  Data,
+  Zero,
+  Backing,
+}
+
+interface Claim {
+  sector: number;
+  count: number;
+  status: Status;
+}
+
+/** Serialises async critical sections. */
+class Mutex {
+  #tail: Promise<unknown> = Promise.resolve();
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    const result = this.#tail.then(fn);
+    this.#tail = result.catch(() => {});
+    return result;
+  }
+}
+
+function pow2floor(n: number): number {
+  if (n <= 0) return 0;
+  return 2 ** Math.floor(Math.log2(n));
+}
+
+/** Whether the sector at `i` (in sectors) of `buf` holds only zeroes. */
+function sectorIsZero(buf: Uint8Array, i: number): boolean {
+  return isZero(buf.subarray(i * SECTOR, (i + 1) * SECTOR));
+}
+
+/**
+ * Length in sectors of the run at the start of `buf` that is all data or
+ * all zero, with its end moved to an `alignment` boundary where that keeps
+ * writes aligned (short zero tails count as data).
+ */
+function sameRun(
+  buf: Uint8Array,
+  start: number,
+  n: number,
+  sector: number,
+  alignment: number,
+): { count: number; data: boolean } {
+  if (n <= 0) return { count: 0, data: false };
+  let zero = sectorIsZero(buf, start);
+  let i = 1;
+  while (i < n && sectorIsZero(buf, start + i) === zero) i++;
+  const tail = (sector + i) % alignment;
+  if (tail) {
+    if (zero && i <= tail) zero = false;
+    if (!zero) i = Math.min(i + alignment - tail, n);
+    else i -= tail;
+  }
+  return { count: i, data: !zero };
+}
+
+/**
+ * Splits off the first write of a data chunk: data, with zero gaps shorter
+ * than `min` sectors swallowed; or a zero run.
+ */
+function dataRun(
+  buf: Uint8Array,
+  start: number,
+  n: number,
+  min: number,
+  sector: number,
+  alignment: number,
+): { count: number; data: boolean } {
+  if (n < min) min = n;
+  const first = sameRun(buf, start, n, sector, alignment);
+  if (!first.data) return first;
+  let used = first.count;
+  let checked = used;
+  while (checked < n) {
+    const r = sameRun(buf, start + checked, n - checked, sector + checked, alignment);
+    checked += r.count;
+    if (r.data) used = checked;
+    else if (r.count >= min) break;
+  }
+  return { count: used, data: true };
+}
+
+/** Adapts an open Image to a CopyTarget: its top layer, reading through the rest of its chain. */
+export function imageTarget(image: Image): CopyTarget {
+  const top: FormatImage = image.chain[0].image;
+  const below = image.chain.length > 1 ? new Image(image.chain.slice(1)) : undefined;
+  const backingRead = below ? (o: number, b: Uint8Array) => below.read(o, b) : undefined;
+  const extra = top as FormatImage & {
+    writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
+  };
+  const write = top.write;
+  if (!write) throw new QimgError(`Format '${image.format}' does not support writing`);
+  return {
+    get size() {
+      return top.size;
+    },
+    write: (offset, data) => write.call(top, offset, data, backingRead),
+    writeZeroes: top.writeZeroes
+      ? (offset, length, options) =>
+        (top.writeZeroes as (o: number, l: number, opt?: { mayUnmap?: boolean }) => Promise<void>)
+          .call(top, offset, length, options)
+      : undefined,
+    writeCompressed: extra.writeCompressed
+      ? (offset, data) => extra.writeCompressed!.call(top, offset, data)
+      : undefined,
+  };
+}
+
+/**
+ * Copies the concatenated guest contents of `sources` to `target`.
+ * Errors carry qemu-img's messages (`error while reading at byte N: ...`).
+ *
+ * @param sources the images to copy, in order
+ * @param target where the bytes go (see {@link imageTarget})
+ * @param options sparseness, parallelism, ordering and progress
+ * @returns when every write is done
+ */
+export async function convert(
+  sources: Image[],
+  target: CopyTarget,
+  options: ConvertOptions = {},
+): Promise<void> {
+  const engine = new Converter(sources, target, options);
+  await engine.init();
+  await engine.run();
+}
+
+class Converter {
+  #sources: Image[];
+  #sectors: number[] = [];
+  #alignments: number[] = [];
+  #target: CopyTarget;
+  #o: ConvertOptions;
+  #total = 0;
+  #minSparse: number;
+  #bufSectors: number;
+  #alignment: number;
+  #clusterSectors: number;
+  #hasZeroInit: boolean;
+  #backingSectors: number;
+  // Iteration state, as qemu's: the cached status and where it ends.
+  #status: Status = Status.Data;
+  #nextStatus = 0;
+  #sectorNum = 0;
+  #allocated = 0;
+  #allocatedDone = 0;
+  #writeOffset = 0;
+  #waiters = new Map<number, () => void>();
+  #error: unknown = undefined;
+  #lock = new Mutex();
+
+  constructor(sources: Image[], target: CopyTarget, options: ConvertOptions) {
+    this.#sources = sources;
+    this.#target = target;
+    this.#o = options;
+    this.#minSparse = Math.floor((options.minSparse ?? 4096) / SECTOR);
+    const opt = Math.floor((options.optimalTransfer ?? 0) / SECTOR);
+    this.#bufSectors = Math.min(MAX_BUF_SECTORS, Math.max(IO_BUF_SECTORS, opt));
+    this.#alignment = Math.max(
+      pow2floor(this.#minSparse),
+      Math.ceil((options.requestAlignment ?? 1) / SECTOR),
+      1,
+    );
+    this.#clusterSectors = Math.floor((options.clusterSize ?? 0) / SECTOR);
+    this.#hasZeroInit = options.targetIsZero ?? false;
+    this.#backingSectors = options.targetBackingSize === undefined
+      ? -1
+      : Math.ceil(options.targetBackingSize / SECTOR);
+  }
+
+  async init(): Promise<void> {
+    for (const s of this.#sources) {
+      const n = Math.ceil(s.size / SECTOR);
+      this.#sectors.push(n);
+      this.#total += n;
+      const cluster = (await s.formatInfo()).clusterSize ?? 0;
+      this.#alignments.push(Math.max(1, Math.floor(cluster / SECTOR)));
+    }
+    if (this.#o.compressed) {
+      if (this.#clusterSectors <= 0 || this.#clusterSectors > this.#bufSectors) {
+        throw new QimgError("invalid cluster size");
+      }
+      this.#bufSectors = this.#clusterSectors;
+    }
+  }
+
+  #part(sector: number): { index: number; start: number } {
+    let start = 0;
+    let index = 0;
+    while (sector - start >= this.#sectors[index]) {
+      start += this.#sectors[index];
+      index++;
+    }
+    return { index, start };
+  }
+
+  /** Length in sectors of the next request at `sector`; sets #status. */
+  async #iterationSectors(sector: number): Promise<number> {
+    const { index, start } = this.#part(sector);
+    let n = Math.min(this.#total - sector, REQUEST_MAX_SECTORS);
+    let postBackingZero = false;
+    if (this.#backingSectors >= 0) {
+      if (sector >= this.#backingSectors) postBackingZero = true;
+      else if (sector + n > this.#backingSectors) n = this.#backingSectors - sector;
+    }
+    if (this.#nextStatus <= sector) {
+      const src = this.#sources[index];
+      const offset = (sector - start) * SECTOR;
+      const withBase = this.#o.targetHasBacking && src.chain.length > 1;
+      let e;
+      for (;;) {
+        try {
+          e = await src.blockStatus(offset, n * SECTOR, withBase ? 1 : src.chain.length);
+          break;
+        } catch (err) {
+          if (!this.#o.salvage) {
+            throw new QimgError(
+              `error while reading block status at offset ${offset}: ${strerror(err)}`,
+            );
+          }
+          if (n === 1) {
+            if (!this.#o.quiet) {
+              this.#o.warn?.(
+                `error while reading block status at offset ${offset}: ${strerror(err)}`,
+              );
+            }
+            e = { length: SECTOR, data: true, zero: false, present: true };
+            break;
+          }
+          n = Math.ceil(n / 4);
+        }
+      }
+      n = Math.ceil(Math.min(e.length, n * SECTOR) / SECTOR);
+      const tail = (sector - start + n) % this.#alignments[index];
+      if (n > tail) n -= tail;
+      if (!e.present && withBase) this.#status = Status.Backing;
+      else if (e.zero) this.#status = postBackingZero ? Status.Backing : Status.Zero;
+      else if (e.data) this.#status = Status.Data;
+      else this.#status = this.#o.targetHasBacking ? Status.Backing : Status.Data;
+      this.#nextStatus = sector + n;
+    }
+    n = Math.min(n, this.#nextStatus - sector);
+    if (this.#status === Status.Data) n = Math.min(n, this.#bufSectors);
+    if (this.#o.compressed) {
+      if (n < this.#clusterSectors) {
+        n = Math.min(this.#clusterSectors, this.#total - sector);
+        this.#status = Status.Data;
+      } else {
+        n -= n % this.#clusterSectors;
+      }
+    }
+    return n;
+  }
+
+  #counts(status: Status): boolean {
+    return status === Status.Data || (this.#minSparse === 0 && status === Status.Zero);
+  }
+
+  async run(): Promise<void> {
+    if (!this.#hasZeroInit && this.#o.targetIsZero) this.#hasZeroInit = true;
+    // First pass: how much will be copied, for the progress meter.
+    for (let sector = 0; sector < this.#total;) {
+      const n = await this.#iterationSectors(sector);
+      if (this.#counts(this.#status)) this.#allocated += n;
+      sector += n;
+    }
+    this.#nextStatus = 0;
+    const workers = [];
+    const parallel = Math.max(1, Math.min(MAX_PARALLEL, this.#o.parallel ?? 8));
+    for (let i = 0; i < parallel; i++) workers.push(this.#worker());
+    await Promise.all(workers);
+    if (this.#error !== undefined) throw this.#error;
+    if (this.#o.compressed && this.#target.writeCompressed) {
+      await this.#target.writeCompressed(0, new Uint8Array(0));
+    }
+  }
+
+  #claim(): Promise<Claim | null> {
+    return this.#lock.run(async () => {
+      if (this.#error !== undefined || this.#sectorNum >= this.#total) return null;
+      let n = await this.#iterationSectors(this.#sectorNum);
+      const status = this.#status;
+      if (this.#minSparse === 0 && status === Status.Zero) n = Math.min(n, this.#bufSectors);
+      const claim = { sector: this.#sectorNum, count: n, status };
+      this.#sectorNum += n;
+      return claim;
+    });
+  }
+
+  #fail(err: unknown): void {
+    if (this.#error === undefined) this.#error = err;
+    for (const wake of this.#waiters.values()) wake();
+    this.#waiters.clear();
+  }
+
+  async #worker(): Promise<void> {
+    let buf: Uint8Array | undefined;
+    for (;;) {
+      let claim: Claim | null;
+      try {
+        claim = await this.#claim();
+      } catch (err) {
+        this.#fail(err);
+        return;
+      }
+      if (!claim) return;
+      let { status } = claim;
+      const { sector, count } = claim;
+      if (this.#counts(status)) {
+        this.#allocatedDone += count;
+        this.#o.progress?.(Math.fround(100 * this.#allocatedDone / this.#allocated));
+      }
+      if (status === Status.Data || (this.#minSparse === 0 && status === Status.Zero)) {
+        buf ??= new Uint8Array(this.#bufSectors * SECTOR);
+      }
+      if (status === Status.Data) {
+        try {
+          await this.#read(sector, count, buf!);
+        } catch (err) {
+          this.#fail(
+            err instanceof QimgError
+              ? err
+              : new QimgError(`error while reading at byte ${sector * SECTOR}: ${strerror(err)}`),
+          );
+        }
+      } else if (this.#minSparse === 0 && status === Status.Zero) {
+        status = Status.Data;
+        buf!.fill(0, 0, count * SECTOR);
+      }
+      if (!this.#o.outOfOrder) {
+        while (this.#writeOffset !== sector && this.#error === undefined) {
+          await new Promise<void>((resolve) => this.#waiters.set(sector, resolve));
+        }
+        this.#waiters.delete(sector);
+      }
+      if (this.#error === undefined) {
+        try {
+          await this.#write(sector, count, buf, status);
+        } catch (err) {
+          this.#fail(
+            new QimgError(`error while writing at byte ${sector * SECTOR}: ${strerror(err)}`),
+          );
+        }
+      }
+      if (!this.#o.outOfOrder) {
+        this.#writeOffset = sector + count;
+        const wake = this.#waiters.get(this.#writeOffset);
+        if (wake) {
+          this.#waiters.delete(this.#writeOffset);
+          wake();
+        }
+      }
+    }
+  }
+
+  /** Reads `count` sectors at `sector`, crossing from one source into the next. */
+  async #read(sector: number, count: number, buf: Uint8Array): Promise<void> {
+    let pos = 0;
+    let singleUntil = 0;
+    while (count > 0) {
+      const { index, start } = this.#part(sector);
+      const src = this.#sources[index];
+      const offset = (sector - start) * SECTOR;
+      let n = Math.min(count, this.#sectors[index] - (sector - start));
+      if (singleUntil > offset) n = 1;
+      const chunk = buf.subarray(pos * SECTOR, (pos + n) * SECTOR);
+      try {
+        await src.read(offset, chunk);
+      } catch (err) {
+        if (!this.#o.salvage) throw err;
+        if (n > 1) {
+          singleUntil = offset + n * SECTOR;
+          continue;
+        }
+        if (!this.#o.quiet) {
+          this.#o.warn?.(`error while reading offset ${offset}: ${strerror(err)}`);
+        }
+        chunk.fill(0);
+      }
+      sector += n;
+      count -= n;
+      pos += n;
+    }
+  }
+
+  async #write(
+    sector: number,
+    count: number,
+    buf: Uint8Array | undefined,
+    status: Status,
+  ): Promise<void> {
+    let pos = 0;
+    while (count > 0) {
+      let n = count;
+      if (status !== Status.Backing) {
+        let data = false;
+        if (status === Status.Data) {
+          if (this.#minSparse === 0) {
+            data = true;
+          } else if (!this.#o.compressed) {
+            const r = dataRun(buf!, pos, n, this.#minSparse, sector, this.#alignment);
+            n = r.count;
+            data = r.data;
+          } else {
+            data = !isZero(buf!.subarray(pos * SECTOR, (pos + n) * SECTOR));
+          }
+        }
+        const offset = sector * SECTOR;
+        if (data) {
+          const bytes = buf!.subarray(pos * SECTOR, (pos + n) * SECTOR);
+          if (this.#o.compressed && this.#target.writeCompressed) {
+            await this.#target.writeCompressed(offset, bytes);
+          } else {
+            await this.#target.write(offset, bytes);
+          }
+        } else if (!this.#hasZeroInit) {
+          await this.#writeZeroes(offset, n * SECTOR);
+        }
+      }
+      sector += n;
+      count -= n;
+      pos += n;
+    }
+  }
+
+  async #writeZeroes(offset: number, length: number): Promise<void> {
+    if (this.#target.writeZeroes) {
+      return await this.#target.writeZeroes(offset, length, { mayUnmap: true });
+    }
+    const zeroes = new Uint8Array(Math.min(length, IO_BUF_SECTORS * SECTOR));
+    for (let done = 0; done < length; done += zeroes.length) {
+      await this.#target.write(
+        offset + done,
+        zeroes.subarray(0, Math.min(zeroes.length, length - done)),
+      );
+    }
+  }
+}
