@@ -1,0 +1,277 @@
+/**
+ * The qcow2 format driver: open, read through the cluster mapping (with
+ * backing fallthrough), block status and info. Header parsing lives in
+ * qcow2_header.ts, address translation in qcow2_cluster.ts.
+ */
+
+import type {
+  BackingReader,
+  BackingRef,
+  BlockStatus,
+  FormatDriver,
+  FormatImage,
+  FormatInfo,
+  OpenOptions,
+} from "./driver.ts";
+import type { BlockFile } from "./file.ts";
+import type { JsonValue } from "./output.ts";
+import { QimgError, strerror } from "./errors.ts";
+import { be16, be32, text } from "./bytes.ts";
+import { decompressCluster } from "./codec.ts";
+import {
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
+  CRYPT_AES,
+  CRYPT_NONE,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  probeQcow2,
+  type Qcow2Header,
+  readPadded,
+  readQcow2Header,
+} from "./qcow2_header.ts";
+import {
+  type ClusterMapper as ClusterMapperType,
+  ClusterMapper,
+  type CompressedDescriptor,
+  readL1Table,
+} from "./qcow2_cluster.ts";
+
+/** How qcow2 opens further files (its external data file). */
+export type OpenHostFile = (path: string, write: boolean) => Promise<BlockFile>;
+
+/** Extra open options qcow2 understands (all optional members of OpenOptions). */
+interface Qcow2OpenOptions extends OpenOptions {
+  /** Opens the external data file; without it, images needing one fail to open. */
+  openFile?: OpenHostFile;
+  /** Metadata only (qemu-img info's BDRV_O_NO_IO): no data file, no decryption. */
+  noIo?: boolean;
+  /** Prints qemu's warnings. */
+  warn?: (message: string) => void;
+}
+
+/** One bitmap as `info` lists it. */
+export interface BitmapInfo {
+  name: string;
+  granularity: number;
+  flags: string[];
+}
+
+/** An open qcow2 image. */
+export class Qcow2Image implements FormatImage {
+  readonly file: BlockFile;
+  readonly header: Qcow2Header;
+  /** Where guest data lives: the external data file, or `file`. */
+  readonly dataFile: BlockFile | undefined;
+  readonly mapper: ClusterMapperType;
+  readonly backing?: BackingRef;
+  #cached?: { offset: number; data: Uint8Array };
+
+  constructor(
+    file: BlockFile,
+    header: Qcow2Header,
+    mapper: ClusterMapperType,
+    dataFile: BlockFile | undefined,
+  ) {
+    this.file = file;
+    this.header = header;
+    this.mapper = mapper;
+    this.dataFile = dataFile;
+    if (header.backingFile) {
+      this.backing = { name: header.backingFile, format: header.backingFormat };
+    }
+  }
+
+  get size(): number {
+    return this.header.size;
+  }
+
+  /** Whether guest data lives in an external data file. */
+  get hasDataFile(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  }
+
+  #data(): BlockFile {
+    if (!this.dataFile) throw new QimgError("'data-file' is required for this image");
+    return this.dataFile;
+  }
+
+  async read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    const cs = this.header.clusterSize;
+    let done = 0;
+    while (done < buf.length) {
+      const guest = offset + done;
+      const run = await this.mapper.lookup(guest, buf.length - done);
+      const dst = buf.subarray(done, done + run.length);
+      switch (run.type) {
+        case "normal": {
+          if (this.header.cryptMethod !== CRYPT_NONE) throw encryptedError();
+          const n = await this.#data().read(run.hostOffset!, dst);
+          if (n < dst.length) dst.fill(0, n);
+          break;
+        }
+        case "compressed": {
+          const cluster = await this.readCompressed(run.compressed!);
+          const at = guest % cs;
+          dst.set(cluster.subarray(at, at + dst.length));
+          break;
+        }
+        case "zero-plain":
+        case "zero-alloc":
+          dst.fill(0);
+          break;
+        default:
+          if (backingRead) await backingRead(guest, dst);
+          else dst.fill(0);
+      }
+      done += run.length;
+    }
+  }
+
+  /** Reads and decompresses one compressed cluster (the last one is kept for sequential reads). */
+  async readCompressed(desc: CompressedDescriptor): Promise<Uint8Array> {
+    if (this.#cached?.offset === desc.hostOffset) return this.#cached.data;
+    const input = await readPadded(this.file, desc.hostOffset, desc.size);
+    const data = await decompressCluster(
+      this.header.compressionType,
+      input,
+      this.header.clusterSize,
+    );
+    this.#cached = { offset: desc.hostOffset, data };
+    return data;
+  }
+
+  async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    const run = await this.mapper.lookup(offset, length);
+    const where = run.hostOffset !== undefined && this.header.cryptMethod === CRYPT_NONE
+      ? { hostOffset: run.hostOffset, file: this.#data().name }
+      : {};
+    switch (run.type) {
+      case "normal":
+        return { length: run.length, data: true, zero: false, ...where };
+      case "compressed":
+        return { length: run.length, data: true, zero: false, compressed: true };
+      case "zero-alloc":
+        return { length: run.length, data: false, zero: true, ...where };
+      case "zero-plain":
+        return { length: run.length, data: false, zero: true };
+      case "unallocated-alloc":
+        return { length: run.length, data: false, zero: false, ...where };
+      default:
+        return { length: run.length, data: false, zero: false };
+    }
+  }
+
+  async info(): Promise<FormatInfo> {
+    const h = this.header;
+    const data: Record<string, JsonValue> = {};
+    if (h.version === 2) {
+      data.compat = "0.10";
+    } else {
+      data.compat = "1.1";
+      if (h.dataFile !== undefined) data["data-file"] = h.dataFile;
+      if (this.hasDataFile) {
+        data["data-file-raw"] = (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+      }
+      data["extended-l2"] = h.extendedL2;
+      data["lazy-refcounts"] = (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+      data.corrupt = (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
+    }
+    data["refcount-bits"] = 2 ** h.refcountOrder;
+    if (h.cryptMethod === CRYPT_AES) data.encrypt = { format: "aes" };
+    if (h.version === 3) {
+      const bitmaps = await this.bitmaps();
+      if (bitmaps.length) {
+        data.bitmaps = bitmaps.map((b) => ({
+          flags: b.flags,
+          name: b.name,
+          granularity: b.granularity,
+        }));
+      }
+    }
+    data["compression-type"] = h.compressionType;
+    return {
+      clusterSize: h.clusterSize,
+      dirty: (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n,
+      encrypted: h.cryptMethod !== CRYPT_NONE,
+      formatSpecific: { type: "qcow2", data },
+    };
+  }
+
+  /** The persistent dirty bitmaps listed in the bitmap directory. */
+  async bitmaps(): Promise<BitmapInfo[]> {
+    const ext = this.header.bitmaps;
+    if (!ext || this.header.bitmapsInconsistent) return [];
+    const dir = await readPadded(this.file, ext.directoryOffset, ext.directorySize);
+    const out: BitmapInfo[] = [];
+    let pos = 0;
+    for (let i = 0; i < ext.nbBitmaps; i++) {
+      if (pos + 24 > dir.length) throw new QimgError("Failed to read bitmap directory");
+      const flags = be32(dir, pos + 12);
+      const granularityBits = dir[pos + 17];
+      const nameSize = be16(dir, pos + 18);
+      const extra = be32(dir, pos + 20);
+      const entrySize = 24 + extra + nameSize;
+      if (pos + entrySize > dir.length) throw new QimgError("Failed to read bitmap directory");
+      const name = text(dir.subarray(pos + 24 + extra, pos + 24 + extra + nameSize));
+      const f: string[] = [];
+      if (flags & 1) f.push("in-use");
+      if (flags & 2) f.push("auto");
+      out.push({ name, granularity: 2 ** granularityBits, flags: f });
+      pos += (entrySize + 7) & ~7;
+    }
+    return out;
+  }
+
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  async close(): Promise<void> {
+    if (this.dataFile && this.dataFile !== this.file) await this.dataFile.close();
+    await this.file.close();
+  }
+}
+
+function encryptedError(): QimgError {
+  return new QimgError("Parameter 'encrypt.key-secret' is required for cipher");
+}
+
+/** Opens a qcow2 image on `file`. */
+export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Promise<Qcow2Image> {
+  const o = options as Qcow2OpenOptions;
+  const header = await readQcow2Header(file, { write: o.write, warn: o.warn });
+  const l1 = await readL1Table(file, header);
+  const hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  let dataFile: BlockFile | undefined = file;
+  if (!o.noIo) {
+    if (hasDataFile) {
+      if (header.dataFile === undefined || !o.openFile) {
+        throw new QimgError("'data-file' is required for this image");
+      }
+      const path = file.resolve(header.dataFile);
+      try {
+        dataFile = await o.openFile(path, o.write ?? false);
+      } catch (e) {
+        if (e instanceof QimgError) throw e;
+        throw new QimgError(`Could not open '${path}': ${strerror(e)}`);
+      }
+    } else if (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) {
+      throw new QimgError("data-file-raw requires a data file");
+    }
+    if (header.cryptMethod !== CRYPT_NONE) throw encryptedError();
+  } else if (hasDataFile) {
+    dataFile = undefined;
+  }
+  const mapper = new ClusterMapper(file, header, l1, { hasDataFile });
+  return new Qcow2Image(file, header, mapper, dataFile);
+}
+
+/** The qcow2 format driver. */
+export const qcow2Driver: FormatDriver = {
+  name: "qcow2",
+  probe: (head) => probeQcow2(head),
+  open: openQcow2,
+  supportsBacking: true,
+};
