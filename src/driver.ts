@@ -99,8 +99,8 @@ export interface FormatImage {
   close(): Promise<void>;
   /** Writes guest bytes. */
   write?(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void>;
-  /** Makes a range read as zeroes. */
-  writeZeroes?(offset: number, length: number): Promise<void>;
+  /** Makes a range read as zeroes; `mayUnmap` lets it deallocate (qemu's BDRV_REQ_MAY_UNMAP). */
+  writeZeroes?(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
   /** Checks metadata consistency; repairs when `repair` is set. */
   check?(options: { repair?: "leaks" | "all" }): Promise<CheckResult>;
   /** Changes the virtual size. */

@@ -42,6 +42,11 @@ export interface BlockFile {
   extent(offset: number, length: number): Promise<HostExtent>;
   /** Allocates disk blocks for a range without writing (fallocate); may be absent. */
   allocate?(offset: number, length: number): Promise<void>;
+  /**
+   * Deallocates a range so that it reads as zeroes, keeping the file size
+   * (a punched hole). Resolves false when the file cannot, may be absent.
+   */
+  discard?(offset: number, length: number): Promise<boolean>;
 }
 
 /** How a file is opened. */
@@ -155,12 +160,21 @@ export class DenoFile implements BlockFile {
   }
 
   async extent(offset: number, length: number): Promise<HostExtent> {
-    if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path);
+    if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, this.writable);
     if (this.#holes === null) return { length, data: true };
     return this.#holes.extent(offset, length, await this.size());
   }
+
+  async discard(offset: number, length: number): Promise<boolean> {
+    if (!this.writable || length <= 0) return false;
+    if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, true);
+    return this.#holes?.punch(offset, length) ?? false;
+  }
 }
 
+const O_RDWR = 2;
+/** FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE */
+const FALLOC_PUNCH_HOLE = 0x03;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 
@@ -176,14 +190,14 @@ class HoleFinder {
     this.#fd = fd;
   }
 
-  static async open(path: string): Promise<HoleFinder | null> {
+  static async open(path: string, writable = false): Promise<HoleFinder | null> {
     try {
       if (Deno.build.os !== "linux") return null;
       const st = await Deno.permissions.query({ name: "ffi" });
       if (st.state !== "granted") return null;
       const lib = Deno.dlopen("libc.so.6", LIBC);
       const cpath = new TextEncoder().encode(path + "\0");
-      const fd = lib.symbols.open(cpath, 0) as number;
+      const fd = lib.symbols.open(cpath, writable ? O_RDWR : 0) as number;
       if (fd < 0) {
         lib.close();
         return null;
@@ -205,6 +219,16 @@ class HoleFinder {
     return { length: Math.min(length, Math.max(hole - offset, 1)), data: true };
   }
 
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE); false when the file system refuses. */
+  punch(offset: number, length: number): boolean {
+    return this.#lib.symbols.fallocate(
+      this.#fd,
+      FALLOC_PUNCH_HOLE,
+      BigInt(offset),
+      BigInt(length),
+    ) === 0;
+  }
+
   close(): void {
     this.#lib.symbols.close(this.#fd);
     this.#lib.close();
@@ -215,4 +239,5 @@ const LIBC = {
   open: { parameters: ["buffer", "i32"], result: "i32" },
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   close: { parameters: ["i32"], result: "i32" },
+  fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
 } as const;

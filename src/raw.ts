@@ -34,7 +34,15 @@ class RawImage implements FormatImage {
     if (offset + data.length > this.#size) this.#size = offset + data.length;
   }
 
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  async writeZeroes(
+    offset: number,
+    length: number,
+    options: { mayUnmap?: boolean } = {},
+  ): Promise<void> {
+    // Within the file, a punched hole reads as zeroes and frees the blocks (as qemu's file driver).
+    if (options.mayUnmap && this.file.discard && offset + length <= (await this.file.size())) {
+      if (await this.file.discard(offset, length)) return;
+    }
     const chunk = new Uint8Array(Math.min(length, 1 << 20));
     for (let done = 0; done < length; done += chunk.length) {
       await this.file.write(
