@@ -1,9 +1,12 @@
 /** Small pieces several commands share. */
 
 import type { Io } from "./command.ts";
-import { QimgError } from "./errors.ts";
+import { QimgError, usageError } from "./errors.ts";
 import { helpText } from "./help.ts";
-import { FORMATS } from "./formats.ts";
+import { findFormat, FORMATS } from "./formats.ts";
+import { type Image, openImageChain } from "./image.ts";
+import { splitOptionString } from "./options.ts";
+import { parseSizeExact } from "./size.ts";
 
 /** Parses `--output`: qemu-img accepts `human` and `json` only. */
 export function parseOutputFormat(value: string): "human" | "json" {
@@ -15,4 +18,191 @@ export function parseOutputFormat(value: string): "human" | "json" {
 export function printHelp(io: Io): number {
   io.stdout(helpText(FORMATS.map((f) => f.name).sort()));
   return 0;
+}
+
+/** The cache modes qemu's bdrv_parse_cache_mode accepts (`-t`, `-T`). */
+const CACHE_MODES = ["none", "off", "directsync", "writeback", "unsafe", "writethrough"];
+
+/** Whether `mode` is a cache mode qemu-img accepts. */
+export function isCacheMode(mode: string): boolean {
+  return CACHE_MODES.includes(mode);
+}
+
+/** Checks `-t` (or `-T` with `what` = "source cache") as qemu-img does. */
+export function checkCacheMode(mode: string, what = "cache"): void {
+  if (!isCacheMode(mode)) throw new QimgError(`Invalid ${what} option: ${mode}`);
+}
+
+/**
+ * qemu-img's cvtnum: a size-like number between 0 and 2^63-1, with the
+ * two-line message for bad syntax and the range message otherwise.
+ */
+export function cvtnum(name: string, value: string): number {
+  const v = parseSizeExact(value);
+  if (v === "invalid") {
+    throw new QimgError(
+      `Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\n` +
+        "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+    );
+  }
+  if (v === "range" || v > 0x7fffffffffffffffn) {
+    throw new QimgError(
+      `Invalid ${name} specified. Must be between 0 and 9223372036854775807.`,
+    );
+  }
+  return Number(v);
+}
+
+/**
+ * qemu-img's check of one `-o` argument: not empty, not starting with a
+ * comma, and not ending in an odd number of commas (`,,` is an escaped comma).
+ */
+export function isValidOptionList(text: string): boolean {
+  if (text === "" || text[0] === ",") return false;
+  let commas = 0;
+  while (commas < text.length && text[text.length - 1 - commas] === ",") commas++;
+  return commas % 2 === 0;
+}
+
+/** Appends one `-o` argument to the options so far, as qemu-img accumulates them. */
+export function accumulateOptions(sofar: string | undefined, text: string): string {
+  if (!isValidOptionList(text)) throw new QimgError(`Invalid option list: ${text}`);
+  return sofar === undefined ? text : `${sofar},${text}`;
+}
+
+/** The object types `--object help` lists in qemu-img 7.2. */
+const OBJECT_TYPES = [
+  "authz-list",
+  "authz-list-file",
+  "authz-simple",
+  "main-loop",
+  "pr-manager-helper",
+  "secret",
+  "secret_keyring",
+  "thread-context",
+  "throttle-group",
+  "tls-cipher-suites",
+  "tls-creds-anon",
+  "tls-creds-psk",
+  "tls-creds-x509",
+];
+
+/**
+ * `--object`: checks the definition as far as qemu-img's messages go
+ * (type, id, a secret's data). Returns true when qemu-img would have
+ * printed a listing and exited 0 (`--object help`).
+ */
+export function processObject(spec: string, io: Io): boolean {
+  const items = splitOptionString(spec);
+  const values = new Map<string, string>();
+  items.forEach(([k, v], i) => {
+    if (v === undefined && i === 0 && k !== "") values.set("qom-type", k);
+    else if (v !== undefined) values.set(k, v);
+    else if (k !== "") values.set(k, "on");
+  });
+  const type = values.get("qom-type");
+  if (type === "help" || type === "?") {
+    io.stdout("List of user creatable objects:\n" + OBJECT_TYPES.map((t) => `  ${t}\n`).join(""));
+    return true;
+  }
+  if (type === undefined) throw new QimgError("Parameter 'qom-type' is missing");
+  if (!OBJECT_TYPES.includes(type)) {
+    throw new QimgError(`Parameter 'qom-type' does not accept value '${type}'`);
+  }
+  if (!values.has("id")) throw new QimgError("Parameter 'id' is missing");
+  if (type === "secret" && !values.has("data") && !values.has("file")) {
+    throw new QimgError("Either 'file' or 'data' must be provided");
+  }
+  return false;
+}
+
+/** How a command opens its image. */
+export interface CommandOpenOptions {
+  /** `-f`, when given. */
+  format?: string;
+  /** `--image-opts`: the file name is an option string. */
+  imageOpts?: boolean;
+  /** Open for writing. */
+  write?: boolean;
+  /** Open the backing chain (default true). */
+  backing?: boolean;
+  /** `-U` */
+  forceShare?: boolean;
+}
+
+/** An `--image-opts` string reduced to what qimg can open: a format and a file name. */
+function parseImageOpts(spec: string): { format?: string; filename: string } {
+  const values = new Map<string, string>();
+  splitOptionString(spec).forEach(([k, v], i) => {
+    if (v === undefined && i === 0) values.set("file", k);
+    else values.set(k, v ?? "on");
+  });
+  const filename = values.get("file.filename");
+  const file = values.get("file");
+  if (filename === undefined && file !== undefined) {
+    throw new QimgError(
+      `Could not open '${spec}': Cannot find device='${file}' nor node-name='${file}'`,
+    );
+  }
+  const known = new Set(["driver", "file.filename", "file.driver"]);
+  const driver = values.get("file.driver");
+  if (
+    filename === undefined || [...values.keys()].some((k) => !known.has(k)) ||
+    (driver && driver !== "file")
+  ) {
+    throw new QimgError("--image-opts: not supported yet");
+  }
+  return { format: values.get("driver"), filename };
+}
+
+/**
+ * Opens a command's image as qemu-img's img_open does: `--image-opts` and
+ * `-f` exclude each other, `-U` needs a read-only open, and probing raw
+ * for a writable open prints qemu's warning on stderr.
+ */
+export function openForCommand(
+  filename: string,
+  io: Io,
+  options: CommandOpenOptions,
+): Promise<Image> {
+  let format = options.format;
+  if (options.imageOpts) {
+    if (format !== undefined) {
+      throw new QimgError("--image-opts and --format are mutually exclusive");
+    }
+    ({ format, filename } = parseImageOpts(filename));
+  }
+  if (options.forceShare && options.write) {
+    throw new QimgError(
+      `Could not open '${filename}': force-share=on can only be used with read-only images`,
+    );
+  }
+  return openImageChain(filename, {
+    format,
+    write: options.write,
+    backing: options.backing,
+    warn: (message) => io.stderr(message + "\n"),
+    openFile: (p, w) => io.openFile(p, { write: w }),
+  });
+}
+
+/** Whether qimg knows a format by this name (`-F`, `-O` checks). */
+export function knownFormat(name: string): boolean {
+  return findFormat(name) !== undefined;
+}
+
+/** Strips the `Could not open '<path>': ` qimg's image opener puts before a driver's message. */
+export function innerOpenMessage(err: QimgError, path: string): string {
+  const prefix = `Could not open '${path}': `;
+  return err.message.startsWith(prefix) ? err.message.slice(prefix.length) : err.message;
+}
+
+/** qemu-img's "Expecting one image file name" usage error. */
+export function expectOneImage(): QimgError {
+  return usageError("Expecting one image file name");
+}
+
+/** `    (xx.xx/100%)` as qemu-img's -p prints it, for the start and the end of a job. */
+export function progressText(percent: 0 | 100): string {
+  return percent === 0 ? "    (0.00/100%)\r" : "    (100.00/100%)\r";
 }

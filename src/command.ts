@@ -9,6 +9,7 @@ import { getopt, type ParsedOption } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { helpText, VERSION_TEXT } from "./help.ts";
 import { FORMATS } from "./formats.ts";
+import { openTraceFile, parseTraceOption } from "./trace.ts";
 
 /** Where a command writes and how it reaches files. */
 export interface Io {
@@ -57,7 +58,9 @@ const GLOBAL_LONG = [
 
 /** Runs `qimg <argv>`: global options, then the command. Returns the exit code. */
 export async function main(argv: string[], io: Io): Promise<number> {
+  if (argv.length === 0) throw usageError("Not enough arguments");
   const { options, operands } = getopt(argv, "+:hVT:", [...GLOBAL_LONG], "qimg");
+  let traceFile: string | undefined;
   for (const o of options) {
     switch (o.opt) {
       case "h":
@@ -66,13 +69,20 @@ export async function main(argv: string[], io: Io): Promise<number> {
       case "V":
         io.stdout(VERSION_TEXT);
         return 0;
-      case "T":
-        break; // tracing: accepted, qimg has no trace points
+      case "T": {
+        const t = await parseTraceOption(o.arg!, io);
+        if (t.list) return 0; // qimg has no trace events to list
+        if (t.exit !== undefined) return t.exit;
+        if (t.file !== undefined) traceFile = t.file;
+        break;
+      }
       default:
         throw optionError(o);
     }
   }
-  if (operands.length === 0) throw usageError("Not enough arguments");
+  // Options without a command: qemu-img does nothing and succeeds.
+  if (operands.length === 0) return 0;
+  if (traceFile !== undefined) await openTraceFile(traceFile, io);
   const [name, ...rest] = operands;
   const load = COMMANDS[name];
   if (!load) throw usageError(`Command not found: ${name}`);

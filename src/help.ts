@@ -1,7 +1,12 @@
 /** qemu-img's --help text, with qimg's name and formats. */
 
-/** The version banner printed by -V and above --help. */
-export const VERSION_TEXT = "qimg version 0.1.0 (qemu-img 7.2 compatible)\n" +
+/**
+ * The version banner printed by -V and above --help. The first line has
+ * qemu-img's shape, `<name> version <qemu version> (<package version>)`:
+ * scripts that read qemu-img's version (7.2.x) read the same number, and
+ * the part in parentheses, where Debian names its package, names qimg's.
+ */
+export const VERSION_TEXT = "qimg version 7.2.22 (qimg 0.1.0)\n" +
   "Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n";
 
 /** The full help text; `formats` are the names listed after "Supported formats:". */
