@@ -21,6 +21,8 @@ export interface ParsedOption {
   arg?: string;
   /** The argv element that held the option, as qemu-img prints it in messages. */
   raw: string;
+  /** For a short-option error, the offending letter (glibc's own messages name it). */
+  char?: string;
 }
 
 /** Options in order, then the non-option arguments. */
@@ -104,7 +106,7 @@ export function getopt(
       const c = a[j];
       const at = c === ":" ? -1 : spec.indexOf(c);
       if (at < 0) {
-        options.push({ opt: "?", raw: j + 1 < a.length ? before() : a });
+        options.push({ opt: "?", raw: j + 1 < a.length ? before() : a, char: c });
         return { options, operands };
       }
       const takesArg = spec[at + 1] === ":";
@@ -121,7 +123,7 @@ export function getopt(
         options.push({ opt: c, arg: argv[i], raw: a });
         i++;
       } else {
-        options.push({ opt: ":", raw: a });
+        options.push({ opt: ":", raw: a, char: c });
         return { options, operands };
       }
       break;
