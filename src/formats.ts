@@ -2,9 +2,10 @@
 
 import type { FormatDriver } from "./driver.ts";
 import { rawDriver } from "./raw.ts";
+import { qcow2Driver } from "./qcow2.ts";
 
 /** Every format qimg knows. */
-export const FORMATS: FormatDriver[] = [rawDriver];
+export const FORMATS: FormatDriver[] = [rawDriver, qcow2Driver];
 
 /** Finds a driver by qemu's name. */
 export function findFormat(name: string): FormatDriver | undefined {
