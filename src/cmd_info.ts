@@ -50,6 +50,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   const human = parseOutputFormat(output) === "human";
   const image = await openImageChain(operands[0], {
     format,
+    noIo: true, // as qemu-img info: metadata only (encrypted images, missing data files)
     openFile: (p, w) => io.openFile(p, { write: w }),
   });
   try {

@@ -66,6 +66,12 @@ export interface OpenOptions {
   write?: boolean;
   /** Share locks (-U); accepted, qimg takes no locks. */
   forceShare?: boolean;
+  /** Opens further host files a format refers to (qcow2's external data file). */
+  openFile?: (path: string, write: boolean) => Promise<BlockFile>;
+  /** Metadata only, as qemu-img info's BDRV_O_NO_IO: no data file, no decryption. */
+  noIo?: boolean;
+  /** Prints qemu's warnings raised while opening. */
+  warn?: (message: string) => void;
 }
 
 /** Options for creating an image. */

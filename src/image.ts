@@ -47,6 +47,8 @@ export interface OpenImageOptions {
   warn?: (message: string) => void;
   /** Opens a host file; defaults to the local file system. */
   openFile?: (path: string, write: boolean) => Promise<BlockFile>;
+  /** Metadata only (qemu-img info's BDRV_O_NO_IO): no data files, no decryption. */
+  noIo?: boolean;
 }
 
 const PROBE_BYTES = 2048;
@@ -101,7 +103,7 @@ async function openLayer(
         );
       }
     }
-    const image = await driver.open(file, { write });
+    const image = await driver.open(file, { write, openFile, noIo: options.noIo });
     return { image, driver, filename };
   } catch (e) {
     await file.close();
