@@ -38,19 +38,6 @@ import {
   readL1Table,
 } from "./qcow2_cluster.ts";
 
-/** How qcow2 opens further files (its external data file). */
-export type OpenHostFile = (path: string, write: boolean) => Promise<BlockFile>;
-
-/** Extra open options qcow2 understands (all optional members of OpenOptions). */
-interface Qcow2OpenOptions extends OpenOptions {
-  /** Opens the external data file; without it, images needing one fail to open. */
-  openFile?: OpenHostFile;
-  /** Metadata only (qemu-img info's BDRV_O_NO_IO): no data file, no decryption. */
-  noIo?: boolean;
-  /** Prints qemu's warnings. */
-  warn?: (message: string) => void;
-}
-
 /** One bitmap as `info` lists it. */
 export interface BitmapInfo {
   name: string;
@@ -240,7 +227,7 @@ function encryptedError(): QimgError {
 
 /** Opens a qcow2 image on `file`. */
 export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Promise<Qcow2Image> {
-  const o = options as Qcow2OpenOptions;
+  const o = options;
   const header = await readQcow2Header(file, { write: o.write, warn: o.warn });
   const l1 = await readL1Table(file, header);
   const hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
