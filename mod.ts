@@ -94,8 +94,8 @@ class OpenedImage implements Image {
     return this.#chain.extents(options);
   }
 
-  info(): Promise<ImageInfo> {
-    return imageInfo(this.#chain, 0);
+  async info(): Promise<ImageInfo> {
+    return withoutUndefined(await imageInfo(this.#chain, 0)) as ImageInfo;
   }
 
   check(options: { repair?: "leaks" | "all" } = {}): Promise<CheckResult> {
@@ -117,6 +117,15 @@ class OpenedImage implements Image {
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
+}
+
+/** A copy without the `undefined` members qemu does not print, so it deep-equals qemu's JSON. */
+function withoutUndefined(v: unknown): unknown {
+  if (Array.isArray(v)) return v.map(withoutUndefined);
+  if (v === null || typeof v !== "object") return v;
+  const out: Record<string, unknown> = {};
+  for (const [k, x] of Object.entries(v)) if (x !== undefined) out[k] = withoutUndefined(x);
+  return out;
 }
 
 /**

@@ -137,6 +137,8 @@ Deno.test("deno fmt --check passes", () => assertDenoOk(["fmt", "--check"]));
 Deno.test("deno lint passes", () => assertDenoOk(["lint"]));
 Deno.test("deno check passes on the library, the CLI, its doc examples, tests and bench", () =>
   assertDenoOk(["check", "--doc", "mod.ts", "cli.ts", "tests/", "bench/"]));
+Deno.test("the README's library example runs", () =>
+  assertDenoOk(["test", "--no-prompt", "-A", "--doc", "README.md"]));
 Deno.test("deno doc --lint mod.ts passes", () => assertDenoOk(["doc", "--lint", "mod.ts"]));
 Deno.test("deno publish --dry-run passes", () =>
   assertDenoOk(["publish", "--dry-run", "--allow-dirty"]));
