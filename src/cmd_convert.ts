@@ -155,7 +155,8 @@ export async function createTargetFile(
     throw new QimgError(`Could not create '${path}': ${strerror(e)}`);
   }
   try {
-    await driver.create!(file, { size, options });
+    // The file protocol rounds the size up to whole sectors.
+    await driver.create!(file, { size: Math.ceil(size / 512) * 512, options });
     // file-posix allocates the first block of a new file (alignment probing).
     const fileSize = await file.size();
     if (fileSize > 0 && (await file.allocated()) === 0) {

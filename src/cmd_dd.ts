@@ -1,9 +1,187 @@
-/** `qimg dd`. */
+/**
+ * `qimg dd`: copies `count` blocks of `bs` bytes from `if`, after skipping
+ * `skip` blocks, into a new image `of`, as qemu-img 7.2's dd. Every byte of
+ * the output is written (qemu's dd does not leave holes), but zero and
+ * unallocated input is never read: the copy engine writes zeroes for it.
+ */
 
 import type { Io } from "./command.ts";
-import { notSupportedYet } from "./command.ts";
+import { notSupportedYet, optionError } from "./command.ts";
+import { getopt } from "./getopt.ts";
+import { QimgError, strerror } from "./errors.ts";
+import { type Image, openImageChain } from "./image.ts";
+import { findFormat } from "./formats.ts";
+import { convert, type CopyTarget, imageTarget, sliceSource } from "./convert.ts";
+import { createTargetFile, cvtnum, openSource } from "./cmd_convert.ts";
+
+const LONG = [
+  { name: "help", arg: "none", val: "h" },
+  { name: "object", arg: "required", val: "object" },
+  { name: "image-opts", arg: "none", val: "image-opts" },
+  { name: "force-share", arg: "none", val: "U" },
+] as const;
+
+const INT64_MAX = 0x7fffffffffffffffn;
+
+/** The operands of dd, parsed. */
+interface DdOperands {
+  bs: number;
+  count?: number;
+  skip?: number;
+  input?: string;
+  output?: string;
+}
+
+/** Parses `key=value` operands in order; the first bad one stops with qemu's message. */
+function parseOperands(operands: string[]): DdOperands {
+  const dd: DdOperands = { bs: 512 };
+  for (const operand of operands) {
+    const eq = operand.indexOf("=");
+    const key = eq < 0 ? operand : operand.slice(0, eq);
+    const value = operand.slice(eq + 1);
+    if (eq < 0) throw new QimgError(`unrecognized operand ${operand}`);
+    switch (key) {
+      case "bs":
+        dd.bs = cvtnum("bs", value, 1n, 0x7fffffffn);
+        break;
+      case "count":
+        dd.count = cvtnum("count", value);
+        break;
+      case "if":
+        dd.input = value;
+        break;
+      case "of":
+        dd.output = value;
+        break;
+      case "skip":
+        dd.skip = cvtnum("skip", value);
+        break;
+      default:
+        throw new QimgError(`unrecognized operand ${key}`);
+    }
+  }
+  return dd;
+}
+
+/** A target that drops bytes past `limit` (the last block may be short). */
+function clipped(target: CopyTarget, limit: number): CopyTarget {
+  return {
+    size: limit,
+    write: (offset, data) =>
+      offset >= limit
+        ? Promise.resolve()
+        : target.write(offset, data.subarray(0, Math.min(data.length, limit - offset))),
+  };
+}
 
 /** Runs `dd`. */
-export function run(_args: string[], _io: Io): Promise<number> {
-  return Promise.reject(notSupportedYet("dd"));
+export async function run(args: string[], io: Io): Promise<number> {
+  const { options, operands } = getopt(args, ":hf:O:U", [...LONG], "dd");
+  let fmt: string | undefined;
+  let outFmt = "raw";
+  let imageOpts = false;
+  for (const o of options) {
+    switch (o.opt) {
+      case "O":
+        outFmt = o.arg!;
+        break;
+      case "f":
+        fmt = o.arg;
+        break;
+      case "h":
+        return (await import("./cmd_util.ts")).printHelp(io);
+      case "U":
+        break;
+      case "object":
+        throw notSupportedYet("--object");
+      case "image-opts":
+        imageOpts = true;
+        break;
+      default:
+        throw optionError(o);
+    }
+  }
+  const dd = parseOperands(operands);
+  if (dd.input === undefined || dd.output === undefined) {
+    throw new QimgError("Must specify both input and output files");
+  }
+  const outName = dd.output;
+  let input: Image | undefined;
+  let output: Image | undefined;
+  try {
+    let inName = dd.input;
+    let inFmt = fmt;
+    if (imageOpts) ({ filename: inName, format: inFmt } = imageOptsSpec(dd.input, fmt));
+    if (inName === "") {
+      throw new QimgError(`Could not open '': The 'file' block driver requires a file name`);
+    }
+    input = await openSource(io, inName, inFmt);
+    const driver = findFormat(outFmt);
+    if (!driver) throw new QimgError("Unknown file format");
+    if (!driver.create) {
+      throw new QimgError(`Format driver '${driver.name}' does not support image creation`);
+    }
+    let size = input.size;
+    const bs = BigInt(dd.bs);
+    if (dd.count !== undefined && BigInt(dd.count) <= INT64_MAX / bs && dd.count * dd.bs < size) {
+      size = dd.count * dd.bs;
+    }
+    const skipTooFar = dd.skip !== undefined &&
+      (BigInt(dd.skip) > INT64_MAX / bs || size < dd.skip * dd.bs);
+    const start = skipTooFar ? size : (dd.skip ?? 0) * dd.bs;
+    const outSize = size - start;
+    try {
+      await createTargetFile(io, outName, driver, outSize, { size: outSize });
+    } catch (e) {
+      throw new QimgError(`${outName}: error while creating output image: ${strerror(e)}`);
+    }
+    output = await openImageChain(outName, {
+      format: outFmt,
+      write: true,
+      openFile: (p, w) => io.openFile(p, { write: w }),
+    });
+    if (skipTooFar) io.stderr(`qimg: ${dd.input}: cannot skip to specified offset\n`);
+    if (outSize > 0) {
+      try {
+        await convert([sliceSource(input, start, outSize)], clipped(imageTarget(output), outSize), {
+          minSparse: 0,
+        });
+      } catch (e) {
+        const text = e instanceof QimgError ? e.message : strerror(e);
+        const m = /^error while (reading|writing) at byte \d+: (.*)$/s.exec(text);
+        if (m?.[1] === "reading") {
+          throw new QimgError(`error while reading from input image file: ${m[2]}`);
+        }
+        if (m?.[1] === "writing") {
+          throw new QimgError(`error while writing to output image file: ${m[2]}`);
+        }
+        throw e;
+      }
+    }
+    await output.flush();
+  } finally {
+    if (output) await output.close();
+    if (input) await input.close();
+  }
+  return 0;
+}
+
+/** `--image-opts` for the input: `driver=...,file.filename=...`. */
+function imageOptsSpec(
+  text: string,
+  fmt: string | undefined,
+): { filename: string; format?: string } {
+  if (fmt !== undefined) throw new QimgError("--image-opts and --format are mutually exclusive");
+  let filename: string | undefined;
+  let format: string | undefined;
+  for (const part of text.split(",")) {
+    const eq = part.indexOf("=");
+    const key = eq < 0 ? part : part.slice(0, eq);
+    const value = eq < 0 ? "on" : part.slice(eq + 1);
+    if (key === "driver") format = value;
+    else if (key === "file.filename") filename = value;
+    else if (key !== "file.driver") throw notSupportedYet(`image option '${key}'`);
+  }
+  if (filename === undefined) throw notSupportedYet("--image-opts without file.filename");
+  return { filename, format };
 }

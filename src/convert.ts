@@ -76,6 +76,45 @@ export interface ConvertOptions {
   progress?: (percent: number) => void;
 }
 
+/** What the engine needs of a source: an Image, or a window onto one (see {@link sliceSource}). */
+export interface SourceImage {
+  /** Virtual size in bytes. */
+  readonly size: number;
+  /** The backing chain (only its length is used: whether there is a base below the top). */
+  readonly chain: readonly unknown[];
+  /** Reads guest bytes. */
+  read(offset: number, buf: Uint8Array): Promise<void>;
+  /** Status through the chain down to (not including) layer `base`. */
+  blockStatus(
+    offset: number,
+    length: number,
+    base?: number,
+  ): Promise<{ length: number; data: boolean; zero: boolean; present: boolean }>;
+  /** The top layer's facts (its cluster size aligns status runs). */
+  formatInfo(): Promise<{ clusterSize?: number }>;
+}
+
+/**
+ * A window of `length` bytes of `source` starting at `start`, as a source
+ * of its own (dd's skip and count).
+ */
+export function sliceSource(source: SourceImage, start: number, length: number): SourceImage {
+  return {
+    size: length,
+    chain: source.chain,
+    read: async (offset, buf) => {
+      const inside = Math.max(0, Math.min(buf.length, length - offset));
+      if (inside > 0) await source.read(start + offset, buf.subarray(0, inside));
+      buf.fill(0, inside);
+    },
+    blockStatus: async (offset, len, base) => {
+      const e = await source.blockStatus(start + offset, len, base);
+      return { ...e, length: Math.min(e.length, len) };
+    },
+    formatInfo: () => Promise.resolve({}),
+  };
+}
+
 /** How a run of the source is to be copied. */
 const enum Status {
   Data,
@@ -196,7 +235,7 @@ export function imageTarget(image: Image): CopyTarget {
  * @returns when every write is done
  */
 export async function convert(
-  sources: Image[],
+  sources: SourceImage[],
   target: CopyTarget,
   options: ConvertOptions = {},
 ): Promise<void> {
@@ -206,7 +245,7 @@ export async function convert(
 }
 
 class Converter {
-  #sources: Image[];
+  #sources: SourceImage[];
   #sectors: number[] = [];
   #alignments: number[] = [];
   #target: CopyTarget;
@@ -229,7 +268,7 @@ class Converter {
   #error: unknown = undefined;
   #lock = new Mutex();
 
-  constructor(sources: Image[], target: CopyTarget, options: ConvertOptions) {
+  constructor(sources: SourceImage[], target: CopyTarget, options: ConvertOptions) {
     this.#sources = sources;
     this.#target = target;
     this.#o = options;
