@@ -204,7 +204,10 @@ export class Image {
         };
       }
       if (depth === this.chain.length - 1) {
-        return { offset, length, data: false, zero: true, present: false, depth };
+        // Unallocated at the bottom reads as zeroes; a host offset still
+        // shows (qcow2's unallocated subclusters of an allocated cluster).
+        const host = s.hostOffset === undefined ? {} : { hostOffset: s.hostOffset, file: s.file };
+        return { offset, length, data: false, zero: true, present: false, depth, ...host };
       }
     }
   }
