@@ -1,9 +1,136 @@
-/** `qimg commit`. */
+/** `qimg commit`: write an overlay's data down into its backing file. */
 
 import type { Io } from "./command.ts";
-import { notSupportedYet } from "./command.ts";
+import { notSupportedYet, optionError } from "./command.ts";
+import { getopt } from "./getopt.ts";
+import { QimgError } from "./errors.ts";
+import type { Image } from "./image.ts";
+import { Progress } from "./progress.ts";
+import {
+  checkCacheMode,
+  cvtnum,
+  expectOneImage,
+  openForCommand,
+  printHelp,
+  processObject,
+} from "./cmd_util.ts";
+
+const LONG = [
+  { name: "help", arg: "none", val: "h" },
+  { name: "object", arg: "required", val: "object" },
+  { name: "image-opts", arg: "none", val: "image-opts" },
+] as const;
+
+/** Bytes copied per read/write. */
+const CHUNK = 2 * 1024 * 1024;
 
 /** Runs `commit`. */
-export function run(_args: string[], _io: Io): Promise<number> {
-  return Promise.reject(notSupportedYet("commit"));
+export async function run(args: string[], io: Io): Promise<number> {
+  const { options, operands } = getopt(args, ":f:ht:b:dpqr:", [...LONG], "commit");
+  let format: string | undefined;
+  let cache = "writeback";
+  let base: string | undefined;
+  let drop = false;
+  let progress = false;
+  let quiet = false;
+  let imageOpts = false;
+  for (const o of options) {
+    switch (o.opt) {
+      case "h":
+        return printHelp(io);
+      case "f":
+        format = o.arg;
+        break;
+      case "t":
+        cache = o.arg!;
+        break;
+      case "b":
+        base = o.arg;
+        break;
+      case "d":
+        drop = true;
+        break;
+      case "p":
+        progress = true;
+        break;
+      case "q":
+        quiet = true;
+        break;
+      case "r":
+        cvtnum("rate limit", o.arg!); // qimg does not throttle
+        break;
+      case "object":
+        if (processObject(o.arg!, io)) return 0;
+        break;
+      case "image-opts":
+        imageOpts = true;
+        break;
+      default:
+        throw optionError(o);
+    }
+  }
+  if (quiet) progress = false;
+  if (operands.length !== 1) throw expectOneImage();
+  const filename = operands[0];
+  checkCacheMode(cache);
+  const image = await openForCommand(filename, io, { format, imageOpts, write: true });
+  const meter = new Progress(progress, 1, io.stdout);
+  try {
+    meter.print(0, 100);
+    let depth = 1;
+    if (base !== undefined) {
+      depth = findInChain(image, base);
+      if (depth < 0) {
+        throw new QimgError(`Did not find '${base}' in the backing chain of '${filename}'`);
+      }
+    } else if (image.chain.length < 2) {
+      throw new QimgError("Image does not have a backing file");
+    }
+    await commitInto(image, depth, drop, io);
+    meter.print(100, 0);
+  } finally {
+    meter.end();
+    await image.close();
+  }
+  if (!quiet) io.stdout("Image committed.\n");
+  return 0;
+}
+
+/** The depth of the layer `name` names below the top, or -1. */
+function findInChain(image: Image, name: string): number {
+  for (let depth = 1; depth < image.chain.length; depth++) {
+    const stored = image.chain[depth - 1].image.backing?.name;
+    if (name === stored || name === image.chain[depth].filename) return depth;
+  }
+  return -1;
+}
+
+/**
+ * Copies what the layers above `depth` hold into that layer. qimg can do
+ * it for one overlay over its immediate backing file when the overlay is
+ * kept as it is (`-d`); emptying the overlay needs a driver feature.
+ */
+async function commitInto(image: Image, depth: number, drop: boolean, io: Io): Promise<void> {
+  if (depth !== 1 || !drop) throw notSupportedYet("commit");
+  const layer = image.chain[1];
+  const target = await openForCommand(layer.filename, io, {
+    format: layer.driver.name,
+    write: true,
+    backing: false,
+  });
+  try {
+    const out = target.chain[0].image;
+    if (!out.write || image.size > out.size) throw notSupportedYet("commit");
+    for await (const e of image.extents()) {
+      if (e.depth !== 0 || !e.present) continue;
+      for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {
+        const buf = new Uint8Array(Math.min(CHUNK, e.offset + e.length - off));
+        if (!e.zero) await image.read(off, buf);
+        await out.write(off, buf);
+      }
+    }
+    await target.flush();
+  } finally {
+    await target.close();
+  }
 }
