@@ -30,7 +30,9 @@ export function inflateRawCluster(input: Uint8Array, outSize: number): Uint8Arra
     });
   } catch (e) {
     // More output than a cluster: qemu takes the first cluster's worth.
-    if ((e as { code?: string }).code === "ERR_BUFFER_TOO_LARGE") return inflateTruncated(input, outSize);
+    if ((e as { code?: string }).code === "ERR_BUFFER_TOO_LARGE") {
+      return inflateTruncated(input, outSize);
+    }
     throw ioError();
   }
   if (out.length < outSize) throw ioError();

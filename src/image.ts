@@ -182,8 +182,9 @@ export class Image {
         };
       }
       if (offset >= layer.image.size) {
-        // Past the end of a shorter backing file: zeroes, answered by this layer.
-        return { offset, length, data: false, zero: true, present: true, depth };
+        // Past the end of a shorter backing file: zeroes; qemu-img map calls
+        // them absent, at the depth of the layer above.
+        return { offset, length, data: false, zero: true, present: false, depth: depth - 1 };
       }
       const s: BlockStatus = await layer.image.blockStatus(
         offset,

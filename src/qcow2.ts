@@ -32,8 +32,8 @@ import {
   readQcow2Header,
 } from "./qcow2_header.ts";
 import {
-  type ClusterMapper as ClusterMapperType,
   ClusterMapper,
+  type ClusterMapper as ClusterMapperType,
   type CompressedDescriptor,
   readL1Table,
 } from "./qcow2_cluster.ts";
@@ -237,7 +237,9 @@ export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Pro
       if (header.dataFile === undefined || !o.openFile) {
         throw new QimgError("'data-file' is required for this image");
       }
-      const path = file.resolve(header.dataFile);
+      // qemu opens the data file by its stored name as is: relative to the
+      // working directory, not to the image.
+      const path = header.dataFile;
       try {
         dataFile = await o.openFile(path, o.write ?? false);
       } catch (e) {

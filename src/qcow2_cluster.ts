@@ -239,7 +239,12 @@ export class ClusterMapper {
   }
 }
 
-function invalidEntry(hi: number, lo: number, l2Offset: number, index: number): Qcow2CorruptionError {
+function invalidEntry(
+  hi: number,
+  lo: number,
+  l2Offset: number,
+  index: number,
+): Qcow2CorruptionError {
   const entry = (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0);
   return new Qcow2CorruptionError(
     `Invalid cluster entry 0x${entry.toString(16)} (L2 offset: ${hex(l2Offset)}, L2 index: ${
