@@ -38,27 +38,44 @@ export const denoIo: Io = {
   now: () => Date.now(),
 };
 
-/** Prints an error as qemu-img does and returns its exit code. */
-function report(err: unknown): number {
+/**
+ * Prints an error as qemu-img does and returns its exit code: a QimgError
+ * is qemu's message (and hint), a missing Deno permission is the first
+ * line of Deno's message, anything else is a bug: one line
+ * `qimg: internal error: ...`, with the stack only when `debug` is set.
+ */
+export function reportError(
+  err: unknown,
+  stderr: (text: string) => void,
+  debug = false,
+): number {
   if (err instanceof QimgError) {
-    denoIo.stderr(`qimg: ${err.message}\n${err.hint ? err.hint + "\n" : ""}`);
+    stderr(`qimg: ${err.message}\n${err.hint ? err.hint + "\n" : ""}`);
     return err.exitCode;
   }
   if (isPermissionError(err)) {
-    denoIo.stderr(`qimg: ${(err as Error).message.split("\n")[0]}\n`);
+    stderr(`qimg: ${(err as Error).message.split("\n")[0]}\n`);
     return 1;
   }
-  const debug = (() => {
-    try {
-      return Deno.env.get("QIMG_DEBUG") === "1";
-    } catch {
-      return false;
-    }
-  })();
-  const msg = err instanceof Error ? err.message : String(err);
-  denoIo.stderr(`qimg: internal error: ${msg.split("\n")[0]}\n`);
-  if (debug && err instanceof Error && err.stack) denoIo.stderr(err.stack + "\n");
+  let msg: string;
+  try {
+    msg = err instanceof Error ? err.message : String(err);
+  } catch {
+    msg = "unprintable error";
+  }
+  stderr(`qimg: internal error: ${msg.split("\n")[0]}\n`);
+  if (debug && err instanceof Error && err.stack) stderr(err.stack + "\n");
   return 1;
+}
+
+/** Whether QIMG_DEBUG=1 is set; never prompts for the env permission. */
+function debugEnabled(): boolean {
+  try {
+    const state = Deno.permissions.querySync({ name: "env", variable: "QIMG_DEBUG" }).state;
+    return state === "granted" && Deno.env.get("QIMG_DEBUG") === "1";
+  } catch {
+    return false;
+  }
 }
 
 /** Runs the CLI with `args` and returns the exit code (never exits). */
@@ -66,10 +83,15 @@ export async function runCli(args: string[]): Promise<number> {
   try {
     return await main(args, denoIo);
   } catch (err) {
-    return report(err);
+    return reportError(err, denoIo.stderr, debugEnabled());
   }
 }
 
 if (import.meta.main) {
+  // A promise nobody awaited that fails is a bug too: one line, not Deno's report.
+  globalThis.addEventListener("unhandledrejection", (e) => {
+    e.preventDefault();
+    Deno.exit(reportError(e.reason, denoIo.stderr, debugEnabled()));
+  });
   Deno.exit(await runCli(Deno.args));
 }

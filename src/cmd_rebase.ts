@@ -87,6 +87,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   const filename = operands[0];
   const meter = new Progress(progress, 2, io.stdout);
   meter.print(0, 100);
+  let refusal: QimgError;
   try {
     checkCacheMode(cache);
     checkCacheMode(srcCache, "source cache");
@@ -123,7 +124,7 @@ export async function run(args: string[], io: Io): Promise<number> {
       // The image cannot have a backing file, so there is nothing to copy:
       // what remains is changing the reference, which its driver refuses.
       meter.print(100, 0);
-      throw new QimgError(
+      refusal = new QimgError(
         `Could not change the backing file to '${backing ?? "(null)"}': ${
           changeBackingError(backing, backingFormat)
         }`,
@@ -134,6 +135,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   } finally {
     meter.end();
   }
+  throw refusal;
 }
 
 /** Why qemu's bdrv_change_backing_file fails for a driver that cannot change it. */
