@@ -98,6 +98,7 @@ export function renderInfoHuman(info: ImageInfo): string {
   out += `disk size: ${sizeToStr(info["actual-size"] as number)}\n`;
   if (info.encrypted) out += "encrypted: yes\n";
   if (info["cluster-size"] !== undefined) out += `cluster_size: ${info["cluster-size"]}\n`;
+  if (info["dirty-flag"]) out += "cleanly shut down: no\n";
   if (info["backing-filename"] !== undefined) {
     out += `backing file: ${info["backing-filename"]}`;
     if (info["full-backing-filename"] !== info["backing-filename"]) {

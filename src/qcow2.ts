@@ -229,7 +229,18 @@ function encryptedError(): QimgError {
 export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Promise<Qcow2Image> {
   const o = options;
   const header = await readQcow2Header(file, { write: o.write, warn: o.warn });
-  const l1 = await readL1Table(file, header);
+  const l1 = await readL1Table(file, header).catch((e) => {
+    throw new QimgError(`Could not read L1 table: ${strerror(e)}`);
+  });
+  // qemu reads the refcount table at open; a read error fails the open.
+  await readPadded(
+    file,
+    header.refcountTableOffset,
+    header.refcountTableClusters * header.clusterSize,
+  )
+    .catch((e) => {
+      throw new QimgError(`Could not initialize refcount handling: ${strerror(e)}`);
+    });
   const hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
   let dataFile: BlockFile | undefined = file;
   if (!o.noIo) {

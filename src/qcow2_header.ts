@@ -43,7 +43,7 @@ export const MAX_L1_BYTES = 32 * 1024 * 1024;
 export const MAX_SNAPSHOTS = 65536;
 export const SNAPSHOT_HEADER_SIZE = 40;
 export const MAX_BITMAPS = 65535;
-export const MAX_BITMAP_DIRECTORY_SIZE = 64 * 1024 * 1024;
+export const MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS;
 /** qemu's BlockDriverState backing_format buffer is 16 bytes. */
 const BACKING_FORMAT_MAX = 16;
 /** qemu's backing_file buffer is 1024 bytes. */
@@ -131,9 +131,20 @@ export async function readPadded(
   length: number,
 ): Promise<Uint8Array> {
   const buf = new Uint8Array(length);
+  if (offset + length > MAX_SAFE_OFFSET) {
+    // qemu's block layer refuses requests ending past BDRV_MAX_LENGTH with
+    // EIO; below that, such offsets lie past the end of any real file.
+    if (offset + length > BDRV_MAX_LENGTH) throw new QimgError("Input/output error");
+    return buf;
+  }
   await file.read(offset, buf);
   return buf;
 }
+
+/** Offsets above 2^53 are not exact as numbers; no host file is that large. */
+const MAX_SAFE_OFFSET = 2 ** 53;
+/** qemu's BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB. */
+const BDRV_MAX_LENGTH = 2 ** 63 - 2 ** 30;
 
 /** Whether the first bytes of a file look like qcow2 (magic and version >= 2). */
 export function probeQcow2(head: Uint8Array): number {

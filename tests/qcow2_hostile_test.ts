@@ -1,0 +1,199 @@
+/**
+ * Hostile qcow2 headers: one field poked at a time into images made by
+ * qemu-img; qimg must refuse (or accept) each exactly as qemu-img info does,
+ * with its message and exit code, quickly and without a stack trace.
+ */
+
+import { assertEquals, assertTrue } from "./_assert.ts";
+import { assertSameAsQemu, sh, tempDir } from "./_util.ts";
+
+/** One poke: big-endian `value` of `type` (B, H, I, Q) at `offset`. */
+type Poke = [offset: number, type: "B" | "I" | "Q", value: bigint | number];
+
+function poke(b: Uint8Array, [offset, type, value]: Poke): void {
+  const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  if (type === "B") v.setUint8(offset, Number(value));
+  else if (type === "I") v.setUint32(offset, Number(value));
+  else v.setBigUint64(offset, BigInt(value));
+}
+
+/** Header pokes on a plain v3 image (feature name table at 0x70). */
+const PLAIN: [string, Poke[]][] = [
+  ["version 4", [[4, "I", 4]]],
+  ["version 0xffffffff", [[4, "I", 0xffffffff]]],
+  ["cluster_bits 8", [[20, "I", 8]]],
+  ["cluster_bits 22", [[20, "I", 22]]],
+  ["cluster_bits 21", [[20, "I", 21]]],
+  ["cluster_bits 9", [[20, "I", 9]]],
+  ["huge l1_size", [[36, "I", 0x7fffffff]]],
+  ["l1_size 0x400001", [[36, "I", 0x400001]]],
+  ["l1_size 0", [[36, "I", 0]]],
+  ["l1_size larger than needed", [[36, "I", 8]]],
+  ["misaligned l1_table_offset", [[40, "Q", 0x30001]]],
+  ["l1_table_offset near 2^63", [[40, "Q", 0x7fffffffffff0000n]]],
+  ["l1_table_offset past the end of the file", [[40, "Q", 0x100000000n]]],
+  ["refcount_order 7", [[96, "I", 7]]],
+  ["refcount_order 0", [[96, "I", 0]]],
+  ["header_length 50", [[100, "I", 50]]],
+  ["header_length 104", [[100, "I", 104]]],
+  ["header_length past the cluster", [[100, "I", 0x20000]]],
+  ["header_length 200", [[100, "I", 200]]],
+  ["unknown incompatible bit 8", [[72, "Q", 0x100]]],
+  ["unknown incompatible bit 63", [[72, "Q", 0x8000000000000000n]]],
+  ["named and unknown incompatible bits", [[0x79, "B", 8], [72, "Q", 0x301]]],
+  ["dirty bit", [[72, "Q", 1]]],
+  ["corrupt bit", [[72, "Q", 2]]],
+  ["data file bit without a data file", [[72, "Q", 4]]],
+  ["compression bit with zlib", [[72, "Q", 8]]],
+  ["extended L2 bit with 64k clusters", [[72, "Q", 0x10]]],
+  ["extended L2 bit with 8k clusters", [[72, "Q", 0x10], [20, "I", 13]]],
+  ["refcount table near 2^63", [[48, "Q", 0x7fffffffffff0000n]]],
+  ["zstd without the compression bit", [[104, "B", 1]]],
+  ["compression type 2", [[104, "B", 2]]],
+  ["compression type 2 in a short header", [[104, "B", 2], [100, "I", 104]]],
+  ["lazy refcounts bit", [[80, "Q", 1]]],
+  ["unknown compatible and autoclear bits", [[80, "Q", 0xf0], [88, "Q", 0xf0]]],
+  ["no refcount table", [[56, "I", 0]]],
+  ["huge refcount table", [[56, "I", 0x7fffffff]]],
+  ["misaligned refcount table", [[48, "Q", 5]]],
+  ["too many snapshots", [[60, "I", 70000]]],
+  ["misaligned snapshot table", [[64, "Q", 3]]],
+  ["backing file offset past the cluster", [[8, "Q", 0x20000]]],
+  ["crypt method 3", [[32, "I", 3]]],
+  ["crypt method aes", [[32, "I", 1]]],
+  ["size 2^64-1", [[24, "Q", 0xffffffffffffffffn]]],
+  ["size 2^63-1", [[24, "Q", 0x7fffffffffffffffn]]],
+  ["size not a multiple of 512", [[24, "Q", 1000000]]],
+  ["size 0", [[24, "Q", 0]]],
+  ["extension too large", [[0x74, "I", 0x10000]]],
+  ["extension length just past the end", [[0x74, "I", 0xff88]]],
+  ["feature table with a partial entry", [[0x74, "I", 50], [72, "Q", 0x10000]]],
+];
+
+/** Pokes on an overlay whose backing format extension is at 0x70 and backing name at 0x210. */
+const OVERLAY: [string, Poke[]][] = [
+  ["backing format length 16", [[0x74, "I", 16]]],
+  ["backing format length 0", [[0x74, "I", 0]]],
+  ["bitmaps extension of the wrong length", [[0x70, "I", 0x23852875]]],
+  ["bitmaps extension with a reserved field", [[0x70, "I", 0x23852875], [0x74, "I", 24], [
+    88,
+    "Q",
+    1,
+  ]]],
+  ["bitmaps extension with zero bitmaps", [
+    [0x70, "I", 0x23852875],
+    [0x74, "I", 24],
+    [88, "Q", 1],
+    [0x78, "Q", 0],
+    [0x80, "Q", 0],
+    [0x88, "Q", 0],
+  ]],
+  ["bitmaps extension with too many bitmaps", [
+    [0x70, "I", 0x23852875],
+    [0x74, "I", 24],
+    [88, "Q", 1],
+    [0x78, "Q", 0x0001000000000000n],
+    [0x80, "Q", 0],
+    [0x88, "Q", 0],
+  ]],
+  ["bitmaps extension with a misaligned directory", [
+    [0x70, "I", 0x23852875],
+    [0x74, "I", 24],
+    [88, "Q", 1],
+    [0x78, "Q", 0x0000000100000000n],
+    [0x80, "Q", 0x100],
+    [0x88, "Q", 0x10001],
+  ]],
+  ["bitmaps extension with a huge directory", [
+    [0x70, "I", 0x23852875],
+    [0x74, "I", 24],
+    [88, "Q", 1],
+    [0x78, "Q", 0x0000000100000000n],
+    [0x80, "Q", 0x10000000],
+    [0x88, "Q", 0x10000],
+  ]],
+  ["crypto extension without LUKS", [[0x70, "I", 0x0537be77]]],
+  ["unknown extension", [[0x70, "I", 0x12345678]]],
+  ["data file name extension", [[0x70, "I", 0x44415441]]],
+  ["backing file name too long", [[16, "I", 1024]]],
+  ["backing file name of 1023 bytes", [[16, "I", 1023]]],
+  ["backing file name empty", [[16, "I", 0]]],
+  ["backing file offset 0", [[8, "Q", 0]]],
+];
+
+async function runCases(base: string, cases: [string, Poke[]][], dir: string): Promise<void> {
+  const clean = await Deno.readFile(`${dir}/${base}`);
+  for (const [what, pokes] of cases) {
+    const b = clean.slice();
+    for (const p of pokes) poke(b, p);
+    await Deno.writeFile(`${dir}/x.qcow2`, b);
+    const started = performance.now();
+    const r = await assertSameAsQemu(["info", "x.qcow2"], dir).catch((e) => {
+      throw new Error(`${what}: ${e.message}`);
+    });
+    assertTrue(performance.now() - started < 10000, `${what}: too slow`);
+    assertTrue(!r.stderr.includes("    at "), `${what}: stack trace`);
+    await assertSameAsQemu(["info", "--output=json", "x.qcow2"], dir);
+  }
+}
+
+Deno.test("qcow2Driver refuses poked header fields as qemu-img info does", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 base.qcow2 1G", dir.path);
+  await runCases("base.qcow2", PLAIN, dir.path);
+});
+
+Deno.test("qcow2Driver refuses poked header extensions as qemu-img info does", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 base.qcow2 1G && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 ov.qcow2",
+    dir.path,
+  );
+  await runCases("ov.qcow2", OVERLAY, dir.path);
+});
+
+Deno.test("qcow2Driver handles truncated and forced-format files as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 base.qcow2 1G && head -c 100 base.qcow2 > h100.qcow2 && " +
+      "head -c 112 base.qcow2 > h112.qcow2 && head -c 600 base.qcow2 > h600.qcow2 && " +
+      "head -c 7 base.qcow2 > h7.qcow2 && qemu-img create -q -f raw r.raw 1M",
+    dir.path,
+  );
+  for (
+    const args of [
+      ["info", "h100.qcow2"],
+      ["info", "h112.qcow2"],
+      ["info", "h600.qcow2"],
+      ["info", "h7.qcow2"],
+      ["info", "-f", "qcow2", "r.raw"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+});
+
+Deno.test("qcow2Driver read errors on corrupt L2 metadata fail without a stack trace", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 a.qcow2 1M && qemu-io -c 'write -P 1 0 64k' a.qcow2 >/dev/null",
+    dir.path,
+  );
+  const b = await Deno.readFile(`${dir.path}/a.qcow2`);
+  const view = new DataView(b.buffer);
+  const l1 = Number(view.getBigUint64(40));
+  // L1 entry 0 -> an unaligned L2 table offset.
+  view.setBigUint64(l1, view.getBigUint64(l1) | 0x200n);
+  await Deno.writeFile(`${dir.path}/a.qcow2`, b);
+  const { openImageChain } = await import("../src/image.ts");
+  const image = await openImageChain(`${dir.path}/a.qcow2`);
+  try {
+    let message = "";
+    try {
+      await image.read(0, new Uint8Array(512));
+    } catch (e) {
+      message = (e as Error).message;
+    }
+    assertEquals(message, "Input/output error");
+  } finally {
+    await image.close();
+  }
+});
