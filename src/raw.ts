@@ -10,7 +10,8 @@ import type {
 import type { BlockFile } from "./file.ts";
 import { QimgError } from "./errors.ts";
 import { alignUp } from "./bytes.ts";
-import { preallocateFile, PROTOCOL_CREATE_OPTIONS } from "./protocol.ts";
+import { createFile, parsePreallocation, truncateFile } from "./protocol.ts";
+import { RAW_CREATE_OPTIONS } from "./options.ts";
 
 class RawImage implements FormatImage {
   readonly file: BlockFile;
@@ -68,12 +69,9 @@ class RawImage implements FormatImage {
   }
 
   async resize(size: number, options: { preallocation?: string }): Promise<void> {
-    const old = this.#size;
-    await this.file.truncate(size);
-    if (size > old) {
-      await preallocateFile(this.file, old, size - old, options.preallocation ?? "off");
-    }
-    this.#size = size;
+    // The file takes exactly the new length; the guest sees whole sectors.
+    await truncateFile(this.file, size, parsePreallocation(options.preallocation));
+    this.#size = alignUp(size, 512);
   }
 
   flush(): Promise<void> {
@@ -86,9 +84,9 @@ class RawImage implements FormatImage {
 }
 
 async function createRaw(file: BlockFile, options: CreateOptions): Promise<void> {
-  const prealloc = String(options.options.preallocation ?? "off");
-  await file.truncate(options.size);
-  await preallocateFile(file, 0, options.size, prealloc);
+  // raw's create is the protocol's: the host file is the image.
+  const prealloc = options.options.preallocation;
+  await createFile(file, options.size, parsePreallocation(prealloc as string | undefined));
 }
 
 /** The raw format driver. */
@@ -100,10 +98,7 @@ export const rawDriver: FormatDriver = {
     return new RawImage(file, alignUp(await file.size(), 512));
   },
   create: createRaw,
-  createOptions: [
-    { name: "size", type: "size", help: "Virtual disk size" },
-    ...PROTOCOL_CREATE_OPTIONS,
-  ],
+  createOptions: RAW_CREATE_OPTIONS,
   // A raw file is as large as its guest, whatever the source holds.
   measure: (size) => Promise.resolve({ required: size, fullyAllocated: size }),
 };

@@ -19,46 +19,99 @@ const SUFFIX_SHIFT: Record<string, number> = {
   E: 60,
 };
 
+const U64_LIMIT = 1n << 64n;
+/** INT64_MAX, the largest size qemu-img's cvtnum accepts. */
+export const INT64_MAX = (1n << 63n) - 1n;
+
 /** Why a size string was rejected: qemu distinguishes bad syntax from out of range. */
 export type SizeError = "invalid" | "range";
 
+/** What qemu_strtosz makes of a string. */
+export interface StrtoszResult {
+  /** The byte count, or why there is none. */
+  value: bigint | SizeError;
+  /** A hex number with a unit suffix (`0x10k`): accepted, but qemu warns. */
+  hexWithSuffix: boolean;
+}
+
+// C's isspace in the C locale: strtoull skips these before the number.
+const C_SPACE = /^[ \t\n\v\f\r]*/;
+
 /**
- * Parses a size as qemu_strtosz does: a decimal number with an optional
- * fraction and one suffix (k K M G T P E, b/B = bytes; `defaultSuffix`
- * applies when there is none). Hex (`0x...`) is allowed only without a
- * fraction. Returns the byte count as a bigint, or the kind of error.
+ * Parses a size exactly as qemu 7.2's qemu_strtosz: an unsigned decimal
+ * integer (strtoull: leading blanks and `+` allowed, no `-`), then either a
+ * hex form `0x...` (no fraction) or an optional `.fraction`, then at most
+ * one unit suffix (k K M G T P E, b/B = bytes). A fraction needs a unit;
+ * the product is rounded half up, computed in 64.64 fixed point.
+ */
+export function strtosz(text: string, defaultSuffix = "B"): StrtoszResult {
+  const invalid: StrtoszResult = { value: "invalid", hexWithSuffix: false };
+  const lead = C_SPACE.exec(text)![0].length;
+  let i = lead;
+  if (text[i] === "+") i++;
+  else if (text[i] === "-") return invalid;
+  const digits = /^[0-9]+/.exec(text.slice(i));
+  if (!digits) return invalid;
+  i += digits[0].length;
+  let whole = BigInt(digits[0]);
+  if (whole >= U64_LIMIT) return { value: "range", hexWithSuffix: false };
+  let fraction = 0n; // 0.64 fixed point
+  let hex = false;
+  if (whole === 0n && (text[i] === "x" || text[i] === "X")) {
+    // Reparse from the start as hex; strtoull wants at least one hex digit.
+    const m = /^[+]?0[xX]([0-9a-fA-F]+)/.exec(text.slice(lead));
+    if (!m) return invalid;
+    i = lead + m[0].length;
+    whole = BigInt("0x" + m[1]);
+    if (whole >= U64_LIMIT) return { value: "range", hexWithSuffix: false };
+    if (text[i] === ".") return invalid;
+    hex = true;
+  } else if (text[i] === ".") {
+    // strtod on ".ddd"; with no digits qemu just steps over the dot ("1." and "1.k").
+    const m = /^\.([0-9]*)/.exec(text.slice(i))!;
+    if (m[1] === "") {
+      i++;
+    } else {
+      i += m[0].length;
+      // An exponent would belong to strtod's number: qemu rejects it outright.
+      if (/^[eE][+-]?[0-9]/.test(text.slice(i))) return invalid;
+      const f = Number("0." + m[1]); // the double strtod returns
+      fraction = BigInt(Math.floor(f * 2 ** 64)); // exact: scaling by 2^64
+      if (fraction >= U64_LIMIT) fraction = U64_LIMIT - 1n;
+    }
+  }
+  let shift = SUFFIX_SHIFT[text[i] ?? ""];
+  const suffixed = shift !== undefined;
+  if (suffixed) i++;
+  else shift = SUFFIX_SHIFT[defaultSuffix];
+  const hexWithSuffix = hex && suffixed; // qemu warns before it looks further
+  if (i !== text.length) return { value: "invalid", hexWithSuffix };
+  if (shift === 0) {
+    if (fraction !== 0n) return invalid; // a fraction needs a unit
+    return { value: whole, hexWithSuffix };
+  }
+  const scaledFraction = fraction << BigInt(shift);
+  let value = (whole << BigInt(shift)) + (scaledFraction >> 64n);
+  // Round half up on the fractional bits left over.
+  value += (scaledFraction >> 63n) & 1n;
+  if (value >= U64_LIMIT) return { value: "range", hexWithSuffix };
+  return { value, hexWithSuffix };
+}
+
+/**
+ * qemu_strtosz's value or error kind for `text` (see `strtosz`), without
+ * the hex-suffix warning.
  */
 export function parseSizeExact(
   text: string,
   defaultSuffix = "B",
 ): bigint | SizeError {
-  const m = /^[ \t\n\v\f\r]*(0[xX][0-9a-fA-F]+|[0-9]+)(\.[0-9]*)?([a-zA-Z]?)$/.exec(text);
-  if (!m) {
-    // A leading minus or anything strtoull would reject is simply invalid.
-    return "invalid";
-  }
-  const [, intPart, frac, suffixRaw] = m;
-  const isHex = /^0[xX]/.test(intPart);
-  if (isHex && frac !== undefined) return "invalid";
-  const suffix = suffixRaw || defaultSuffix;
-  const shift = SUFFIX_SHIFT[suffix];
-  if (shift === undefined) return "invalid";
-  const whole = BigInt(intPart);
-  if (frac !== undefined && frac.length > 1 && /[1-9]/.test(frac)) {
-    // qemu refuses a fraction with no unit multiplier, and fractional bytes.
-    if (shift === 0) return "invalid";
-    const digits = frac.slice(1);
-    const num = BigInt(digits);
-    const den = 10n ** BigInt(digits.length);
-    // qemu truncates the fractional product (it computes in double; this
-    // is exact for the inputs people write, such as 1.5G).
-    const value = (whole << BigInt(shift)) + ((num << BigInt(shift)) / den);
-    if (value > 0xffffffffffffffffn) return "range";
-    return value;
-  }
-  const value = whole << BigInt(shift);
-  if (value > 0xffffffffffffffffn) return "range";
-  return value;
+  return strtosz(text, defaultSuffix).value;
+}
+
+/** qemu's warning (without the `qimg: ` prefix) for `0x10k`-style sizes. */
+export function hexSuffixWarning(text: string): string {
+  return `warning: Using a multiplier suffix on hex numbers is deprecated: ${text}`;
 }
 
 /** The two-line message qemu-img prints for a size it cannot parse. */
@@ -67,8 +120,63 @@ export const INVALID_SIZE_MESSAGE =
   "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.";
 
 /**
+ * qemu-img's cvtnum: parses a size-like argument named `name` ("image
+ * size", "buffer size for sparse output", ...) that must lie in
+ * [min, max]. Bad syntax gets the two-line suffix message, anything out of
+ * range the "Must be between" one. `warn` receives the hex-suffix warning.
+ */
+export function cvtnum(
+  name: string,
+  text: string,
+  options: { min?: bigint; max?: bigint; warn?: (message: string) => void } = {},
+): bigint {
+  const min = options.min ?? 0n;
+  const max = options.max ?? INT64_MAX;
+  const r = strtosz(text);
+  if (r.hexWithSuffix) options.warn?.(hexSuffixWarning(text));
+  if (r.value === "invalid") {
+    throw new QimgError(
+      `Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\n` +
+        "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+    );
+  }
+  if (r.value === "range" || r.value > max || r.value < min) {
+    throw new QimgError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
+  }
+  return r.value;
+}
+
+/** The hint qemu prints under a bad size option value. */
+export const SIZE_OPTION_HINT =
+  "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
+  "and exabytes, respectively.";
+
+/**
+ * Parses the value of a size-typed option (`-o size=...`, resize's size)
+ * as qemu's parse_option_size, with its messages.
+ */
+export function parseSizeOption(
+  name: string,
+  text: string,
+  warn?: (message: string) => void,
+): bigint {
+  const r = strtosz(text);
+  if (r.hexWithSuffix) warn?.(hexSuffixWarning(text));
+  if (r.value === "range") {
+    throw new QimgError(`Value '${text}' is out of range for parameter '${name}'`);
+  }
+  if (r.value === "invalid") {
+    throw new QimgError(`Parameter '${name}' expects a non-negative number below 2^64`, {
+      hint: SIZE_OPTION_HINT,
+    });
+  }
+  return r.value;
+}
+
+/**
  * Parses a size string as qemu-img does and returns it in bytes.
- * Throws a QimgError with qemu-img's message when it is invalid.
+ * Throws a QimgError with qemu-img's message when it is invalid or not
+ * below 2^53 (the largest exact JavaScript number).
  *
  * @param text A size such as `1G`, `1.5M`, `512`, `4k`.
  * @returns The size in bytes.
@@ -80,13 +188,16 @@ export const INVALID_SIZE_MESSAGE =
  */
 export function parseSize(text: string): number {
   const v = parseSizeExact(text);
-  if (typeof v !== "bigint") throw new QimgError(INVALID_SIZE_MESSAGE);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new QimgError(INVALID_SIZE_MESSAGE);
+  if (v === "invalid") throw new QimgError(INVALID_SIZE_MESSAGE);
+  if (v === "range" || v > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new QimgError(
+      `Invalid image size specified. Must be between 0 and ${Number.MAX_SAFE_INTEGER}.`,
+    );
+  }
   return Number(v);
 }
 
 const SIZE_SUFFIXES = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
-
 /** Formats a size as qemu's size_to_str: `"%0.3g %sB"` on a binary unit, e.g. `1 GiB`, `1e+03 KiB`. */
 export function sizeToStr(bytes: number | bigint): string {
   const val = Number(bytes);
