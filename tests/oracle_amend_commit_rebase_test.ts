@@ -1,0 +1,202 @@
+import { assertEquals } from "./_assert.ts";
+import { assertSameAsQemu, hashFile, qemuImg, qimg, sh, tempDir } from "./_util.ts";
+
+async function rawDir() {
+  const dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f raw a.raw 1M && qemu-io -f raw -c 'write -P 0x5a 0 64k' a.raw >/dev/null && " +
+      "cp a.raw b.raw && mkdir sub && cp a.raw sub/a.raw",
+    dir.path,
+  );
+  return dir;
+}
+
+Deno.test("amend parses its options and refuses raw images as qemu-img 7.2", async () => {
+  await using dir = await rawDir();
+  const before = await hashFile(`${dir.path}/a.raw`);
+  for (
+    const args of [
+      ["amend"],
+      ["amend", "a.raw"],
+      ["amend", "-p", "a.raw"],
+      ["amend", "-x"],
+      ["amend", "-o"],
+      ["amend", "-U", "-o", "size=1M", "a.raw"],
+      ["amend", "-o", "", "a.raw"],
+      ["amend", "-o", ",", "a.raw"],
+      ["amend", "-o", "a,", "a.raw"],
+      ["amend", "-o", "a,,,", "a.raw"],
+      ["amend", "-p", "-o", ",", "a.raw"],
+      ["amend", "-o", "size=2M"],
+      ["amend", "-o", "size=2M", "a.raw", "b.raw"],
+      ["amend", "-p", "-o", "size=2M"],
+      ["amend", "-o", "help"],
+      ["amend", "-o", "size=2M", "a.raw"],
+      ["amend", "-f", "raw", "-o", "size=2M", "a.raw"],
+      ["amend", "-o", "size=2M", "-o", "foo=1", "a.raw"],
+      ["amend", "-o", "a,,", "-f", "raw", "a.raw"],
+      ["amend", "-o", "help", "a.raw"],
+      ["amend", "-o", "?", "a.raw"],
+      ["amend", "-f", "raw", "-o", "help"],
+      ["amend", "-f", "nosuch", "-o", "help"],
+      ["amend", "-f", "nosuch", "-o", "size=1M", "a.raw"],
+      ["amend", "-p", "-o", "help", "-f", "raw"],
+      ["amend", "-p", "-o", "size=1M", "-f", "raw", "a.raw"],
+      ["amend", "-f", "raw", "-o", "size=1M", "a.raw", "-p"],
+      ["amend", "-p", "-q", "-o", "size=1M", "-t", "none", "a.raw"],
+      ["amend", "-t", "bogus", "-o", "size=1M", "a.raw"],
+      ["amend", "-p", "-t", "bogus", "-o", "size=1M", "a.raw"],
+      ["amend", "--force", "-o", "size=1M", "-f", "raw", "a.raw"],
+      ["amend", "-o", "size=1M", "nonexist"],
+      ["amend", "-o", "size=1M", "sub"],
+      ["amend", "--image-opts", "-f", "raw", "-o", "x=1", "a.raw"],
+      ["amend", "--image-opts", "-o", "x=1", "driver=raw,file.filename=a.raw"],
+      ["amend", "--object", "foo", "-o", "x=1", "a.raw"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+  assertEquals(await hashFile(`${dir.path}/a.raw`), before);
+});
+
+Deno.test("commit parses its options and handles images without a backing file as qemu-img 7.2", async () => {
+  await using dir = await rawDir();
+  const before = await hashFile(`${dir.path}/a.raw`);
+  for (
+    const args of [
+      ["commit"],
+      ["commit", "a.raw", "b.raw"],
+      ["commit", "-x"],
+      ["commit", "-U", "a.raw"],
+      ["commit", "-s", "1", "a.raw"],
+      ["commit", "-r"],
+      ["commit", "-b"],
+      ["commit", "a.raw"],
+      ["commit", "-f", "raw", "a.raw"],
+      ["commit", "-q", "a.raw"],
+      ["commit", "-d", "a.raw"],
+      ["commit", "-b", "x", "a.raw"],
+      ["commit", "-b", "x", "-d", "a.raw"],
+      ["commit", "-d", "-b", "x", "a.raw"],
+      ["commit", "-r", "1M", "a.raw"],
+      ["commit", "-r", "0", "a.raw"],
+      ["commit", "-r", "-5", "a.raw"],
+      ["commit", "-r", "abc", "a.raw"],
+      ["commit", "-r", "99999E", "a.raw"],
+      ["commit", "-t", "bogus", "a.raw"],
+      ["commit", "-t", "none", "a.raw"],
+      ["commit", "-p", "a.raw"],
+      ["commit", "-p", "-q", "a.raw"],
+      ["commit", "-p", "-t", "bogus", "-f", "raw", "a.raw"],
+      ["commit", "-p", "-b", "x", "-f", "raw", "a.raw"],
+      ["commit", "-p", "-f", "raw", "nonexist"],
+      ["commit", "nonexist"],
+      ["commit", "sub"],
+      ["commit", "--image-opts", "driver=raw,file.filename=a.raw"],
+      ["commit", "--image-opts", "-f", "raw", "a.raw"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+  assertEquals(await hashFile(`${dir.path}/a.raw`), before);
+});
+
+Deno.test("commit -d writes a qcow2 overlay's data into its raw backing file as qemu-img", async () => {
+  await using dir = await tempDir();
+  const setup = "qemu-img create -q -f raw base.raw 4M && " +
+    "qemu-io -f raw -c 'write -P 0x11 0 4M' base.raw >/dev/null && " +
+    "qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2 4M && " +
+    "qemu-io -c 'write -P 0x22 64k 128k' -c 'write -z 1M 64k' -c 'write -P 0x33 3M 4k' top.qcow2 >/dev/null";
+  await sh(`mkdir q m && (cd q && ${setup}) && (cd m && ${setup})`, dir.path);
+  const theirs = await qemuImg(["commit", "-d", "top.qcow2"], `${dir.path}/q`);
+  const ours = await qimg(["commit", "-d", "top.qcow2"], `${dir.path}/m`);
+  assertEquals(ours, theirs);
+  assertEquals(ours.stdout, "Image committed.\n");
+  for (const f of ["base.raw", "top.qcow2"]) {
+    assertEquals(await hashFile(`${dir.path}/m/${f}`), await hashFile(`${dir.path}/q/${f}`), f);
+  }
+  const q = await qemuImg(["commit", "-q", "-d", "-b", "base.raw", "top.qcow2"], `${dir.path}/q`);
+  const m = await qimg(["commit", "-q", "-d", "-b", "base.raw", "top.qcow2"], `${dir.path}/m`);
+  assertEquals(m, q);
+  assertEquals(m.stdout, "");
+});
+
+Deno.test("commit without -d on a qcow2 overlay says it is not supported yet, in one line", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f raw base.raw 1M && qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2",
+    dir.path,
+  );
+  const before = await hashFile(`${dir.path}/base.raw`);
+  const r = await qimg(["commit", "top.qcow2"], dir.path);
+  assertEquals(r, { stdout: "", stderr: "qimg: commit: not supported yet\n", code: 1 });
+  assertEquals(await hashFile(`${dir.path}/base.raw`), before);
+});
+
+Deno.test("rebase parses its options and handles raw images as qemu-img 7.2", async () => {
+  await using dir = await rawDir();
+  const before = await hashFile(`${dir.path}/a.raw`);
+  for (
+    const args of [
+      ["rebase"],
+      ["rebase", "a.raw"],
+      ["rebase", "-F", "raw", "a.raw"],
+      ["rebase", "-b", "x"],
+      ["rebase", "-b", "x", "a.raw", "b.raw"],
+      ["rebase", "-x"],
+      ["rebase", "-c", "-b", "x", "a.raw"],
+      ["rebase", "-b"],
+      ["rebase", "-t", "bogus", "-b", "x", "a.raw"],
+      ["rebase", "-T", "bogus", "-b", "x", "a.raw"],
+      ["rebase", "-p", "-t", "bogus", "-b", "x", "-f", "raw", "a.raw"],
+      ["rebase", "-u", "-b", "x", "a.raw"],
+      ["rebase", "-f", "raw", "-u", "-b", "x", "a.raw"],
+      ["rebase", "-u", "-b", "x", "-F", "raw", "a.raw"],
+      ["rebase", "-u", "-b", "", "a.raw"],
+      ["rebase", "-u", "-b", "", "-F", "raw", "a.raw"],
+      ["rebase", "-u", "a.raw"],
+      ["rebase", "-u", "-f", "raw", "a.raw"],
+      ["rebase", "-U", "-u", "-b", "x", "a.raw"],
+      ["rebase", "-q", "-u", "-b", "x", "a.raw"],
+      ["rebase", "-b", "x", "a.raw"],
+      ["rebase", "-U", "-b", "x", "a.raw"],
+      ["rebase", "-b", "", "a.raw"],
+      ["rebase", "-b", "x", "-F", "raw", "a.raw"],
+      ["rebase", "-b", "x", "sub/a.raw"],
+      ["rebase", "-b", "a.raw", "sub/a.raw"],
+      ["rebase", "-b", "b.raw", "a.raw"],
+      ["rebase", "-b", "b.raw", "-F", "raw", "a.raw"],
+      ["rebase", "-b", "b.raw", "-F", "qcow2", "a.raw"],
+      ["rebase", "-b", "x", "-F", "nosuch", "a.raw"],
+      ["rebase", "-u", "-b", "x", "-F", "nosuch", "a.raw"],
+      ["rebase", "-u", "-b", "x", "-f", "nosuch", "a.raw"],
+      ["rebase", "-u", "-b", "x", "nonexist"],
+      ["rebase", "-p", "-u", "-f", "raw", "-b", "x", "a.raw"],
+      ["rebase", "-p", "-f", "raw", "-b", "b.raw", "a.raw"],
+      ["rebase", "-p", "-b", "x", "-f", "raw", "a.raw"],
+      ["rebase", "-p", "-b", "x", "-f", "nosuch", "a.raw"],
+      ["rebase", "-p", "-q", "-b", "x", "-f", "raw", "a.raw"],
+      ["rebase", "--image-opts", "-u", "-b", "x", "driver=raw,file.filename=a.raw"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+  assertEquals(await hashFile(`${dir.path}/a.raw`), before);
+});
+
+Deno.test("rebase of a qcow2 image says it is not supported yet, in one line", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f raw base.raw 1M && qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2",
+    dir.path,
+  );
+  const before = await hashFile(`${dir.path}/top.qcow2`);
+  for (const args of [["-u", "-b", "x", "-F", "raw"], ["-b", "base.raw", "-F", "raw"]]) {
+    const r = await qimg(["rebase", ...args, "top.qcow2"], dir.path);
+    assertEquals(r, { stdout: "", stderr: "qimg: rebase: not supported yet\n", code: 1 });
+  }
+  assertEquals(await hashFile(`${dir.path}/top.qcow2`), before);
+});
+
+Deno.test("amend of a qcow2 image says it is not supported yet, in one line", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 q.qcow2 1M", dir.path);
+  for (const args of [["-o", "compat=1.1", "q.qcow2"], ["-f", "qcow2", "-o", "help"]]) {
+    const r = await qimg(["amend", ...args], dir.path);
+    assertEquals(r, { stdout: "", stderr: "qimg: amend: not supported yet\n", code: 1 });
+  }
+});

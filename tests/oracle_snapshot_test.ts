@@ -1,0 +1,76 @@
+import { assertEquals } from "./_assert.ts";
+import { assertSameAsQemu, hashFile, qimg, sh, tempDir } from "./_util.ts";
+
+Deno.test("snapshot parses its options as qemu-img 7.2", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f raw a.raw 1M", dir.path);
+  for (
+    const args of [
+      ["snapshot"],
+      ["snapshot", "-l"],
+      ["snapshot", "-l", "a.raw", "b"],
+      ["snapshot", "-c"],
+      ["snapshot", "-a"],
+      ["snapshot", "-d"],
+      ["snapshot", "-x", "a.raw"],
+      ["snapshot", "-f", "raw", "-l", "a.raw"],
+      ["snapshot", "-l", "-c", "x", "a.raw"],
+      ["snapshot", "-c", "x", "-l", "a.raw"],
+      ["snapshot", "-c", "x", "-c", "y", "a.raw"],
+      ["snapshot", "-l", "-l", "a.raw"],
+      ["snapshot", "-l", "-l", "-x", "a.raw"],
+      ["snapshot", "-lc", "x", "a.raw"],
+      ["snapshot", "-a", "x", "-d", "y", "a.raw"],
+      ["snapshot", "--force-share=1", "-l", "a.raw"],
+      ["snapshot", "--image-opts", "a.raw"],
+      ["snapshot", "--object", "foo", "a.raw"],
+      ["snapshot", "--object", "help", "a.raw"],
+      ["snapshot", "--object", "secret,id=s,data=x", "-l", "a.raw"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+});
+
+Deno.test("snapshot on raw images does what qemu-img 7.2 does", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f raw a.raw 1M && qemu-io -f raw -c 'write -P 0x5a 0 64k' a.raw >/dev/null && mkdir sub",
+    dir.path,
+  );
+  const before = await hashFile(`${dir.path}/a.raw`);
+  for (
+    const args of [
+      ["snapshot", "a.raw"],
+      ["snapshot", "-q", "a.raw"],
+      ["snapshot", "-l", "a.raw"],
+      ["snapshot", "-U", "-l", "a.raw"],
+      ["snapshot", "-q", "-l", "a.raw"],
+      ["snapshot", "--force-share", "-l", "a.raw"],
+      ["snapshot", "-c", "s1", "a.raw"],
+      ["snapshot", "-q", "-c", "s1", "a.raw"],
+      ["snapshot", "-a", "s1", "a.raw"],
+      ["snapshot", "-q", "-a", "s1", "a.raw"],
+      ["snapshot", "-d", "s1", "a.raw"],
+      ["snapshot", "-d", "s1", "-q", "a.raw"],
+      ["snapshot", "-U", "-c", "x", "a.raw"],
+      ["snapshot", "-U", "a.raw"],
+      ["snapshot", "-U", "-c", "x", "nonexist"],
+      ["snapshot", "-l", "nonexist"],
+      ["snapshot", "-c", "x", "nonexist"],
+      ["snapshot", "-l", "sub"],
+      ["snapshot", "-d", "x", "sub"],
+      ["snapshot", "--image-opts", "-l", "driver=raw,file.filename=a.raw"],
+      ["snapshot", "--image-opts", "-c", "x", "driver=raw,file.filename=a.raw"],
+      ["snapshot", "--image-opts", "-a", "x", "driver=raw,file.filename=a.raw"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+  assertEquals(await hashFile(`${dir.path}/a.raw`), before);
+});
+
+Deno.test("snapshot on qcow2 says it is not supported yet, in one line", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 q.qcow2 1M", dir.path);
+  for (const action of [["-l"], ["-c", "s"], ["-a", "s"], ["-d", "s"], []]) {
+    const r = await qimg(["snapshot", ...action, "q.qcow2"], dir.path);
+    assertEquals(r, { stdout: "", stderr: "qimg: snapshot: not supported yet\n", code: 1 });
+  }
+});
