@@ -53,7 +53,7 @@ function inflateTruncated(input: Uint8Array, outSize: number): Uint8Array {
     } catch {
       throw ioError();
     }
-    if (out.length >= outSize) return out.slice(0, outSize);
+    if (out.length >= outSize) return new Uint8Array(out.buffer, out.byteOffset, outSize);
     if (part.length === input.length) throw ioError();
   }
 }
