@@ -150,7 +150,7 @@ function parseNumber(name: string, text: string): bigint {
   if (!m) throw new QimgError(`Parameter '${name}' expects a number`);
   const digits = m[2];
   const v = /^0[0-7]+$/.test(digits) ? BigInt("0o" + digits.slice(1)) : BigInt(digits);
-  if (v >= 1n << 64n) throw new QimgError(`Value '${text}' out of range for parameter '${name}'`);
+  if (v >= 1n << 64n) throw new QimgError(`Value '${text}' is too large for parameter '${name}'`);
   // strtoull negates a leading minus in unsigned arithmetic.
   return m[1] === "-" ? BigInt.asUintN(64, -v) : v;
 }
