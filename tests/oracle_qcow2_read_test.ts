@@ -13,6 +13,8 @@ import {
   hashFile,
   haveSharedImages,
   qemuImg,
+  qimg,
+  runProgram,
   sh,
   SHARED_IMAGES,
   tempDir,
@@ -21,29 +23,6 @@ import {
 /** Opens host files as a process running in `cwd` would (qcow2 data file names are cwd-relative). */
 function opener(cwd: string): (path: string, write: boolean) => Promise<BlockFile> {
   return (path, write) => DenoFile.open(path.startsWith("/") ? path : `${cwd}/${path}`, { write });
-}
-
-/** qemu-img map --output=json's entries for the guest, from qimg's Image.extents(). */
-async function qimgMap(cwd: string, name: string): Promise<unknown[]> {
-  const image = await openImageChain(`${cwd}/${name}`, { openFile: opener(cwd) });
-  try {
-    const out: unknown[] = [];
-    for await (const e of image.extents()) {
-      const entry: Record<string, unknown> = {
-        start: e.offset,
-        length: e.length,
-        depth: e.depth,
-        present: e.present,
-        zero: e.zero,
-        data: e.data,
-      };
-      if (e.hostOffset !== undefined) entry.offset = e.hostOffset;
-      out.push(entry);
-    }
-    return out;
-  } finally {
-    await image.close();
-  }
 }
 
 /** SHA-256 of the whole guest as qimg reads it, in chunks. */
@@ -63,7 +42,7 @@ async function qimgGuestHash(cwd: string, name: string): Promise<string> {
   }
 }
 
-/** Asserts info (human, json, chain), map and data are as qemu-img has them. */
+/** Asserts info (human, json, chain), map (human, json) and data (library read, CLI convert) are as qemu-img has them. */
 async function assertReadsLikeQemu(cwd: string, name: string): Promise<void> {
   for (
     const args of [
@@ -73,16 +52,17 @@ async function assertReadsLikeQemu(cwd: string, name: string): Promise<void> {
       ["info", "--backing-chain", "--output=json", name],
     ]
   ) await assertSameAsQemu(args, cwd);
-  const map = await qemuImg(["map", "--output=json", name], cwd);
-  assertEquals(map.code, 0, map.stderr);
-  assertEquals(await qimgMap(cwd, name), JSON.parse(map.stdout), `map ${name}`);
+  await assertSameAsQemu(["map", name], cwd);
+  await assertSameAsQemu(["map", "--output=json", name], cwd);
   await sh(`qemu-img convert -O raw '${name}' '${name}.guest'`, cwd);
-  assertEquals(
-    await qimgGuestHash(cwd, name),
-    await hashFile(`${cwd}/${name}.guest`),
-    `data ${name}`,
-  );
+  const expected = await hashFile(`${cwd}/${name}.guest`);
+  assertEquals(await qimgGuestHash(cwd, name), expected, `data ${name}`);
+  // And through the CLI: convert from qcow2.
+  const r = await qimg(["convert", "-O", "raw", name, `${name}.qimg`], cwd);
+  assertEquals(r.code, 0, r.stderr);
+  assertEquals(await hashFile(`${cwd}/${name}.qimg`), expected, `convert ${name}`);
   await Deno.remove(`${cwd}/${name}.guest`);
+  await Deno.remove(`${cwd}/${name}.qimg`);
 }
 
 /** qemu-io commands that leave data, zero clusters and holes behind. */
@@ -202,6 +182,16 @@ Deno.test("qcow2Driver reads the README demo image as qemu-img", async () => {
   const root = new URL("..", import.meta.url).pathname;
   await assertSameAsQemu(["info", "testdata/demo.qcow2"], root);
   await assertSameAsQemu(["info", "--output=json", "testdata/demo.qcow2"], root);
+  // The README's command line itself: `deno task qimg info testdata/demo.qcow2`.
+  const task = await runProgram(Deno.execPath(), [
+    "task",
+    "-q",
+    "qimg",
+    "info",
+    "testdata/demo.qcow2",
+  ], root);
+  const theirs = await qemuImg(["info", "testdata/demo.qcow2"], root);
+  assertEquals({ stdout: task.stdout, code: task.code }, { stdout: theirs.stdout, code: 0 });
 });
 
 Deno.test({
