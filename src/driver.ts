@@ -99,6 +99,11 @@ export interface FormatImage {
   blockStatus(offset: number, length: number): Promise<BlockStatus>;
   /** Format-specific facts for info. */
   info(): Promise<FormatInfo>;
+  /**
+   * The persistent dirty bitmaps stored in this image. Absent, or resolving
+   * to undefined, when the image cannot store any (raw, qcow2 v2).
+   */
+  persistentBitmaps?(): Promise<PersistentBitmap[] | undefined>;
   /** Makes written data and metadata durable. */
   flush(): Promise<void>;
   /** Closes the image and its file. */
@@ -147,4 +152,16 @@ export interface FormatDriver {
 export interface MeasureSource {
   /** Walks the source's allocated extents. */
   extents(): AsyncIterable<{ offset: number; length: number; data: boolean; zero: boolean }>;
+  /**
+   * The source's persistent dirty bitmaps; absent when its format cannot
+   * store them (qemu then prints no `bitmaps size`).
+   */
+  bitmaps?: PersistentBitmap[];
+}
+
+/** A persistent dirty bitmap, as far as measuring its copy needs. */
+export interface PersistentBitmap {
+  name: string;
+  /** Bytes of guest data per bit. */
+  granularity: number;
 }

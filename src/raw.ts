@@ -100,7 +100,11 @@ export const rawDriver: FormatDriver = {
   create: createRaw,
   createOptions: RAW_CREATE_OPTIONS,
   // A raw file is as large as its guest, whatever the source holds.
-  measure: (size) => Promise.resolve({ required: size, fullyAllocated: size }),
+  // Whole sectors, as qemu's raw_measure.
+  measure: (size) => {
+    const bytes = alignUp(size, 512);
+    return Promise.resolve({ required: bytes, fullyAllocated: bytes });
+  },
 };
 
 /** Raised by drivers whose format a file is not. */
