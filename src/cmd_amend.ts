@@ -5,14 +5,8 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { findFormat } from "./formats.ts";
-import { isHelpOption } from "./options.ts";
-import {
-  accumulateOptions,
-  checkCacheMode,
-  openForCommand,
-  printHelp,
-  processObject,
-} from "./cmd_util.ts";
+import { accumulateOptions, isHelpOption } from "./options.ts";
+import { checkCacheMode, openForCommand, printHelp, processObject } from "./cmd_util.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },

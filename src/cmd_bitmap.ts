@@ -5,7 +5,8 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError } from "./errors.ts";
 import type { Image } from "./image.ts";
-import { cvtnum, openForCommand, printHelp, processObject } from "./cmd_util.ts";
+import { openForCommand, printHelp, processObject } from "./cmd_util.ts";
+import { cvtnum } from "./size.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -50,7 +51,9 @@ export async function run(args: string[], io: Io): Promise<number> {
         sourceFormat = o.arg;
         break;
       case "g":
-        granularity = cvtnum("granularity", o.arg!);
+        granularity = Number(
+          cvtnum("granularity", o.arg!, { warn: (m) => io.stderr(`qimg: ${m}\n`) }),
+        );
         break;
       case "add":
       case "remove":

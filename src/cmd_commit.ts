@@ -6,9 +6,9 @@ import { getopt } from "./getopt.ts";
 import { QimgError } from "./errors.ts";
 import type { Image } from "./image.ts";
 import { Progress } from "./progress.ts";
+import { cvtnum } from "./size.ts";
 import {
   checkCacheMode,
-  cvtnum,
   expectOneImage,
   openForCommand,
   printHelp,
@@ -57,7 +57,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         quiet = true;
         break;
       case "r":
-        cvtnum("rate limit", o.arg!); // qimg does not throttle
+        cvtnum("rate limit", o.arg!, { warn: (m) => io.stderr(`qimg: ${m}\n`) }); // qimg does not throttle
         break;
       case "object":
         if (processObject(o.arg!, io)) return 0;

@@ -6,7 +6,6 @@ import { helpText } from "./help.ts";
 import { findFormat, FORMATS } from "./formats.ts";
 import { type Image, openImageChain } from "./image.ts";
 import { splitOptionString } from "./options.ts";
-import { parseSizeExact } from "./size.ts";
 
 /** Parses `--output`: qemu-img accepts `human` and `json` only. */
 export function parseOutputFormat(value: string): "human" | "json" {
@@ -33,42 +32,8 @@ export function checkCacheMode(mode: string, what = "cache"): void {
   if (!isCacheMode(mode)) throw new QimgError(`Invalid ${what} option: ${mode}`);
 }
 
-/**
- * qemu-img's cvtnum: a size-like number between 0 and 2^63-1, with the
- * two-line message for bad syntax and the range message otherwise.
- */
-export function cvtnum(name: string, value: string): number {
-  const v = parseSizeExact(value);
-  if (v === "invalid") {
-    throw new QimgError(
-      `Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\n` +
-        "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
-    );
-  }
-  if (v === "range" || v > 0x7fffffffffffffffn) {
-    throw new QimgError(
-      `Invalid ${name} specified. Must be between 0 and 9223372036854775807.`,
-    );
-  }
-  return Number(v);
-}
-
-/**
- * qemu-img's check of one `-o` argument: not empty, not starting with a
- * comma, and not ending in an odd number of commas (`,,` is an escaped comma).
- */
-export function isValidOptionList(text: string): boolean {
-  if (text === "" || text[0] === ",") return false;
-  let commas = 0;
-  while (commas < text.length && text[text.length - 1 - commas] === ",") commas++;
-  return commas % 2 === 0;
-}
-
-/** Appends one `-o` argument to the options so far, as qemu-img accumulates them. */
-export function accumulateOptions(sofar: string | undefined, text: string): string {
-  if (!isValidOptionList(text)) throw new QimgError(`Invalid option list: ${text}`);
-  return sofar === undefined ? text : `${sofar},${text}`;
-}
+/** `-o` accumulation lives with the option tables; re-exported for the commands. */
+export { accumulateOptions } from "./options.ts";
 
 /** The object types `--object help` lists in qemu-img 7.2. */
 const OBJECT_TYPES = [

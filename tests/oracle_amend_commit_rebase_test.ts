@@ -78,6 +78,7 @@ Deno.test("commit parses its options and handles images without a backing file a
       ["commit", "-d", "-b", "x", "a.raw"],
       ["commit", "-r", "1M", "a.raw"],
       ["commit", "-r", "0", "a.raw"],
+      ["commit", "-r", "0x10k", "-f", "raw", "a.raw"],
       ["commit", "-r", "-5", "a.raw"],
       ["commit", "-r", "abc", "a.raw"],
       ["commit", "-r", "99999E", "a.raw"],

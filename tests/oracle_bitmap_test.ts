@@ -80,6 +80,7 @@ Deno.test("bitmap --add on raw fails as qemu-img 7.2, up to qemu's random node n
       ["bitmap", "--add", "-g", "0", "a.raw", "b1"],
       ["bitmap", "--add", "-g", "512", "--remove", "-f", "raw", "a.raw", "b1"],
       ["bitmap", "--image-opts", "--add", "driver=raw,file.filename=a.raw", "b1"],
+      ["bitmap", "--add", "-g", "0x1k", "-f", "raw", "a.raw", "b1"],
     ]
   ) {
     const ours = await qimg(args, dir.path);
