@@ -23,6 +23,8 @@ export type { CheckResult } from "./src/driver.ts";
 export type { JsonValue } from "./src/output.ts";
 export { QimgError } from "./src/errors.ts";
 export { parseSize } from "./src/size.ts";
+export { createImage } from "./src/create.ts";
+export type { CreateImageOptions } from "./src/create.ts";
 
 /**
  * An open disk image: the guest view of the image and its backing chain.

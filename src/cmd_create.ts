@@ -6,7 +6,7 @@ import { getopt } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { accumulateOptions, isHelpOption } from "./options.ts";
 import { cvtnum } from "./size.ts";
-import { createImage, createOptionsHelp } from "./create.ts";
+import { createImageWith, createOptionsHelp } from "./create.ts";
 import { printHelp, processObject } from "./cmd_util.ts";
 
 const LONG = [
@@ -63,7 +63,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   const size = operands.length > 1 ? cvtnum("image size", operands[1], { warn }) : undefined;
   if (operands.length > 2) throw usageError(`Unexpected argument: ${operands[2]}`);
   try {
-    await createImage(filename, {
+    await createImageWith(filename, {
       format,
       size,
       options: optionText,
@@ -72,8 +72,7 @@ export async function run(args: string[], io: Io): Promise<number> {
       unsafeBacking,
       warn,
       onFormatting: quiet ? undefined : (line) => io.stdout(line),
-      openFile: (path, o) => io.openFile(path, o),
-    });
+    }, (path, o) => io.openFile(path, o));
   } catch (e) {
     // qemu-img names the target before every message from the block layer.
     if (e instanceof QimgError) {

@@ -65,9 +65,10 @@ export interface CreateImageOptions {
   onFormatting?: (line: string) => void;
   /** Receives qemu's warnings (without the program name). */
   warn?: (message: string) => void;
-  /** Opens a host file; defaults to the local file system. */
-  openFile?: (path: string, options: OpenFileOptions) => Promise<BlockFile>;
 }
+
+/** Opens a host file for creation (the command's Io, or the local file system). */
+export type CreateFileOpener = (path: string, options: OpenFileOptions) => Promise<BlockFile>;
 
 /** A format's create table, and whether qimg can create it. */
 function createTable(format: string): { table: OptionDesc[]; driver?: FormatDriver } {
@@ -208,9 +209,18 @@ function resolveBacking(image: string, backing: string): string {
  * console.log(image.size); // 1048576
  * ```
  */
-export async function createImage(
+export function createImage(
   filename: string,
   options: CreateImageOptions = {},
+): Promise<void> {
+  return createImageWith(filename, options, (p, o) => DenoFile.open(p, o));
+}
+
+/** `createImage` with the host files opened by `openFile` (a command's Io). */
+export async function createImageWith(
+  filename: string,
+  options: CreateImageOptions,
+  openFile: CreateFileOpener,
 ): Promise<void> {
   const plan = await prepareCreate(filename, options);
   const create = plan.format === "file" ? findFormat("raw")?.create : plan.driver?.create;
@@ -230,7 +240,6 @@ export async function createImage(
     ? parsePreallocation(plan.parsed.values.preallocation as string | undefined)
     : undefined;
 
-  const openFile = options.openFile ?? ((p: string, o: OpenFileOptions) => DenoFile.open(p, o));
   let file: BlockFile;
   try {
     file = await openFile(plan.path, { create: true, write: true });
