@@ -35,6 +35,7 @@ import {
   ClusterMapper,
   type ClusterMapper as ClusterMapperType,
   type CompressedDescriptor,
+  entryOffset,
   readL1Table,
 } from "./qcow2_cluster.ts";
 
@@ -54,6 +55,7 @@ export class Qcow2Image implements FormatImage {
   readonly mapper: ClusterMapperType;
   readonly backing?: BackingRef;
   #cached?: { offset: number; data: Uint8Array };
+  #preallocated?: Promise<boolean>;
 
   constructor(
     file: BlockFile,
@@ -136,6 +138,9 @@ export class Qcow2Image implements FormatImage {
       : {};
     switch (run.type) {
       case "normal":
+        if (where.hostOffset !== undefined && await this.#metadataPreallocated()) {
+          return { ...await this.#hostStatus(where.hostOffset, run.length), data: true, ...where };
+        }
         return { length: run.length, data: true, zero: false, ...where };
       case "compressed":
         return { length: run.length, data: true, zero: false, compressed: true };
@@ -148,6 +153,56 @@ export class Qcow2Image implements FormatImage {
       default:
         return { length: run.length, data: false, zero: false };
     }
+  }
+
+  /**
+   * qemu asks the host file about data clusters of metadata-preallocated
+   * images (BDRV_BLOCK_RECURSE): a hole there reads as zeroes.
+   */
+  async #hostStatus(
+    hostOffset: number,
+    length: number,
+  ): Promise<{ length: number; zero: boolean }> {
+    const file = this.#data();
+    const end = await file.size();
+    if (hostOffset >= end) return { length, zero: true };
+    const e = await file.extent(hostOffset, length);
+    if (e.data) return { length: Math.min(length, e.length), zero: false };
+    // A hole up to the end of the file answers for the whole run.
+    return {
+      length: hostOffset + e.length >= end ? length : Math.min(length, e.length),
+      zero: true,
+    };
+  }
+
+  /**
+   * qemu's metadata-preallocation test: far more clusters have a refcount
+   * than the file occupies on disk (threshold max(n * 10 / 9, n + 2)).
+   */
+  #metadataPreallocated(): Promise<boolean> {
+    this.#preallocated ??= this.#detectPreallocation();
+    return this.#preallocated;
+  }
+
+  async #detectPreallocation(): Promise<boolean> {
+    const h = this.header;
+    const cs = h.clusterSize;
+    const realClusters = Math.floor(await this.file.allocated() / cs);
+    const threshold = Math.max(Math.floor(realClusters * 10 / 9), realClusters + 2);
+    const endCluster = Math.ceil(await this.file.size() / cs);
+    const bits = 2 ** h.refcountOrder;
+    const perBlock = (cs * 8) / bits;
+    const table = await readPadded(this.file, h.refcountTableOffset, h.refcountTableClusters * cs);
+    const tv = new DataView(table.buffer);
+    let count = 0;
+    for (let i = 0; i * perBlock < endCluster && count < threshold && i * 8 < table.length; i++) {
+      const blockOffset = entryOffset(tv.getUint32(i * 8), tv.getUint32(i * 8 + 4));
+      if (blockOffset === 0 || blockOffset % cs) continue;
+      const block = await readPadded(this.file, blockOffset, cs);
+      const n = Math.min(perBlock, endCluster - i * perBlock);
+      count += countNonZero(block, bits, n);
+    }
+    return count >= threshold;
   }
 
   async info(): Promise<FormatInfo> {
@@ -219,6 +274,29 @@ export class Qcow2Image implements FormatImage {
     if (this.dataFile && this.dataFile !== this.file) await this.dataFile.close();
     await this.file.close();
   }
+}
+
+/** Nonzero entries among the first `n` of a refcount block of `bits`-wide entries. */
+function countNonZero(block: Uint8Array, bits: number, n: number): number {
+  let count = 0;
+  if (bits < 8) {
+    const mask = (1 << bits) - 1;
+    for (let i = 0; i < n; i++) {
+      const bit = i * bits;
+      if ((block[bit >> 3] >> (bit & 7)) & mask) count++;
+    }
+    return count;
+  }
+  const bytes = bits / 8;
+  for (let i = 0; i < n; i++) {
+    for (let j = i * bytes; j < (i + 1) * bytes; j++) {
+      if (block[j]) {
+        count++;
+        break;
+      }
+    }
+  }
+  return count;
 }
 
 function encryptedError(): QimgError {

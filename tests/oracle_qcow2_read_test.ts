@@ -205,3 +205,18 @@ Deno.test({
     }
   },
 });
+
+Deno.test("qcow2Driver block status of preallocated images asks the host file, as qemu-img map", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 -o preallocation=metadata pm.qcow2 4M && " +
+      "qemu-io -c 'write -P 3 0 4k' -c 'write -P 4 1M 64k' pm.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -o preallocation=metadata,cluster_size=4k,refcount_bits=1 pm1.qcow2 1M && " +
+      "qemu-img create -q -f qcow2 -o preallocation=falloc pf.qcow2 2M && " +
+      "qemu-img create -q -f qcow2 -o preallocation=full pfull.qcow2 2M",
+    dir.path,
+  );
+  for (const name of ["pm.qcow2", "pm1.qcow2", "pf.qcow2", "pfull.qcow2"]) {
+    await assertReadsLikeQemu(dir.path, name);
+  }
+});
