@@ -80,6 +80,10 @@ async function openLayer(
   write: boolean,
 ): Promise<Layer> {
   const openFile = options.openFile ?? openHostFile;
+  // qemu looks the format up before it opens the file.
+  if (options.format !== undefined && !findFormat(options.format)) {
+    throw new QimgError(`Could not open '${filename}': Unknown driver '${options.format}'`);
+  }
   let file: BlockFile;
   try {
     file = await openFile(filename, write);
