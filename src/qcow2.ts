@@ -22,12 +22,15 @@ import {
   AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
   CRYPT_AES,
+  CRYPT_LUKS,
   CRYPT_NONE,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
+  type LuksInfo,
   probeQcow2,
   type Qcow2Header,
+  readLuksInfo,
   readPadded,
   readQcow2Header,
 } from "./qcow2_header.ts";
@@ -54,6 +57,8 @@ export class Qcow2Image implements FormatImage {
   readonly dataFile: BlockFile | undefined;
   readonly mapper: ClusterMapperType;
   readonly backing?: BackingRef;
+  /** The LUKS header as `info` shows it, for LUKS-encrypted images. */
+  luks?: LuksInfo;
   #cached?: { offset: number; data: Uint8Array };
   #preallocated?: Promise<boolean>;
 
@@ -222,6 +227,7 @@ export class Qcow2Image implements FormatImage {
     }
     data["refcount-bits"] = 2 ** h.refcountOrder;
     if (h.cryptMethod === CRYPT_AES) data.encrypt = { format: "aes" };
+    else if (this.luks) data.encrypt = this.luks;
     if (h.version === 3) {
       const bitmaps = await this.bitmaps();
       if (bitmaps.length) {
@@ -342,8 +348,14 @@ export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Pro
   } else if (hasDataFile) {
     dataFile = undefined;
   }
+  // qemu parses the LUKS header while opening, also for metadata-only opens.
+  const luks = header.cryptMethod === CRYPT_LUKS && header.cryptoHeader
+    ? await readLuksInfo(file, header)
+    : undefined;
   const mapper = new ClusterMapper(file, header, l1, { hasDataFile });
-  return new Qcow2Image(file, header, mapper, dataFile);
+  const image = new Qcow2Image(file, header, mapper, dataFile);
+  image.luks = luks;
+  return image;
 }
 
 /** The qcow2 format driver. */

@@ -487,3 +487,83 @@ export async function readQcow2Header(
     l2EntrySize,
   } as Qcow2Header;
 }
+
+/** What `info` shows of a LUKS header (qemu's QCryptoBlockInfoLUKS), keys in QAPI order. */
+export type LuksInfo = Record<
+  string,
+  string | number | boolean | Record<string, number | boolean>[]
+>;
+
+const LUKS_MAGIC = [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe];
+const LUKS_HEADER_SIZE = 592;
+const LUKS_SLOTS = 8;
+const LUKS_SLOT_ACTIVE = 0x00ac71f3;
+const LUKS_SECTOR = 512;
+
+/** Cipher names by LUKS name and key size in bytes, as qemu maps them. */
+const LUKS_CIPHERS: Record<string, Record<number, string>> = {
+  aes: { 16: "aes-128", 24: "aes-192", 32: "aes-256" },
+  serpent: { 16: "serpent-128", 24: "serpent-192", 32: "serpent-256" },
+  twofish: { 16: "twofish-128", 24: "twofish-192", 32: "twofish-256" },
+  cast5: { 16: "cast5-128" },
+};
+
+/**
+ * Parses the LUKS1 header a qcow2 image keeps in its full disk encryption
+ * header extension, for `info` (no key is needed or derived).
+ */
+export async function readLuksInfo(file: BlockFile, header: Qcow2Header): Promise<LuksInfo> {
+  const ext = header.cryptoHeader;
+  if (!ext) throw new QimgError(`Missing CRYPTO header for crypt method ${header.cryptMethod}`);
+  if (ext.length < LUKS_HEADER_SIZE) {
+    throw new QimgError("Request for data outside of extension header");
+  }
+  const b = await readPadded(file, ext.offset, LUKS_HEADER_SIZE);
+  if (!LUKS_MAGIC.every((m, i) => b[i] === m)) {
+    throw new QimgError("Volume is not in LUKS format");
+  }
+  const version = (b[6] << 8) | b[7];
+  if (version !== 1) throw new QimgError(`LUKS version ${version} is not supported`);
+  const cipherName = cString(b.subarray(8, 40));
+  const cipherMode = cString(b.subarray(40, 72));
+  const hashSpec = cString(b.subarray(72, 104));
+  const payloadOffset = be32(b, 104);
+  const keyBytes = be32(b, 108);
+  const mkIterations = be32(b, 164);
+  const uuid = cString(b.subarray(168, 208));
+  const dash = cipherMode.indexOf("-");
+  const mode = dash < 0 ? cipherMode : cipherMode.slice(0, dash);
+  const ivgen = dash < 0 ? "plain" : cipherMode.slice(dash + 1);
+  const colon = ivgen.indexOf(":");
+  const alg = LUKS_CIPHERS[cipherName]?.[mode === "xts" ? keyBytes / 2 : keyBytes];
+  if (!alg) {
+    throw new QimgError(
+      `Algorithm '${cipherName}' with key size ${keyBytes} bytes not supported`,
+    );
+  }
+  const slots: Record<string, number | boolean>[] = [];
+  for (let i = 0; i < LUKS_SLOTS; i++) {
+    const at = 208 + i * 48;
+    const active = be32(b, at) === LUKS_SLOT_ACTIVE;
+    const slot: Record<string, number | boolean> = { active };
+    if (active) {
+      slot.iters = be32(b, at + 4);
+      slot.stripes = be32(b, at + 44);
+    }
+    slot["key-offset"] = be32(b, at + 40) * LUKS_SECTOR;
+    slots.push(slot);
+  }
+  const info: LuksInfo = {
+    format: "luks",
+    "cipher-alg": alg,
+    "cipher-mode": mode,
+    "ivgen-alg": colon < 0 ? ivgen : ivgen.slice(0, colon),
+  };
+  if (colon >= 0) info["ivgen-hash-alg"] = ivgen.slice(colon + 1);
+  info["hash-alg"] = hashSpec;
+  info["payload-offset"] = payloadOffset * LUKS_SECTOR;
+  info["master-key-iters"] = mkIterations;
+  info.uuid = uuid;
+  info.slots = slots;
+  return info;
+}

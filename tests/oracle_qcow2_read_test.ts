@@ -169,12 +169,21 @@ Deno.test("qcow2Driver info shows bitmaps, encryption, lazy refcounts and refcou
       "qemu-img bitmap --add -g 128k --disable bm.qcow2 second && " +
       "qemu-img create -q -f qcow2 -o lazy_refcounts=on,refcount_bits=1 lazy.qcow2 1M && " +
       "qemu-img create -q -f qcow2 -o refcount_bits=64,compression_type=zstd r64.qcow2 1M && " +
-      "qemu-img create -q -f qcow2 --object secret,id=s0,data=x -o encrypt.format=aes,encrypt.key-secret=s0 aes.qcow2 1M",
+      "qemu-img create -q -f qcow2 --object secret,id=s0,data=x -o encrypt.format=aes,encrypt.key-secret=s0 aes.qcow2 1M && " +
+      "qemu-img create -q -f qcow2 --object secret,id=s0,data=x -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 luks.qcow2 1M && " +
+      "qemu-img create -q -f qcow2 --object secret,id=s0,data=x -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10," +
+      "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha512 luks2.qcow2 1M",
     dir.path,
   );
-  for (const name of ["bm.qcow2", "lazy.qcow2", "r64.qcow2", "aes.qcow2"]) {
+  const names = ["bm.qcow2", "lazy.qcow2", "r64.qcow2", "aes.qcow2", "luks.qcow2", "luks2.qcow2"];
+  for (const name of names) {
     await assertSameAsQemu(["info", name], dir.path);
     await assertSameAsQemu(["info", "--output=json", name], dir.path);
+  }
+  // Reading needs the key, which qimg does not take.
+  for (const name of ["aes.qcow2", "luks.qcow2"]) {
+    await assertSameAsQemu(["map", name], dir.path);
+    await assertSameAsQemu(["convert", "-O", "raw", name, "out.raw"], dir.path);
   }
 });
 
