@@ -165,6 +165,15 @@ export class DenoFile implements BlockFile {
     return this.#holes.extent(offset, length, await this.size());
   }
 
+  async allocate(offset: number, length: number): Promise<void> {
+    if (this.writable && length > 0) {
+      if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, true);
+      if (this.#holes?.reserve(offset, length)) return;
+    }
+    // Callers fall back to writing zeroes, as posix_fallocate itself does.
+    throw new Error("fallocate is not available");
+  }
+
   async discard(offset: number, length: number): Promise<boolean> {
     if (!this.writable || length <= 0) return false;
     if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, true);
@@ -227,6 +236,11 @@ class HoleFinder {
       BigInt(offset),
       BigInt(length),
     ) === 0;
+  }
+
+  /** fallocate(mode 0): reserves blocks, growing the file; false when refused. */
+  reserve(offset: number, length: number): boolean {
+    return this.#lib.symbols.fallocate(this.#fd, 0, BigInt(offset), BigInt(length)) === 0;
   }
 
   close(): void {

@@ -174,6 +174,18 @@ async function allocateFirstBlock(file: BlockFile, size: bigint): Promise<void> 
   }
 }
 
+/** posix_fallocate: reserve blocks for new space past the end, else write zeroes there. */
+async function reserve(file: BlockFile, offset: number, length: number): Promise<void> {
+  if (file.allocate) {
+    try {
+      return await file.allocate(offset, length);
+    } catch {
+      // fall through to zeroes
+    }
+  }
+  await writeZeroBytes(file, offset, length);
+}
+
 async function writeZeroBytes(file: BlockFile, offset: number, length: number): Promise<void> {
   const chunk = new Uint8Array(Math.min(length, 1 << 20));
   for (let done = 0; done < length; done += chunk.length) {
@@ -205,13 +217,7 @@ export async function truncateFile(
     case "falloc":
       if (target === current) return;
       try {
-        if (file.allocate) {
-          await file.allocate(Number(current), Number(target - current));
-        } else {
-          // posix_fallocate's own fallback when the file system cannot: write zeroes.
-          await ftruncate(file, target);
-          await writeZeroBytes(file, Number(current), Number(target - current));
-        }
+        await reserve(file, Number(current), Number(target - current));
       } catch (e) {
         throw protocolError("Could not preallocate new data", e);
       }
@@ -247,27 +253,4 @@ export async function createFile(
   const rounded = BigInt.asIntN(64, (s + SECTOR - 1n) / SECTOR * SECTOR);
   await ftruncate(file, 0n);
   await truncateFile(file, rounded, prealloc);
-}
-
-/**
- * Preallocates `length` bytes at `offset` of a file already long enough:
- * `falloc` reserves blocks, `full` writes zeroes.
- */
-export async function preallocateFile(
-  file: BlockFile,
-  offset: number,
-  length: number,
-  mode: string,
-): Promise<void> {
-  switch (mode) {
-    case "off":
-      return;
-    case "falloc":
-      if (file.allocate) return await file.allocate(offset, length);
-      return await writeZeroBytes(file, offset, length);
-    case "full":
-      return await writeZeroBytes(file, offset, length);
-    default:
-      throw new QimgError(`Invalid parameter '${mode}'`);
-  }
 }

@@ -201,3 +201,17 @@ Deno.test("create's images read back the same through qemu-img info and compare"
   );
   assertEquals(cmp.code, 0, cmp.stdout + cmp.stderr);
 });
+
+Deno.test("create -o preallocation=falloc reserves space that maps as zero, as qemu-img", async () => {
+  await using dir = await tempDir();
+  for (const [size, name] of [["1M", "a"], ["100", "b"], ["4097", "c"]]) {
+    await qimg(["create", "-q", "-o", "preallocation=falloc", `ours-${name}.raw`, size], dir.path);
+    await qemuImg(
+      ["create", "-q", "-o", "preallocation=falloc", `theirs-${name}.raw`, size],
+      dir.path,
+    );
+    const map = async (file: string) =>
+      (await qemuImg(["map", "-f", "raw", "--output=json", file], dir.path)).stdout;
+    assertEquals(await map(`ours-${name}.raw`), await map(`theirs-${name}.raw`), size);
+  }
+});

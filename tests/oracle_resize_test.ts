@@ -136,3 +136,16 @@ Deno.test("resize refuses bad sizes and arguments as qemu-img", async () => {
     ]
   ) await assertResizeSameAsQemu(args, IMAGE + " && mkdir d");
 });
+
+Deno.test("resize --preallocation=falloc reserves space that maps as zero, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(`${IMAGE} && cp a.raw b.raw && truncate -s 0 c.raw d.raw`, dir.path);
+  const map = async (file: string) =>
+    (await qemuImg(["map", "-f", "raw", "--output=json", file], dir.path)).stdout;
+  for (const [ours, theirs, size] of [["a.raw", "b.raw", "3M"], ["c.raw", "d.raw", "1M"]]) {
+    const args = ["resize", "-q", "-f", "raw", "--preallocation=falloc"];
+    assertEquals((await qimg([...args, ours, size], dir.path)).code, 0);
+    assertEquals((await qemuImg([...args, theirs, size], dir.path)).code, 0);
+    assertEquals(await map(ours), await map(theirs), size);
+  }
+});
