@@ -171,15 +171,35 @@ async function prepareCreate(filename: string, o: CreateImageOptions): Promise<C
     if (backing === "") throw new QimgError("Expected backing file name, got empty string");
   }
   let size = parsed.exact.size;
-  if (backing !== undefined && !o.unsafeBacking && size === undefined) {
-    // Without a size the image takes its backing file's.
-    const base = await openImageChain(resolveBacking(path, backing), {
-      format: parsed.values.backing_fmt as string | undefined,
-      backing: false,
-    });
-    size = BigInt(base.size);
-    await base.close();
-    setNumberOption(parsed, "size", size);
+  const backingFormat = parsed.values.backing_fmt as string | undefined;
+  if (backing !== undefined && !o.unsafeBacking) {
+    // qemu opens the backing file even with a size: it must exist and open.
+    const backingPath = resolveBacking(path, backing);
+    let base;
+    try {
+      base = await openImageChain(backingPath, { format: backingFormat, backing: false });
+    } catch (e) {
+      if (!(e instanceof QimgError)) throw e;
+      const outer = `Could not open '${backingPath}': `;
+      const inner = e.message.startsWith(outer) ? e.message.slice(outer.length) : e.message;
+      throw new QimgError(inner, { hint: "Could not open backing image." });
+    }
+    try {
+      if (backingFormat === undefined) {
+        // qemu's hint has no newline of its own; qimg's error lines always end in one.
+        throw new QimgError("Backing file specified without backing format", {
+          hint: `Detected format of ${base.format}.`,
+        });
+      }
+      if (size === undefined) {
+        size = BigInt(base.size);
+        setNumberOption(parsed, "size", size);
+      }
+    } finally {
+      await base.close();
+    }
+  } else if (backing !== undefined && backingFormat === undefined) {
+    throw new QimgError("Backing file specified without backing format");
   }
   if (size === undefined) throw new QimgError("Image creation needs a size parameter");
   return { format, driver, descs, parsed, path, size };
