@@ -112,21 +112,26 @@ function sectorStart(at: number): number {
 
 /** Index of the first differing byte of two equally long buffers, or -1. */
 export function firstDifference(x: Uint8Array, y: Uint8Array): number {
-  const words = (x.byteOffset | y.byteOffset) & 3 ? 0 : x.length >>> 2;
-  const wx = new Uint32Array(x.buffer, x.byteOffset, words);
-  const wy = new Uint32Array(y.buffer, y.byteOffset, words);
   let i = 0;
-  while (i < words && wx[i] === wy[i]) i++;
+  // Word compares need 4-byte aligned views; misaligned input goes byte by byte.
+  if (((x.byteOffset | y.byteOffset) & 3) === 0) {
+    const words = x.length >>> 2;
+    const wx = new Uint32Array(x.buffer, x.byteOffset, words);
+    const wy = new Uint32Array(y.buffer, y.byteOffset, words);
+    while (i < words && wx[i] === wy[i]) i++;
+  }
   for (let j = i * 4; j < x.length; j++) if (x[j] !== y[j]) return j;
   return -1;
 }
 
 /** Index of the first non-zero byte, or -1. */
 export function firstNonZero(x: Uint8Array): number {
-  const words = x.byteOffset & 3 ? 0 : x.length >>> 2;
-  const w = new Uint32Array(x.buffer, x.byteOffset, words);
   let i = 0;
-  while (i < words && w[i] === 0) i++;
+  if ((x.byteOffset & 3) === 0) {
+    const words = x.length >>> 2;
+    const w = new Uint32Array(x.buffer, x.byteOffset, words);
+    while (i < words && w[i] === 0) i++;
+  }
   for (let j = i * 4; j < x.length; j++) if (x[j] !== 0) return j;
   return -1;
 }
