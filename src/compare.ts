@@ -4,6 +4,7 @@
  * data, and report the first differing 512-byte sector.
  */
 
+import { Buffer } from "node:buffer";
 import type { Extent, Image } from "./image.ts";
 
 /** Largest read, as qemu-img's IO_BUF_SIZE. */
@@ -110,8 +111,16 @@ function sectorStart(at: number): number {
   return at - (at % SECTOR);
 }
 
+const ZEROES = new Uint8Array(CHUNK);
+
+/** Whether two equally long buffers are equal, by the runtime's memcmp. */
+function same(x: Uint8Array, y: Uint8Array): boolean {
+  return Buffer.compare(x, y) === 0;
+}
+
 /** Index of the first differing byte of two equally long buffers, or -1. */
 export function firstDifference(x: Uint8Array, y: Uint8Array): number {
+  if (same(x, y)) return -1;
   let i = 0;
   // Word compares need 4-byte aligned views; misaligned input goes byte by byte.
   if (((x.byteOffset | y.byteOffset) & 3) === 0) {
@@ -126,6 +135,7 @@ export function firstDifference(x: Uint8Array, y: Uint8Array): number {
 
 /** Index of the first non-zero byte, or -1. */
 export function firstNonZero(x: Uint8Array): number {
+  if (x.length <= CHUNK && same(x, ZEROES.subarray(0, x.length))) return -1;
   let i = 0;
   if ((x.byteOffset & 3) === 0) {
     const words = x.length >>> 2;
