@@ -6,7 +6,7 @@
 import type { Io } from "./command.ts";
 import { getopt, type LongOption, type ParsedOption } from "./getopt.ts";
 import { QimgError } from "./errors.ts";
-import type { FormatDriver, MeasureResult, MeasureSource } from "./driver.ts";
+import type { FormatDriver, MeasureResult, MeasureSource, PersistentBitmap } from "./driver.ts";
 import type { Image } from "./image.ts";
 import { findFormat } from "./formats.ts";
 import { openForCommand, parseOutputFormat, printHelp, processObject } from "./cmd_util.ts";
@@ -22,7 +22,7 @@ import {
 } from "./options.ts";
 import { PROTOCOL_CREATE_OPTIONS } from "./protocol.ts";
 import { measureQcow2 } from "./measure.ts";
-import { toJsonPretty } from "./output.ts";
+import { type JsonValue, toJsonPretty } from "./output.ts";
 
 const LONG: LongOption[] = [
   { name: "help", arg: "none", val: "h" },
@@ -167,8 +167,23 @@ function parseTargetOptions(
 
 /** What the estimate reads from a source image: its data runs and bitmaps. */
 async function measureSource(image: Image): Promise<MeasureSource> {
-  const bitmaps = await image.chain[0].image.persistentBitmaps?.();
+  const top = image.chain[0].image;
+  const bitmaps = top.persistentBitmaps
+    ? await top.persistentBitmaps()
+    : bitmapsFromInfo((await top.info()).formatSpecific);
   return { extents: () => image.extents(), ...(bitmaps ? { bitmaps } : {}) };
+}
+
+/**
+ * For drivers without `persistentBitmaps`: qcow2's `info` data says the
+ * same (compat 1.1 images can hold bitmaps; `bitmaps` lists them).
+ */
+function bitmapsFromInfo(
+  spec: { type: string; data: Record<string, JsonValue> } | undefined,
+): PersistentBitmap[] | undefined {
+  if (spec?.type !== "qcow2" || spec.data.compat !== "1.1") return undefined;
+  const list = (spec.data.bitmaps ?? []) as { name: string; granularity: number }[];
+  return list.map((b) => ({ name: b.name, granularity: Number(b.granularity) }));
 }
 
 /** `-l snapshot.id=...,snapshot.name=...`: only those two keys are allowed. */
