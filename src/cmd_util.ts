@@ -2,6 +2,7 @@
 
 import type { Io } from "./command.ts";
 import { QimgError, usageError } from "./errors.ts";
+import { notSupportedYet } from "./command.ts";
 import { helpText } from "./help.ts";
 import { findFormat, FORMATS } from "./formats.ts";
 import { type Image, openImageChain } from "./image.ts";
@@ -95,6 +96,20 @@ export interface CommandOpenOptions {
   forceShare?: boolean;
 }
 
+/** Block-layer options every image accepts, which qimg has no use for. */
+const GENERIC_IMAGE_OPTS = new Set([
+  "read-only",
+  "auto-read-only",
+  "force-share",
+  "node-name",
+  "discard",
+  "detect-zeroes",
+  "cache.direct",
+  "cache.no-flush",
+  "file.locking",
+  "file.aio",
+]);
+
 /** An `--image-opts` string reduced to what qimg can open: a format and a file name. */
 function parseImageOpts(spec: string): { format?: string; filename: string } {
   const values = new Map<string, string>();
@@ -102,22 +117,24 @@ function parseImageOpts(spec: string): { format?: string; filename: string } {
     if (v === undefined && i === 0) values.set("file", k);
     else values.set(k, v ?? "on");
   });
+  const fail = (why: string) => new QimgError(`Could not open '${spec}': ${why}`);
   const filename = values.get("file.filename");
   const file = values.get("file");
-  if (filename === undefined && file !== undefined) {
-    throw new QimgError(
-      `Could not open '${spec}': Cannot find device='${file}' nor node-name='${file}'`,
-    );
+  const driver = values.get("driver");
+  if (file !== undefined && filename === undefined) {
+    throw fail(`Cannot find device='${file}' nor node-name='${file}'`);
   }
-  const known = new Set(["driver", "file.filename", "file.driver"]);
-  const driver = values.get("file.driver");
-  if (
-    filename === undefined || [...values.keys()].some((k) => !known.has(k)) ||
-    (driver && driver !== "file")
-  ) {
-    throw new QimgError("--image-opts: not supported yet");
+  if (driver === undefined && filename === undefined) {
+    throw fail("Must specify either driver or file");
   }
-  return { format: values.get("driver"), filename };
+  if (filename === undefined) throw fail('A block device must be specified for "file"');
+  const known = (k: string) =>
+    k === "driver" || k === "file.filename" || k === "file.driver" || GENERIC_IMAGE_OPTS.has(k);
+  const protocol = values.get("file.driver") ?? "file";
+  if (driver === "file" || protocol !== "file" || [...values.keys()].some((k) => !known(k))) {
+    throw notSupportedYet("--image-opts");
+  }
+  return { format: driver, filename };
 }
 
 /**
@@ -125,12 +142,13 @@ function parseImageOpts(spec: string): { format?: string; filename: string } {
  * `-f` exclude each other, `-U` needs a read-only open, and probing raw
  * for a writable open prints qemu's warning on stderr.
  */
-export function openForCommand(
+export async function openForCommand(
   filename: string,
   io: Io,
   options: CommandOpenOptions,
 ): Promise<Image> {
   let format = options.format;
+  const name = filename;
   if (options.imageOpts) {
     if (format !== undefined) {
       throw new QimgError("--image-opts and --format are mutually exclusive");
@@ -139,16 +157,24 @@ export function openForCommand(
   }
   if (options.forceShare && options.write) {
     throw new QimgError(
-      `Could not open '${filename}': force-share=on can only be used with read-only images`,
+      `Could not open '${name}': force-share=on can only be used with read-only images`,
     );
   }
-  return openImageChain(filename, {
-    format,
-    write: options.write,
-    backing: options.backing,
-    warn: (message) => io.stderr(message + "\n"),
-    openFile: (p, w) => io.openFile(p, { write: w }),
-  });
+  try {
+    return await openImageChain(filename, {
+      format,
+      write: options.write,
+      backing: options.backing,
+      warn: (message) => io.stderr(message + "\n"),
+      openFile: (p, w) => io.openFile(p, { write: w }),
+    });
+  } catch (e) {
+    // qemu names the image as given: with --image-opts, the option string.
+    if (name === filename || !(e instanceof QimgError)) throw e;
+    throw new QimgError(`Could not open '${name}': ${innerOpenMessage(e, filename)}`, {
+      exitCode: e.exitCode,
+    });
+  }
 }
 
 /** Whether qimg knows a format by this name (`-F`, `-O` checks). */

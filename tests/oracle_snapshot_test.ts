@@ -66,6 +66,29 @@ Deno.test("snapshot on raw images does what qemu-img 7.2 does", async () => {
   assertEquals(await hashFile(`${dir.path}/a.raw`), before);
 });
 
+Deno.test("snapshot --image-opts opens what qemu-img opens, named as given", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f raw a.raw 1M && mkdir sub", dir.path);
+  for (
+    const spec of [
+      "a.raw",
+      "a.raw,driver=raw",
+      "json:{}",
+      "file.filename=a.raw",
+      "file.driver=file,file.filename=a.raw",
+      "driver=raw,file.driver=file,file.filename=a.raw",
+      "driver=raw,file.filename=a.raw,read-only=on",
+      "driver=raw,file.filename=a.raw,force-share=on",
+      "filename=a.raw",
+      "driver=raw",
+      "driver=qcow2,file.filename=a.raw",
+      "driver=nosuch,file.filename=a.raw",
+      "driver=raw,file.filename=nonexist",
+      "driver=raw,file.filename=sub",
+    ]
+  ) await assertSameAsQemu(["snapshot", "-l", "--image-opts", spec], dir.path);
+});
+
 Deno.test("snapshot on qcow2 says it is not supported yet, in one line", async () => {
   await using dir = await tempDir();
   await sh("qemu-img create -q -f qcow2 q.qcow2 1M", dir.path);
