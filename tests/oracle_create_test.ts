@@ -68,6 +68,9 @@ Deno.test("create -o preallocation, size and protocol options as qemu-img", asyn
       ["create", "-o", "nocow=true,nocow=n", "a.raw", "1M"],
       ["create", "-o", "extent_size_hint=1.5k,id=x", "a.raw", "1M"],
       ["create", "-o", "size=0x10k", "a.raw"],
+      ["create", "-o", "size=0x10k,extent_size_hint=0x20k", "a.raw"],
+      ["create", "-o", "extent_size_hint=0x20k,size=0x10k", "a.raw"],
+      ["create", "-q", "a.raw", "0x10k"],
       ["create", "-f", "file", "a.raw", "1M"],
     ]
   ) await assertCreateSameAsQemu(args);
