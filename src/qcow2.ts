@@ -16,10 +16,10 @@ import type {
 import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
 import { QimgError, strerror } from "./errors.ts";
-import { be16, be32, text } from "./bytes.ts";
 import { decompressCluster } from "./codec.ts";
 import {
   AUTOCLEAR_DATA_FILE_RAW,
+  type BitmapDirEntry,
   COMPAT_LAZY_REFCOUNTS,
   CRYPT_AES,
   CRYPT_LUKS,
@@ -30,6 +30,7 @@ import {
   type LuksInfo,
   probeQcow2,
   type Qcow2Header,
+  readBitmapDirectory,
   readLuksInfo,
   readPadded,
   readQcow2Header,
@@ -59,6 +60,8 @@ export class Qcow2Image implements FormatImage {
   readonly backing?: BackingRef;
   /** The LUKS header as `info` shows it, for LUKS-encrypted images. */
   luks?: LuksInfo;
+  /** The bitmap directory (empty without bitmaps). */
+  bitmapDirectory: BitmapDirEntry[] = [];
   #cached?: { offset: number; data: Uint8Array };
   #preallocated?: Promise<boolean>;
 
@@ -247,29 +250,14 @@ export class Qcow2Image implements FormatImage {
     };
   }
 
-  /** The persistent dirty bitmaps listed in the bitmap directory. */
-  async bitmaps(): Promise<BitmapInfo[]> {
-    const ext = this.header.bitmaps;
-    if (!ext || this.header.bitmapsInconsistent) return [];
-    const dir = await readPadded(this.file, ext.directoryOffset, ext.directorySize);
-    const out: BitmapInfo[] = [];
-    let pos = 0;
-    for (let i = 0; i < ext.nbBitmaps; i++) {
-      if (pos + 24 > dir.length) throw new QimgError("Failed to read bitmap directory");
-      const flags = be32(dir, pos + 12);
-      const granularityBits = dir[pos + 17];
-      const nameSize = be16(dir, pos + 18);
-      const extra = be32(dir, pos + 20);
-      const entrySize = 24 + extra + nameSize;
-      if (pos + entrySize > dir.length) throw new QimgError("Failed to read bitmap directory");
-      const name = text(dir.subarray(pos + 24 + extra, pos + 24 + extra + nameSize));
-      const f: string[] = [];
-      if (flags & 1) f.push("in-use");
-      if (flags & 2) f.push("auto");
-      out.push({ name, granularity: 2 ** granularityBits, flags: f });
-      pos += (entrySize + 7) & ~7;
-    }
-    return out;
+  /** The persistent dirty bitmaps listed in the bitmap directory (read at open). */
+  bitmaps(): Promise<BitmapInfo[]> {
+    return Promise.resolve(this.bitmapDirectory.map((e) => {
+      const flags: string[] = [];
+      if (e.flags & 1) flags.push("in-use");
+      if (e.flags & 2) flags.push("auto");
+      return { name: e.name, granularity: 2 ** e.granularityBits, flags };
+    }));
   }
 
   flush(): Promise<void> {
@@ -352,9 +340,11 @@ export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Pro
   const luks = header.cryptMethod === CRYPT_LUKS && header.cryptoHeader
     ? await readLuksInfo(file, header)
     : undefined;
+  const bitmapDirectory = await readBitmapDirectory(file, header);
   const mapper = new ClusterMapper(file, header, l1, { hasDataFile });
   const image = new Qcow2Image(file, header, mapper, dataFile);
   image.luks = luks;
+  image.bitmapDirectory = bitmapDirectory;
   return image;
 }
 

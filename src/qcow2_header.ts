@@ -6,7 +6,7 @@
 
 import type { BlockFile } from "./file.ts";
 import { QimgError } from "./errors.ts";
-import { be32, be64, text } from "./bytes.ts";
+import { be16, be32, be64, text } from "./bytes.ts";
 
 /** "QFI\xfb". */
 export const QCOW2_MAGIC = 0x514649fb;
@@ -566,4 +566,86 @@ export async function readLuksInfo(file: BlockFile, header: Qcow2Header): Promis
   info.uuid = uuid;
   info.slots = slots;
   return info;
+}
+
+/** One entry of the bitmap directory. */
+export interface BitmapDirEntry {
+  name: string;
+  tableOffset: number;
+  tableSize: number;
+  /** Bit 0 in use, bit 1 auto, bit 2 extra data compatible. */
+  flags: number;
+  type: number;
+  granularityBits: number;
+}
+
+const BME_MAX_TABLE_SIZE = 0x8000000;
+const BME_MAX_PHYS_SIZE = 0x20000000;
+const BME_MIN_GRANULARITY_BITS = 9;
+const BME_MAX_GRANULARITY_BITS = 31;
+const BME_MAX_NAME_SIZE = 1023;
+const BME_RESERVED_FLAGS = ~7 >>> 0;
+const BT_DIRTY_TRACKING_BITMAP = 1;
+
+/** Whether a directory entry satisfies qemu's constraints (check_dir_entry). */
+function bitmapEntryValid(e: BitmapDirEntry, header: Qcow2Header): boolean {
+  if (
+    e.tableSize === 0 || e.tableOffset === 0 || e.tableOffset % header.clusterSize ||
+    e.tableSize > BME_MAX_TABLE_SIZE || e.granularityBits > BME_MAX_GRANULARITY_BITS ||
+    e.granularityBits < BME_MIN_GRANULARITY_BITS || (e.flags & BME_RESERVED_FLAGS) ||
+    e.type !== BT_DIRTY_TRACKING_BITMAP
+  ) return false;
+  const physBytes = e.tableSize * header.clusterSize;
+  // The table must cover the disk: one bit per granule.
+  return physBytes <= BME_MAX_PHYS_SIZE &&
+    header.size <= physBytes * 8 * 2 ** e.granularityBits;
+}
+
+/**
+ * Reads and checks the bitmap directory, as qemu does while opening an image
+ * with the bitmaps extension (nothing to read when the bitmaps are stale).
+ */
+export async function readBitmapDirectory(
+  file: BlockFile,
+  header: Qcow2Header,
+): Promise<BitmapDirEntry[]> {
+  const ext = header.bitmaps;
+  if (!ext || header.bitmapsInconsistent) return [];
+  if (ext.directorySize === 0) throw new QimgError("Requested bitmap directory size is zero");
+  if (ext.directorySize > MAX_BITMAP_DIRECTORY_SIZE) {
+    throw new QimgError("Requested bitmap directory size is too big");
+  }
+  const dir = await readPadded(file, ext.directoryOffset, ext.directorySize).catch((e) => {
+    throw new QimgError(`Failed to read bitmap directory: ${(e as Error).message}`);
+  });
+  const out: BitmapDirEntry[] = [];
+  const broken = () => new QimgError("Broken bitmap directory");
+  for (let pos = 0; pos < dir.length;) {
+    if (pos + 24 > dir.length) throw broken();
+    if (out.length + 1 > ext.nbBitmaps) {
+      throw new QimgError("More bitmaps found than specified in header extension");
+    }
+    const nameSize = be16(dir, pos + 18);
+    const extra = be32(dir, pos + 20);
+    const size = (24 + extra + nameSize + 7) & ~7;
+    if (pos + size > dir.length) throw broken();
+    if (extra !== 0) throw new QimgError("Bitmap extra data is not supported");
+    const e: BitmapDirEntry = {
+      tableOffset: be64(dir, pos),
+      tableSize: be32(dir, pos + 8),
+      flags: be32(dir, pos + 12),
+      type: dir[pos + 16],
+      granularityBits: dir[pos + 17],
+      name: text(dir.subarray(pos + 24, pos + 24 + nameSize)),
+    };
+    if (!bitmapEntryValid(e, header) || nameSize > BME_MAX_NAME_SIZE) {
+      throw new QimgError(`Bitmap '${e.name}' doesn't satisfy the constraints`);
+    }
+    out.push(e);
+    pos += size;
+  }
+  if (out.length !== ext.nbBitmaps) {
+    throw new QimgError("Less bitmaps found than specified in header extension");
+  }
+  return out;
 }

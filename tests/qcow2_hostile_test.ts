@@ -197,3 +197,36 @@ Deno.test("qcow2Driver read errors on corrupt L2 metadata fail without a stack t
     await image.close();
   }
 });
+
+Deno.test("qcow2Driver checks the bitmap directory at open as qemu-img info does", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 bm.qcow2 10M && qemu-img bitmap --add bm.qcow2 b1 && " +
+      "qemu-img bitmap --add -g 128k --disable bm.qcow2 second",
+    dir.path,
+  );
+  const clean = await Deno.readFile(`${dir.path}/bm.qcow2`);
+  const v = new DataView(clean.buffer);
+  // Find the bitmaps extension after the header; its fields locate the directory.
+  let ext = 104;
+  while (v.getUint32(ext) !== 0x23852875) ext += 8 + ((v.getUint32(ext + 4) + 7) & ~7);
+  const d = Number(v.getBigUint64(ext + 24));
+  const cases: [string, Poke[]][] = [
+    ["fewer bitmaps in the header", [[ext + 8, "I", 1]]],
+    ["more bitmaps in the header", [[ext + 8, "I", 3]]],
+    ["empty directory", [[ext + 16, "Q", 0]]],
+    ["directory cut short", [[ext + 16, "Q", 20]]],
+    ["extra data", [[d + 20, "I", 8]]],
+    ["granularity 2^8", [[d + 17, "B", 8]]],
+    ["granularity 2^31", [[d + 17, "B", 31]]],
+    ["bitmap type 2", [[d + 16, "B", 2]]],
+    ["reserved flag", [[d + 12, "I", 8]]],
+    ["in-use flag", [[d + 12, "I", 3]]],
+    ["empty bitmap table", [[d + 8, "I", 0]]],
+    ["misaligned bitmap table", [[d, "Q", 0x10001]]],
+    // name_size (u16) 1000 and extra_data_size kept 0
+    ["name past the directory", [[d + 18, "I", 1000 << 16]]],
+  ];
+  await Deno.writeFile(`${dir.path}/base.qcow2`, clean);
+  await runCases("base.qcow2", cases, dir.path);
+});
