@@ -53,21 +53,28 @@ const OBJECT_TYPES = [
   "tls-creds-x509",
 ];
 
+/** A secret's properties, as `--object secret,help` lists them. */
+const SECRET_OPTIONS = ["data", "file", "format", "iv", "keyid"];
+
+/** Secret ids defined so far by `--object secret,...` (for `keyid=`). */
+const secretIds = new Set<string>();
+
 /**
  * `--object`: checks the definition as far as qemu-img's messages go
- * (type, id, a secret's data). Returns true when qemu-img would have
- * printed a listing and exited 0 (`--object help`).
+ * (type, id, a secret's properties). Returns true when qemu-img would have
+ * printed a listing and exited 0 (`--object help`, `--object secret,help`).
  */
 export function processObject(spec: string, io: Io): boolean {
-  const items = splitOptionString(spec);
   const values = new Map<string, string>();
-  items.forEach(([k, v], i) => {
-    if (v === undefined && i === 0 && k !== "") values.set("qom-type", k);
+  let help = false;
+  splitOptionString(spec).forEach(([k, v], i) => {
+    if (v === undefined && (k === "help" || k === "?")) help = true;
+    else if (v === undefined && i === 0 && k !== "") values.set("qom-type", k);
     else if (v !== undefined) values.set(k, v);
     else if (k !== "") values.set(k, "on");
   });
   const type = values.get("qom-type");
-  if (type === "help" || type === "?") {
+  if (help && type === undefined) {
     io.stdout("List of user creatable objects:\n" + OBJECT_TYPES.map((t) => `  ${t}\n`).join(""));
     return true;
   }
@@ -75,10 +82,49 @@ export function processObject(spec: string, io: Io): boolean {
   if (!OBJECT_TYPES.includes(type)) {
     throw new QimgError(`Parameter 'qom-type' does not accept value '${type}'`);
   }
-  if (!values.has("id")) throw new QimgError("Parameter 'id' is missing");
-  if (type === "secret" && !values.has("data") && !values.has("file")) {
+  if (type !== "secret") {
+    if (help) throw notSupportedYet(`--object ${type},help`);
+    if (!values.has("id")) throw new QimgError("Parameter 'id' is missing");
+    return false;
+  }
+  if (help) {
+    io.stdout(
+      "secret options:\n" +
+        SECRET_OPTIONS.map((o) => `  ${o}=<${o === "format" ? "QCryptoSecretFormat" : "string"}>\n`)
+          .join(""),
+    );
+    return true;
+  }
+  const id = values.get("id");
+  if (id === undefined) throw new QimgError("Parameter 'id' is missing");
+  const format = values.get("format");
+  if (format !== undefined && format !== "raw" && format !== "base64") {
+    throw new QimgError(`Parameter 'format' does not accept value '${format}'`);
+  }
+  for (const key of values.keys()) {
+    if (key !== "qom-type" && key !== "id" && key !== "loaded" && !SECRET_OPTIONS.includes(key)) {
+      throw new QimgError(`Parameter '${key}' is unexpected`);
+    }
+  }
+  if (!/^[A-Za-z][A-Za-z0-9._-]*$/.test(id)) {
+    throw new QimgError(
+      "Parameter 'id' expects an identifier\n" +
+        "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
+    );
+  }
+  if (values.has("loaded")) throw new QimgError("Property 'secret.loaded' is not writable");
+  if (values.has("data") && values.has("file")) {
+    throw new QimgError("'file' and 'data' are mutually exclusive");
+  }
+  if (!values.has("data") && !values.has("file")) {
     throw new QimgError("Either 'file' or 'data' must be provided");
   }
+  const keyid = values.get("keyid");
+  if (keyid !== undefined) {
+    if (!secretIds.has(keyid)) throw new QimgError(`No secret with id '${keyid}'`);
+    throw notSupportedYet("--object secret,keyid"); // decrypting a secret with another
+  }
+  secretIds.add(id);
   return false;
 }
 

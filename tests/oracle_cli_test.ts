@@ -302,6 +302,21 @@ Deno.test("--object is checked as qemu-img checks it", async () => {
         "qom-type=secret,id=s0,data=x",
         "throttle-group,id=t",
         "help",
+        "?",
+        "secret,help",
+        "secret,id=s,data=x,help",
+        "secret,bogus=1",
+        "secret,id=1s,bogus=1",
+        "secret,id=s,bogus=1,format=x",
+        "secret,id=s,format=x",
+        "secret,id=s,data=x,format=base64",
+        "secret,id=s,data=x,loaded=on",
+        "secret,id=s,data=x,file=y",
+        "secret,id=s,keyid=k",
+        "secret,id=s,data=x,keyid=k",
+        "secret,id=1s,data=x",
+        "secret,id=,data=x",
+        "secret,id=a.b-c_d,data=x",
       ]
     ) await assertSameAsQemu(["snapshot", "-l", "--object", object, "a.raw"], dir);
   });
