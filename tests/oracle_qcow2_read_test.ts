@@ -229,3 +229,17 @@ Deno.test("qcow2Driver block status of preallocated images asks the host file, a
     await assertReadsLikeQemu(dir.path, name);
   }
 });
+
+Deno.test("qcow2Driver reads zero-allocated clusters and compressed extended-L2 clusters as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 za.qcow2 4M && " +
+      "qemu-io -c 'write -P 1 0 256k' -c 'write -z 64k 64k' -c 'write -z -u 128k 64k' -c 'discard 192k 64k' za.qcow2 >/dev/null && " +
+      "head -c 2M /dev/urandom > r.raw && seq 1 300000 >> r.raw && truncate -s 8M r.raw && " +
+      "qemu-img convert -c -O qcow2 -o extended_l2=on r.raw cx.qcow2 && " +
+      "qemu-io -c 'write -P 9 4k 4k' -c 'write -z 3M 8k' cx.qcow2 >/dev/null",
+    dir.path,
+  );
+  await assertReadsLikeQemu(dir.path, "za.qcow2");
+  await assertReadsLikeQemu(dir.path, "cx.qcow2");
+});
