@@ -47,7 +47,21 @@ const QEMU_CREATABLE = new Set(
     "raw rbd ssh vdi vhdx vmdk vpc").split(" "),
 );
 
-/** How to create an image. */
+/**
+ * How to create an image: `qemu-img create`'s arguments as an object.
+ *
+ * @example Usage
+ * ```ts
+ * import { createImage, type CreateImageOptions } from "@qimg/qimg";
+ * const path = await Deno.makeTempFile({ suffix: ".raw" });
+ * const options: CreateImageOptions = {
+ *   format: "raw",
+ *   options: "size=2M,preallocation=full",
+ *   onFormatting: (line) => console.log(line.trimEnd()),
+ * };
+ * await createImage(path, options); // Formatting '...', fmt=raw size=2097152 preallocation=full
+ * ```
+ */
 export interface CreateImageOptions {
   /** The format (default `raw`). */
   format?: string;
