@@ -150,3 +150,22 @@ Deno.test("mergeOptionTables() keeps the format's description of a shared name",
   );
   assertEquals(merged.slice(-2).map((d) => d.name), ["nocow", "extent_size_hint"]);
 });
+
+Deno.test("formattingLine() orders every qcow2 and file option as qemu-img 7.2", () => {
+  const descs = mergeOptionTables(QCOW2_CREATE_OPTIONS, PROTOCOL_CREATE_OPTIONS);
+  const text = "backing_file=a,backing_fmt=raw,cluster_size=64k,compat=1.1,compression_type=zlib," +
+    "data_file=x,data_file_raw=on,encrypt.cipher-alg=aes-256,encrypt.cipher-mode=xts," +
+    "encrypt.format=luks,encrypt.hash-alg=sha256,encrypt.iter-time=10,encrypt.ivgen-alg=plain64," +
+    "encrypt.ivgen-hash-alg=sha256,encrypt.key-secret=s,encryption=off,extended_l2=off," +
+    "extent_size_hint=1M,lazy_refcounts=off,nocow=off,preallocation=off,refcount_bits=16,size=1M";
+  // Printed by `qemu-img create -f qcow2 -u -o <text> q.qcow2`.
+  assertEquals(
+    formattingLine("q.qcow2", "qcow2", descs, parseOptionList(text, descs)),
+    "Formatting 'q.qcow2', fmt=qcow2 encryption=off encrypt.format=luks encrypt.key-secret=s " +
+      "encrypt.cipher-alg=aes-256 encrypt.cipher-mode=xts encrypt.ivgen-alg=plain64 " +
+      "encrypt.ivgen-hash-alg=sha256 encrypt.hash-alg=sha256 encrypt.iter-time=10 " +
+      "cluster_size=65536 extended_l2=off preallocation=off compression_type=zlib size=1048576 " +
+      "compat=1.1 backing_file=a backing_fmt=raw data_file=x data_file_raw=on " +
+      "lazy_refcounts=off refcount_bits=16 nocow=off extent_size_hint=1048576\n",
+  );
+});
