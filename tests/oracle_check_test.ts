@@ -1,7 +1,10 @@
-import { assertEquals } from "./_assert.ts";
+import { assertEquals, assertRejects } from "./_assert.ts";
 import { assertSameAsQemu, hashFile, qemuImg, qimg, sh, tempDir } from "./_util.ts";
-import { checkToJson, fixed2, renderCheckHuman } from "../src/cmd_check.ts";
-import type { CheckResult } from "../src/driver.ts";
+import { checkToJson, fixed2, renderCheckHuman, run } from "../src/cmd_check.ts";
+import type { CheckResult, FormatDriver, FormatImage } from "../src/driver.ts";
+import type { Io } from "../src/command.ts";
+import { type BlockFile, DenoFile } from "../src/file.ts";
+import { FORMATS } from "../src/formats.ts";
 import { openImageChain } from "../src/image.ts";
 import { toJsonPretty } from "../src/output.ts";
 
@@ -124,11 +127,11 @@ async function qcow2CanCheck(): Promise<boolean> {
 }
 
 Deno.test({
-  name: "check renders qcow2 results and repairs as qemu-img",
+  name: "check renders qcow2 results as qemu-img",
   ignore: !(await qcow2CanCheck()),
   fn: async () => {
     await using dir = await tempDir();
-    await sh(QCOW2_SETUP + " && cp leak.qcow2 fix2.qcow2", dir.path);
+    await sh(QCOW2_SETUP, dir.path);
     for (
       const args of [
         ["ok.qcow2"],
@@ -138,9 +141,119 @@ Deno.test({
         ["bad.qcow2"],
         ["--output=json", "bad.qcow2"],
         ["-q", "bad.qcow2"],
-        ["-r", "leaks", "fix.qcow2"],
-        ["-r", "all", "--output=json", "fix2.qcow2"],
+        ["-U", "ok.qcow2"],
       ]
     ) await assertSameAsQemu(["check", ...args], dir.path);
   },
+});
+
+/** Whether qimg's qcow2 check can repair yet (the repair lands after the check). */
+async function qcow2CanRepair(): Promise<boolean> {
+  if (!(await qcow2CanCheck())) return false;
+  await using dir = await tempDir();
+  await sh(QCOW2_SETUP, dir.path);
+  const r = await qimg(["check", "-q", "-r", "leaks", "leak.qcow2"], dir.path);
+  return !r.stderr.includes("not supported yet");
+}
+
+Deno.test({
+  name: "check -r repairs qcow2 leaks and reports the re-check as qemu-img",
+  ignore: !(await qcow2CanRepair()),
+  fn: async () => {
+    await using dir = await tempDir();
+    await sh(QCOW2_SETUP + " && cp leak.qcow2 fix2.qcow2", dir.path);
+    await assertSameAsQemu(["check", "-r", "leaks", "fix.qcow2"], dir.path);
+    await assertSameAsQemu(["check", "-r", "all", "--output=json", "fix2.qcow2"], dir.path);
+    // Both repaired the same way: the files match byte for byte.
+    await sh(
+      "cp leak.qcow2 q1.qcow2 && cp leak.qcow2 q2.qcow2 && qemu-img check -q -r leaks q1.qcow2",
+      dir.path,
+    );
+    assertEquals((await qimg(["check", "-q", "-r", "leaks", "q2.qcow2"], dir.path)).code, 0);
+    assertEquals(await hashFile(`${dir.path}/q2.qcow2`), await hashFile(`${dir.path}/q1.qcow2`));
+  },
+});
+
+/** Captures what a command writes; relative paths open in `cwd`, as for a process there. */
+function captureIo(cwd: string): Io & { out: string; err: string } {
+  const io = {
+    out: "",
+    err: "",
+    stdout(text: string) {
+      io.out += text;
+    },
+    stderr(text: string) {
+      io.err += text;
+    },
+    openFile: (path: string, options: { write?: boolean }) =>
+      DenoFile.open(path.startsWith("/") ? path : `${cwd}/${path}`, options),
+  };
+  return io;
+}
+
+/**
+ * A format whose check replays qemu's two passes over a leaking qcow2
+ * image repaired with -r: the repair pass, then the clean re-check.
+ */
+function replayDriver(passes: CheckResult[]): FormatDriver {
+  return {
+    name: "replay",
+    open(file: BlockFile): Promise<FormatImage> {
+      return Promise.resolve({
+        size: 1 << 20,
+        file,
+        read: (_offset: number, buf: Uint8Array) => Promise.resolve(void buf.fill(0)),
+        blockStatus: (_offset: number, length: number) =>
+          Promise.resolve({ length, data: false, zero: true }),
+        info: () => Promise.resolve({}),
+        flush: () => Promise.resolve(),
+        close: () => file.close(),
+        check: () => Promise.resolve(passes.shift()!),
+      });
+    },
+  };
+}
+
+Deno.test("check reports a repair and the re-check as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(QCOW2_SETUP + " && cp leak.qcow2 fix2.qcow2", dir.path);
+  for (const output of ["human", "json"]) {
+    const name = output === "human" ? "fix.qcow2" : "fix2.qcow2";
+    const theirs = await qemuImg(["check", "-r", "leaks", `--output=${output}`, name], dir.path);
+    // The driver's own progress lines (qcow2's "Leaked cluster ..."), replayed.
+    const repair = {
+      ...fromQemuJson('{"check-errors": 0, "leaks-fixed": 2}'),
+      messages: theirs.stderr.trimEnd().split("\n"),
+    };
+    const recheck = fromQemuJson(
+      '{"check-errors": 0, "image-end-offset": 262144, "total-clusters": 16}',
+    );
+    const driver = replayDriver([repair, recheck]);
+    FORMATS.push(driver);
+    try {
+      const io = captureIo(dir.path);
+      const code = await run(["-f", "replay", "-r", "leaks", `--output=${output}`, name], io);
+      assertEquals(
+        // The stand-in driver's name is the only difference allowed.
+        { stdout: io.out.replace('"replay"', '"qcow2"'), stderr: io.err, code },
+        { stdout: theirs.stdout, stderr: theirs.stderr, code: theirs.code },
+      );
+    } finally {
+      FORMATS.splice(FORMATS.indexOf(driver), 1);
+    }
+  }
+});
+
+Deno.test("check prints the report, then fails with exit 1 on internal check errors", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f raw a.raw 1M", dir.path);
+  const driver = replayDriver([{ ...fromQemuJson('{"check-errors": 3}'), messages: [] }]);
+  FORMATS.push(driver);
+  try {
+    const io = captureIo(dir.path);
+    await assertRejects(() => run(["-f", "replay", "a.raw"], io), /^QimgError: Check failed$/);
+    assertEquals(io.out, "\n3 internal errors have occurred during the check.\n");
+  } finally {
+    FORMATS.splice(FORMATS.indexOf(driver), 1);
+  }
 });
