@@ -127,6 +127,9 @@ async function runCheck(pass: () => Promise<CheckResult>, io: Io): Promise<Check
   try {
     result = await pass();
   } catch (e) {
+    // A check that stops early still printed its lines so far (qcow2's CheckFailedError).
+    const lines = (e as { messages?: string[] }).messages;
+    if (lines?.length) io.stderr(lines.map((m) => m + "\n").join(""));
     if (e instanceof QimgError) throw new QimgError(`Check failed: ${e.message}`);
     throw e;
   }

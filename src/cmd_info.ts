@@ -8,6 +8,7 @@ import { type Image, type ImageInfo, openImageChain } from "./image.ts";
 import { dumpHuman, type JsonValue, toJsonPretty } from "./output.ts";
 import { sizeToStr } from "./size.ts";
 import { parseOutputFormat } from "./cmd_util.ts";
+import { renderSnapshotList, snapshotsFromJson, snapshotsToJson } from "./qcow2_snapshot.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -84,6 +85,8 @@ export async function imageInfo(image: Image, depth = 0): Promise<ImageInfo> {
     info["full-backing-filename"] = layer.image.file.resolve(backing.name);
     if (backing.format) info["backing-filename-format"] = backing.format;
   }
+  const snapshots = await layer.image.snapshots?.();
+  if (snapshots?.length) info.snapshots = snapshotsToJson(snapshots);
   if (fi.formatSpecific) info["format-specific"] = fi.formatSpecific as unknown as JsonValue;
   info["dirty-flag"] = fi.dirty ?? false;
   return info;
@@ -109,6 +112,7 @@ export function renderInfoHuman(info: ImageInfo): string {
   if (info["backing-filename-format"] !== undefined) {
     out += `backing file format: ${info["backing-filename-format"]}\n`;
   }
+  if (info.snapshots) out += renderSnapshotList(snapshotsFromJson(info.snapshots));
   const spec = info["format-specific"] as { data: JsonValue } | undefined;
   if (spec) out += "Format specific information:\n" + dumpHuman(spec.data, 1);
   return out;

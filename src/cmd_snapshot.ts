@@ -3,6 +3,7 @@
 import type { Io } from "./command.ts";
 import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
+import { renderSnapshotList } from "./qcow2_snapshot.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { expectOneImage, openForCommand, printHelp, processObject } from "./cmd_util.ts";
 
@@ -65,6 +66,12 @@ export async function run(args: string[], io: Io): Promise<number> {
     forceShare,
   });
   try {
+    if (action === "list") {
+      // qemu prints nothing for drivers without snapshots, or with none.
+      const top = image.chain[0].image;
+      if (top.snapshots) io.stdout(renderSnapshotList(await top.snapshots()));
+      return 0;
+    }
     if (SNAPSHOT_FORMATS.has(image.format)) throw notSupportedYet("snapshot");
     // Every other driver has no snapshots: qemu's generic answers.
     switch (action) {

@@ -60,10 +60,24 @@ export interface CheckResult {
   messages: string[];
 }
 
+/** An internal snapshot, as qemu's QEMUSnapshotInfo. */
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: bigint;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: bigint;
+  /** Absent when not recorded. */
+  icount?: bigint;
+}
+
 /** Options for opening an image. */
 export interface OpenOptions {
   /** Open for writing. */
   write?: boolean;
+  /** Open for `check` (qemu's BDRV_O_CHECK): tables check reports on are not validated. */
+  check?: boolean;
   /** Share locks (-U); accepted, qimg takes no locks. */
   forceShare?: boolean;
   /** Opens further host files a format refers to (qcow2's external data file). */
@@ -114,6 +128,8 @@ export interface FormatImage {
   writeZeroes?(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
   /** Checks metadata consistency; repairs when `repair` is set. */
   check?(options: { repair?: "leaks" | "all" }): Promise<CheckResult>;
+  /** The internal snapshots, in table order. */
+  snapshots?(): Promise<SnapshotInfo[]>;
   /** Changes the virtual size. */
   resize?(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void>;
 }

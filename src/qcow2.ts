@@ -8,6 +8,7 @@ import type {
   BackingReader,
   BackingRef,
   BlockStatus,
+  CheckResult,
   FormatDriver,
   FormatImage,
   FormatInfo,
@@ -42,6 +43,8 @@ import {
   entryOffset,
   readL1Table,
 } from "./qcow2_cluster.ts";
+import { checkQcow2 } from "./qcow2_refcount.ts";
+import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_snapshot.ts";
 
 /** One bitmap as `info` lists it. */
 export interface BitmapInfo {
@@ -62,6 +65,8 @@ export class Qcow2Image implements FormatImage {
   luks?: LuksInfo;
   /** The bitmap directory (empty without bitmaps). */
   bitmapDirectory: BitmapDirEntry[] = [];
+  /** The internal snapshots (read at open, except for check). */
+  snapshotList: Qcow2Snapshot[] = [];
   #cached?: { offset: number; data: Uint8Array };
   #preallocated?: Promise<boolean>;
 
@@ -260,6 +265,29 @@ export class Qcow2Image implements FormatImage {
     }));
   }
 
+  /** The internal snapshots, in table order. */
+  snapshots(): Promise<Qcow2Snapshot[]> {
+    return Promise.resolve(this.snapshotList);
+  }
+
+  /** Checks the metadata (qcow2_refcount.ts); repair is not implemented yet. */
+  check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
+    if (options.repair) throw new QimgError("check -r: not supported yet");
+    return checkQcow2(this.file, this.header, { hasDataFile: this.hasDataFile });
+  }
+
+  /**
+   * A read-only view of the guest as it was at `snapshot` (convert -l/-s):
+   * the snapshot's L1 table over the same files; closing it closes nothing.
+   */
+  async atSnapshot(snapshot: Qcow2Snapshot): Promise<Qcow2Image> {
+    const { header, l1 } = await loadSnapshotL1(this.file, this.header, snapshot);
+    const mapper = new ClusterMapper(this.file, header, l1, { hasDataFile: this.hasDataFile });
+    const view = new Qcow2Image(this.file, header, mapper, this.dataFile);
+    view.close = () => Promise.resolve();
+    return view;
+  }
+
   flush(): Promise<void> {
     return Promise.resolve();
   }
@@ -340,11 +368,14 @@ export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Pro
   const luks = header.cryptMethod === CRYPT_LUKS && header.cryptoHeader
     ? await readLuksInfo(file, header)
     : undefined;
+  // qemu skips the snapshot table when opening for check, which reports on it.
+  const snapshots = o.check ? [] : (await readSnapshotTable(file, header)).snapshots;
   const bitmapDirectory = await readBitmapDirectory(file, header);
   const mapper = new ClusterMapper(file, header, l1, { hasDataFile });
   const image = new Qcow2Image(file, header, mapper, dataFile);
   image.luks = luks;
   image.bitmapDirectory = bitmapDirectory;
+  image.snapshotList = snapshots;
   return image;
 }
 
