@@ -33,6 +33,8 @@ import { openImageChain } from "./image.ts";
 import { qdictEntries } from "./output.ts";
 import { hexSuffixWarning, strtosz } from "./size.ts";
 
+const U64_MAX = (1n << 64n) - 1n;
+
 /** Every format name Debian's qemu-img 7.2 knows (its `Supported formats`). */
 const QEMU_FORMATS = new Set(
   ("blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg " +
@@ -215,7 +217,10 @@ async function prepareCreate(filename: string, o: CreateImageOptions): Promise<C
   } else if (backing !== undefined && backingFormat === undefined) {
     throw new QimgError("Backing file specified without backing format");
   }
-  if (size === undefined) throw new QimgError("Image creation needs a size parameter");
+  // qemu keeps "no size" as (uint64_t)-1, so that exact size counts as none.
+  if (size === undefined || size === U64_MAX) {
+    throw new QimgError("Image creation needs a size parameter");
+  }
   return { format, driver, descs, parsed, path, size };
 }
 

@@ -77,7 +77,8 @@ export function strtosz(text: string, defaultSuffix = "B"): StrtoszResult {
       if (/^[eE][+-]?[0-9]/.test(text.slice(i))) return invalid;
       const f = Number("0." + m[1]); // the double strtod returns
       fraction = BigInt(Math.floor(f * 2 ** 64)); // exact: scaling by 2^64
-      if (fraction >= U64_LIMIT) fraction = U64_LIMIT - 1n;
+      // A fraction that rounds to 1.0 overflows qemu's cast to uint64, which yields 0 on x86-64.
+      if (fraction >= U64_LIMIT) fraction = 0n;
     }
   }
   let shift = SUFFIX_SHIFT[text[i] ?? ""];

@@ -41,6 +41,12 @@ const ACCEPTED: [string, bigint][] = [
   ["1.5E", 1729382256910270464n],
   ["9223372036854775807", 9223372036854775807n],
   ["15E", 15n << 60n],
+  ["0.00048828125k", 1n], // exactly half a byte rounds up
+  ["0.000488281249k", 0n],
+  // A fraction that rounds to 1.0 as a double counts as none (qemu's uint64 cast).
+  ["0.99999999999999999999k", 0n],
+  ["1.99999999999999999999k", 1024n],
+  ["\t1k", 1024n],
 ];
 
 const INVALID = [
