@@ -218,6 +218,37 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "DenoFile.discard() punches a hole that reads as zeroes, keeping the size",
+  ignore: !ffiGranted || Deno.build.os !== "linux",
+  async fn() {
+    await using dir = await tempDir();
+    await sh("dd if=/dev/urandom of=f bs=1M count=4 status=none", dir.path);
+    const ro = await DenoFile.open(`${dir.path}/f`);
+    try {
+      assertEquals(await ro.discard!(0, MIB), false, "a read-only handle cannot discard");
+    } finally {
+      await ro.close();
+    }
+    const f = await DenoFile.open(`${dir.path}/f`, { write: true });
+    try {
+      assertEquals(await f.discard!(MIB, 2 * MIB), true);
+      assertEquals(await f.size(), 4 * MIB);
+      const buf = new Uint8Array(2 * MIB + 2);
+      assertEquals(await f.read(MIB - 1, buf), buf.length);
+      assertTrue(buf[0] !== 0 || buf[buf.length - 1] !== 0, "data around the hole survives");
+      assertEquals(buf.subarray(1, buf.length - 1).every((b) => b === 0), true);
+      assertEquals(await walkExtents(f), [
+        { offset: 0, length: MIB, data: true },
+        { offset: MIB, length: 2 * MIB, data: false },
+        { offset: 3 * MIB, length: MIB, data: true },
+      ]);
+    } finally {
+      await f.close();
+    }
+  },
+});
+
 Deno.test("DenoFile.extent() without the ffi permission answers all data, silently", async () => {
   await using dir = await tempDir();
   await sh(SPARSE, dir.path);
