@@ -44,17 +44,38 @@ export interface FormatInfo {
   encrypted?: boolean;
 }
 
-/** Result of a metadata consistency check, as qemu's BdrvCheckResult. */
+/**
+ * Result of a metadata consistency check, as qemu's BdrvCheckResult.
+ *
+ * @example Usage
+ * ```ts
+ * import { type CheckResult, openImage } from "@qimg/qimg";
+ * const path = await Deno.makeTempFile({ suffix: ".raw" });
+ * await using image = await openImage(path);
+ * const result: CheckResult | undefined = await image.check().catch(() => undefined);
+ * console.log(result?.corruptions ?? "raw has no check");
+ * ```
+ */
 export interface CheckResult {
+  /** Metadata errors that can make data wrong. */
   corruptions: number;
+  /** Clusters allocated but not referenced (space lost, data safe). */
   leaks: number;
+  /** Errors that stopped the check itself (e.g. I/O errors). */
   checkErrors: number;
+  /** Corruptions repaired (with `repair`). */
   corruptionsFixed: number;
+  /** Leaks repaired (with `repair`). */
   leaksFixed: number;
+  /** Offset just past the last used byte of the image file. */
   imageEndOffset?: number;
+  /** Clusters of the virtual disk. */
   totalClusters?: number;
+  /** Clusters of the virtual disk that are allocated. */
   allocatedClusters?: number;
+  /** Allocated clusters not contiguous with their predecessor. */
   fragmentedClusters?: number;
+  /** Allocated clusters stored compressed. */
   compressedClusters?: number;
   /** Lines the check prints while it runs (qemu's fprintf(stderr) lines). */
   messages: string[];

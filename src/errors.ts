@@ -30,6 +30,7 @@ export class QimgError extends Error {
   /** Extra lines printed after the message, e.g. qemu-img's `Try ... --help` hint. */
   readonly hint?: string;
   /**
+   * Makes an error with qemu-img's message and exit code.
    * @param message qemu-img's message text, without the program name.
    * @param options `exitCode` (default 1) and an optional `hint` line.
    */

@@ -10,7 +10,20 @@ import { isPermissionError, QimgError, strerror } from "./errors.ts";
 import { findFormat, probeFormat } from "./formats.ts";
 import type { JsonValue } from "./output.ts";
 
-/** A run of guest bytes with the same status through the whole chain. */
+/**
+ * A run of guest bytes with the same status through the whole chain.
+ *
+ * @example Usage
+ * ```ts
+ * import { type Extent, openImage } from "@qimg/qimg";
+ * const path = await Deno.makeTempFile({ suffix: ".raw" });
+ * await Deno.writeFile(path, new Uint8Array(4096).fill(1));
+ * await using image = await openImage(path);
+ * for await (const e of image.extents() as AsyncIterable<Extent>) {
+ *   console.log(e.offset, e.length, e.data ? "data" : e.zero ? "zero" : "backing");
+ * }
+ * ```
+ */
 export interface Extent {
   /** Guest offset in bytes. */
   offset: number;
@@ -32,7 +45,19 @@ export interface Extent {
   compressed?: boolean;
 }
 
-/** What `info --output=json` prints for one image, in qemu's key order. */
+/**
+ * What `info --output=json` prints for one image, in qemu's key order.
+ *
+ * @example Usage
+ * ```ts
+ * import { type ImageInfo, openImage } from "@qimg/qimg";
+ * const path = await Deno.makeTempFile({ suffix: ".raw" });
+ * await Deno.writeFile(path, new Uint8Array(4096));
+ * await using image = await openImage(path);
+ * const info: ImageInfo = await image.info();
+ * console.log(info.format, info["virtual-size"]); // raw 4096
+ * ```
+ */
 export type ImageInfo = { [key: string]: JsonValue | undefined };
 
 /** How to open an image. */

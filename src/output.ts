@@ -4,7 +4,16 @@
  * calls JSON.stringify.
  */
 
-/** A JSON value as qemu prints it; bigint keeps 64-bit integers exact. */
+/**
+ * A JSON value as qemu prints it; bigint keeps 64-bit integers exact.
+ *
+ * @example Usage
+ * ```ts
+ * import type { JsonValue } from "@qimg/qimg";
+ * const v: JsonValue = { "virtual-size": 18446744073709551615n, "dirty-flag": false };
+ * console.log(typeof (v as { "virtual-size": bigint })["virtual-size"]); // bigint
+ * ```
+ */
 export type JsonValue =
   | null
   | boolean
