@@ -144,7 +144,11 @@ interface CreatePlan {
   size: bigint;
 }
 
-async function prepareCreate(filename: string, o: CreateImageOptions): Promise<CreatePlan> {
+async function prepareCreate(
+  filename: string,
+  o: CreateImageOptions,
+  openFile: CreateFileOpener,
+): Promise<CreatePlan> {
   const format = o.format ?? "raw";
   if (!findFormat(format) && !QEMU_FORMATS.has(format)) {
     throw new QimgError(`Unknown file format '${format}'`);
@@ -189,11 +193,14 @@ async function prepareCreate(filename: string, o: CreateImageOptions): Promise<C
   let size = parsed.exact.size;
   const backingFormat = parsed.values.backing_fmt as string | undefined;
   if (backing !== undefined && !o.unsafeBacking) {
-    // qemu opens the backing file even with a size: it must exist and open.
+    // qemu opens the backing chain even with a size given: it must open.
     const backingPath = resolveBacking(path, backing);
     let base;
     try {
-      base = await openImageChain(backingPath, { format: backingFormat, backing: false });
+      base = await openImageChain(backingPath, {
+        format: backingFormat,
+        openFile: (p, write) => openFile(p, { write }),
+      });
     } catch (e) {
       if (!(e instanceof QimgError)) throw e;
       const outer = `Could not open '${backingPath}': `;
@@ -261,7 +268,7 @@ export async function createImageWith(
   options: CreateImageOptions,
   openFile: CreateFileOpener,
 ): Promise<void> {
-  const plan = await prepareCreate(filename, options);
+  const plan = await prepareCreate(filename, options, openFile);
   const create = plan.format === "file" ? findFormat("raw")?.create : plan.driver?.create;
   if (!create) throw new QimgError(`create -f ${plan.format}: not supported yet`);
   options.onFormatting?.(formattingLine(filename, plan.format, plan.descs, plan.parsed));
