@@ -1,4 +1,5 @@
-import { assertEquals } from "./_assert.ts";
+import { assertEquals, assertRejects } from "./_assert.ts";
+import { createImage } from "../src/create.ts";
 import { hashFile, qemuImg, qimg, type RunResult, sh, tempDir } from "./_util.ts";
 
 /** Size, allocated blocks and content of every file under `dir`, by name. */
@@ -251,4 +252,33 @@ Deno.test("create names the probed format of a backing file given without -F", a
   assertEquals(ours.code, theirs.code);
   // qemu's hint lacks its final newline; qimg ends every error line.
   assertEquals(ours.stderr, theirs.stderr + "\n");
+});
+
+Deno.test("createImage() makes the image qemu-img create makes, options as an object", async () => {
+  await using dir = await tempDir();
+  const lines: string[] = [];
+  await createImage(`${dir.path}/ours.raw`, {
+    size: 4097,
+    options: { preallocation: "full", nocow: false },
+    onFormatting: (line) => lines.push(line),
+  });
+  const theirs = await qemuImg(
+    ["create", "-o", "preallocation=full,nocow=off", "theirs.raw", "4097"],
+    dir.path,
+  );
+  assertEquals(lines, [theirs.stdout.replace("theirs.raw", `${dir.path}/ours.raw`)]);
+  const snap = await snapshotDir(dir.path);
+  assertEquals(snap["ours.raw"], snap["theirs.raw"]);
+});
+
+Deno.test("createImage() rejects with qemu's message and no file name", async () => {
+  await using dir = await tempDir();
+  await assertRejects(
+    () => createImage(`${dir.path}/a.raw`, { options: "bogus=1", size: 1024 }),
+    /^QimgError: Invalid parameter 'bogus'$/,
+  );
+  await assertRejects(
+    () => createImage(`${dir.path}/a.raw`, { format: "raw" }),
+    /^QimgError: Image creation needs a size parameter$/,
+  );
 });
