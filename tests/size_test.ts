@@ -173,6 +173,13 @@ const SIZE_TO_STR: [number, string][] = [
   [1073741824, "1 GiB"],
   [1099511627776, "1 TiB"],
   [5000000000000, "4.55 TiB"],
+  // qcow2 images with 2 MiB clusters.
+  [1098412116148224, "999 TiB"],
+  [1099511627776000, "0.977 PiB"],
+  [5066549580791808, "4.5 PiB"],
+  [1125899906842624000, "0.977 EiB"],
+  [1152808914616162816, "1 EiB"],
+  [1152921504606846976, "1 EiB"],
 ];
 
 Deno.test("sizeToStr() prints sizes as qemu-img info does", () => {
