@@ -148,8 +148,10 @@ const BDRV_MAX_LENGTH = 2 ** 63 - 2 ** 30;
 
 /** Whether the first bytes of a file look like qcow2 (magic and version >= 2). */
 export function probeQcow2(head: Uint8Array): number {
-  if (head.length < 8) return 0;
-  return be32(head, 0) === QCOW2_MAGIC && be32(head, 4) >= 2 ? 100 : 0;
+  // qemu probes a zero-padded 2 KiB buffer, so a short file's missing bytes count as zeroes.
+  const b = new Uint8Array(8);
+  b.set(head.subarray(0, 8));
+  return be32(b, 0) === QCOW2_MAGIC && be32(b, 4) >= 2 ? 100 : 0;
 }
 
 function u64(b: Uint8Array, off: number): bigint {
