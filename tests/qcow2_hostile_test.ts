@@ -157,7 +157,9 @@ Deno.test("qcow2Driver handles truncated and forced-format files as qemu-img", a
   await sh(
     "qemu-img create -q -f qcow2 base.qcow2 1G && head -c 100 base.qcow2 > h100.qcow2 && " +
       "head -c 112 base.qcow2 > h112.qcow2 && head -c 600 base.qcow2 > h600.qcow2 && " +
-      "head -c 7 base.qcow2 > h7.qcow2 && qemu-img create -q -f raw r.raw 1M",
+      "head -c 7 base.qcow2 > h7.qcow2 && qemu-img create -q -f raw r.raw 1M && " +
+      // seven bytes whose missing eighth makes version 0x300
+      "printf 'QFI\\373\\0\\0\\3' > v7.img",
     dir.path,
   );
   for (
@@ -166,6 +168,7 @@ Deno.test("qcow2Driver handles truncated and forced-format files as qemu-img", a
       ["info", "h112.qcow2"],
       ["info", "h600.qcow2"],
       ["info", "h7.qcow2"],
+      ["info", "v7.img"],
       ["info", "-f", "qcow2", "r.raw"],
     ]
   ) await assertSameAsQemu(args, dir.path);
