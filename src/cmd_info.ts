@@ -52,6 +52,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   const image = await openImageChain(operands[0], {
     format,
     noIo: true, // as qemu-img info: metadata only (encrypted images, missing data files)
+    backing: chain, // without --backing-chain qemu-img info never opens the backing file
     openFile: (p, w) => io.openFile(p, { write: w }),
   });
   try {

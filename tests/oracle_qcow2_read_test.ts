@@ -243,3 +243,15 @@ Deno.test("qcow2Driver reads zero-allocated clusters and compressed extended-L2 
   await assertReadsLikeQemu(dir.path, "za.qcow2");
   await assertReadsLikeQemu(dir.path, "cx.qcow2");
 });
+
+Deno.test("qcow2Driver info leaves a missing backing file alone unless --backing-chain", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 -u -b gone.qcow2 -F qcow2 mb.qcow2 1M", dir.path);
+  for (
+    const args of [
+      ["info", "mb.qcow2"],
+      ["info", "--output=json", "mb.qcow2"],
+      ["info", "--backing-chain", "mb.qcow2"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+});
