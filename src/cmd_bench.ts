@@ -236,6 +236,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     });
     const seconds = (now() - t1) / 1000;
     io.stdout(`Run completed in ${seconds.toFixed(3)} seconds.\n`);
+    if (write) await image.flush(); // qemu flushes a writable image when it closes it
   } finally {
     await image.close();
   }

@@ -11,7 +11,15 @@ import { QimgError, strerror } from "./errors.ts";
 import { type Image, openImageChain } from "./image.ts";
 import { findFormat } from "./formats.ts";
 import type { FormatDriver } from "./driver.ts";
-import { formatOptionHelp, isHelpOption, type OptionValues, parseOptions } from "./options.ts";
+import {
+  CREATE_OPTION_TABLES,
+  emptyOptions,
+  isHelpOption,
+  mergeOptionTables,
+  type OptionValues,
+  parseOptionList,
+} from "./options.ts";
+import { createImageWith, createOptionsHelp } from "./create.ts";
 import { PROTOCOL_CREATE_OPTIONS } from "./protocol.ts";
 import { parseSizeExact } from "./size.ts";
 import { convert, imageTarget, MAX_PARALLEL, MAX_SPARSE } from "./convert.ts";
@@ -96,25 +104,6 @@ function canCompress(driver: FormatDriver): boolean {
   return flag ?? COMPRESSING_FORMATS.includes(driver.name);
 }
 
-/** The `-o help` listing for a format: qemu's print_block_option_help. */
-export function blockOptionHelp(format: string, filename: string | undefined): string {
-  const driver = findFormat(format);
-  if (!driver) throw new QimgError(`Unknown file format '${format}'`);
-  if (!driver.create || !driver.createOptions) {
-    throw new QimgError(`Format driver '${format}' does not support image creation`);
-  }
-  const protocol = new Set(PROTOCOL_CREATE_OPTIONS.map((o) => o.name));
-  const own = driver.createOptions.filter((o) => !protocol.has(o.name));
-  if (filename !== undefined) {
-    const all = [...own];
-    for (const o of PROTOCOL_CREATE_OPTIONS) if (!all.some((x) => x.name === o.name)) all.push(o);
-    return "Supported options:\n" + formatOptionHelp(all);
-  }
-  return `Supported ${format} options:\n` + formatOptionHelp(own) +
-    "\nThe protocol level may support further options.\n" +
-    "Specify the target filename to include those options.\n";
-}
-
 /** Opens a source image, read-only, through the Io. */
 export function openSource(io: Io, name: string, format: string | undefined): Promise<Image> {
   return openImageChain(name, { format, openFile: (p, w) => io.openFile(p, { write: w }) });
@@ -136,35 +125,14 @@ function imageOptsTarget(text: string): { filename: string; format?: string } {
   return { filename, format };
 }
 
-/**
- * Creates an image file the way qemu's bdrv_create does for the file
- * protocol: a new file, the format's create, and (raw) the first block
- * allocated. Errors carry qemu's inner message.
- */
-export async function createTargetFile(
+/** Creates an image file for `dd`: a new image of `size` bytes, errors without the file name. */
+export function createTargetFile(
   io: Io,
   path: string,
-  driver: FormatDriver,
+  format: string,
   size: number,
-  options: OptionValues,
 ): Promise<void> {
-  let file;
-  try {
-    file = await io.openFile(path, { create: true, write: true });
-  } catch (e) {
-    throw new QimgError(`Could not create '${path}': ${strerror(e)}`);
-  }
-  try {
-    // The file protocol rounds the size up to whole sectors.
-    await driver.create!(file, { size: Math.ceil(size / 512) * 512, options });
-    // file-posix allocates the first block of a new file (alignment probing).
-    const fileSize = await file.size();
-    if (fileSize > 0 && (await file.allocated()) === 0) {
-      await file.write(0, new Uint8Array(Math.min(fileSize, 4096)));
-    }
-  } finally {
-    await file.close();
-  }
+  return createImageWith(path, { format, size }, (p, o) => io.openFile(p, o));
 }
 
 /** Runs `convert`. */
@@ -333,7 +301,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   const outName = operands.length >= 2 ? operands[operands.length - 1] : undefined;
   if (createOptions !== undefined && isHelpOption(createOptions)) {
     if (outFmt === undefined) throw new QimgError("Option help requires a format be specified");
-    io.stdout(blockOptionHelp(outFmt, outName));
+    io.stdout(createOptionsHelp(outFmt, outName));
     return 0;
   }
   if (srcNames.length < 1 || outName === undefined) {
@@ -367,26 +335,32 @@ export async function run(args: string[], io: Io): Promise<number> {
     }
     const total = sources.reduce((s, img) => s + Math.ceil(img.size / 512) * 512, 0);
 
-    let driver: FormatDriver | undefined;
     let values: OptionValues = {};
+    let given: Record<string, string> = {};
+    let driver: FormatDriver | undefined;
     if (!skipCreate) {
       driver = findFormat(outFmt!);
-      if (!driver) throw new QimgError(`Unknown file format '${outFmt}'`);
-      if (!driver.create) {
-        throw new QimgError(`Format driver '${driver.name}' does not support image creation`);
-      }
+      // Unknown formats, formats qemu cannot create, and those qimg cannot yet.
+      createOptionsHelp(outFmt!);
+      const descs = mergeOptionTables(
+        driver?.createOptions ?? CREATE_OPTION_TABLES[outFmt!] ?? [],
+        PROTOCOL_CREATE_OPTIONS,
+      );
+      const parsed = emptyOptions();
       if (createOptions !== undefined) {
-        values = parseOptions(createOptions, driver.createOptions ?? [], outName);
+        parseOptionList(createOptions, descs, parsed, (m) => io.stderr(`qimg: warning: ${m}\n`));
       }
-      values.size = total;
+      values = parsed.values;
+      given = { ...parsed.given };
+      delete given.size;
+      const hasOption = (name: string) => descs.some((d) => d.name === name);
       if (outBase !== undefined) {
-        if (!driver.supportsBacking) {
+        if (!hasOption("backing_file")) {
           throw new QimgError(`Backing file not supported for file format '${outFmt}'`);
         }
-        values.backing_file = outBase;
       }
       if (backingFmt !== undefined) {
-        if (!driver.supportsBacking) {
+        if (!hasOption("backing_fmt")) {
           throw new QimgError(`Backing file format not supported for file format '${outFmt}'`);
         }
         values.backing_fmt = backingFmt;
@@ -407,7 +381,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         "Having a backing file for the target makes no sense when concatenating multiple input images",
       );
     }
-    if (typeof baseParam === "string" && values.backing_fmt === undefined) {
+    if (targetHasBacking && !skipCreate && values.backing_fmt === undefined) {
       throw new QimgError("Use of backing file requires explicit backing format");
     }
     if (compressed) {
@@ -432,7 +406,14 @@ export async function run(args: string[], io: Io): Promise<number> {
 
     if (!skipCreate) {
       try {
-        await createTargetFile(io, outName, driver!, total, values);
+        await createImageWith(outName, {
+          format: outFmt,
+          size: total,
+          options: given,
+          backingFile: typeof baseParam === "string" ? undefined : outBase,
+          backingFormat: typeof baseParam === "string" ? undefined : backingFmt,
+          warn: (m) => io.stderr(`qimg: warning: ${m}\n`),
+        }, (p, o) => io.openFile(p, o));
       } catch (e) {
         throw new QimgError(`${outName}: error while converting ${outFmt}: ${strerror(e)}`);
       }
@@ -485,7 +466,8 @@ export async function run(args: string[], io: Io): Promise<number> {
       warn: (m) => io.stderr(`qimg: warning: ${m}\n`),
       progress: (p) => meter.print(p, 0),
     });
-    await target.flush();
+    // cache=unsafe (convert's default) never flushes; the others flush on close.
+    if (cache !== "unsafe") await target.flush();
     meter.print(100, 0);
     exitCode = 0;
   } finally {

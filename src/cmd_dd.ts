@@ -118,9 +118,6 @@ export async function run(args: string[], io: Io): Promise<number> {
     input = await openSource(io, inName, inFmt);
     const driver = findFormat(outFmt);
     if (!driver) throw new QimgError("Unknown file format");
-    if (!driver.create) {
-      throw new QimgError(`Format driver '${driver.name}' does not support image creation`);
-    }
     let size = input.size;
     const bs = BigInt(dd.bs);
     if (dd.count !== undefined && BigInt(dd.count) <= INT64_MAX / bs && dd.count * dd.bs < size) {
@@ -131,7 +128,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     const start = skipTooFar ? size : (dd.skip ?? 0) * dd.bs;
     const outSize = size - start;
     try {
-      await createTargetFile(io, outName, driver, outSize, { size: outSize });
+      await createTargetFile(io, outName, outFmt, outSize);
     } catch (e) {
       throw new QimgError(`${outName}: error while creating output image: ${strerror(e)}`);
     }

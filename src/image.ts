@@ -198,6 +198,7 @@ export class Image {
 
   /** Block status through the chain at `offset`, for at most `length` bytes. */
   async blockStatus(offset: number, length: number, base = this.chain.length): Promise<Extent> {
+    let above: BlockStatus | undefined;
     for (let depth = 0;; depth++) {
       const layer = this.chain[depth];
       if (depth >= base || !layer) {
@@ -212,8 +213,20 @@ export class Image {
       }
       if (offset >= layer.image.size) {
         // Past the end of a shorter backing file: zeroes; qemu-img map calls
-        // them absent, at the depth of the layer above.
-        return { offset, length, data: false, zero: true, present: false, depth: depth - 1 };
+        // them absent, at the depth of the layer above, with that layer's
+        // host offset if it had one (an unallocated qcow2 subcluster).
+        const host = above?.hostOffset === undefined
+          ? {}
+          : { hostOffset: above.hostOffset, file: above.file };
+        return {
+          offset,
+          length,
+          data: false,
+          zero: true,
+          present: false,
+          depth: depth - 1,
+          ...host,
+        };
       }
       const s: BlockStatus = await layer.image.blockStatus(
         offset,
@@ -239,6 +252,7 @@ export class Image {
         const host = s.hostOffset === undefined ? {} : { hostOffset: s.hostOffset, file: s.file };
         return { offset, length, data: false, zero: true, present: false, depth, ...host };
       }
+      above = s;
     }
   }
 

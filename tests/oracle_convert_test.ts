@@ -1,0 +1,278 @@
+import { assertSameRun, makePair } from "./_convert_util.ts";
+import { assertEquals, assertTrue } from "./_assert.ts";
+import { CLI, qemuImg, runProgram, sh, tempDir } from "./_util.ts";
+
+/** Inputs every convert test can use, made by qemu-img and qemu-io. */
+const INPUTS = [
+  "qemu-img create -q -f raw a.raw 5M",
+  "qemu-io -f raw -c 'write -P 0xab 1M 3M' a.raw",
+  "qemu-img create -q -f raw mixed.raw 8M",
+  "qemu-io -f raw -c 'write -P 1 0 64k' -c 'write -P 0 64k 8k' -c 'write -P 2 72k 4k'" +
+  " -c 'write -P 0 2M 1M' -c 'write -P 3 3146240 1k' -c 'write -P 4 7M 1M'" +
+  " -c 'write -P 5 5M 512' -c 'write -P 6 5251072 512' mixed.raw",
+  "head -c 1000 /dev/zero | tr '\\0' x > odd.raw",
+  "truncate -s 10M sparse.raw",
+  "mkdir dir",
+].join(" >/dev/null && ") + " >/dev/null";
+
+/** A deterministic fully allocated file of `size`. */
+function filled(name: string, size: string): string {
+  return `yes abcdefgh | head -c ${size} > ${name}`;
+}
+
+Deno.test("convert writes the same sparse raw image as qemu-img (default -S 4k)", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const pair = await makePair(dir.path);
+  for (const src of ["a.raw", "mixed.raw", "odd.raw", "sparse.raw"]) {
+    await assertSameRun(pair, ["convert", `../${src}`, "out.raw"], {
+      outputs: ["out.raw"],
+      exact: true,
+    });
+    await assertSameRun(pair, ["convert", "-f", "raw", "-O", "raw", `../${src}`, "out2.raw"], {
+      outputs: ["out2.raw"],
+      exact: true,
+    });
+  }
+});
+
+Deno.test("convert -S controls which zero runs stay holes, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const pair = await makePair(dir.path);
+  for (const s of ["0", "512", "1k", "8k", "64k", "2M", "16M"]) {
+    await assertSameRun(pair, ["convert", "-S", s, "../mixed.raw", `s${s}.raw`], {
+      outputs: [`s${s}.raw`],
+      exact: true,
+    });
+  }
+  await assertSameRun(pair, ["convert", "-S", "0", "../sparse.raw", "full.raw"], {
+    outputs: ["full.raw"],
+  });
+});
+
+Deno.test("convert -p prints qemu-img's progress lines; -q silences them", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  await sh(
+    "qemu-img create -q -f raw p.raw 64M && qemu-io -f raw -c 'write -P 7 1M 37M' p.raw >/dev/null",
+    dir.path,
+  );
+  const pair = await makePair(dir.path);
+  for (const src of ["a.raw", "mixed.raw", "p.raw", "sparse.raw"]) {
+    const r = await assertSameRun(pair, ["convert", "-p", `../${src}`, `p-${src}`], {
+      outputs: [`p-${src}`],
+    });
+    assertTrue(r.stdout.startsWith("    (0.00/100%)\r") && r.stdout.endsWith("\r\n"), r.stdout);
+    await assertSameRun(pair, ["convert", "-p", "-S", "0", `../${src}`, `p0-${src}`], {
+      outputs: [`p0-${src}`],
+    });
+    const q = await assertSameRun(pair, ["convert", "-p", "-q", `../${src}`, `q-${src}`], {
+      outputs: [`q-${src}`],
+    });
+    assertEquals(q.stdout, "");
+  }
+});
+
+Deno.test("convert concatenates several sources as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const pair = await makePair(dir.path);
+  await assertSameRun(
+    pair,
+    ["convert", "-p", "../a.raw", "../odd.raw", "../mixed.raw", "cat.raw"],
+    {
+      outputs: ["cat.raw"],
+      exact: true,
+    },
+  );
+  await assertSameRun(pair, ["convert", "../odd.raw", "../odd.raw", "../sparse.raw", "cat2.raw"], {
+    outputs: ["cat2.raw"],
+    exact: true,
+  });
+});
+
+Deno.test("convert -m and -W give the same image as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const pair = await makePair(dir.path);
+  for (const extra of [["-m", "1"], ["-m", "16"], ["-W"], ["-m", "3", "-W"], ["-m", "0x4"]]) {
+    await assertSameRun(pair, ["convert", ...extra, "../mixed.raw", "m.raw"], {
+      outputs: ["m.raw"],
+      exact: true,
+    });
+  }
+});
+
+Deno.test("convert -n writes into an existing target: holes punched, or kept with --target-is-zero", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const prepare = [
+    filled("t1.raw", "8M"),
+    filled("t2.raw", "8M"),
+    filled("t3.raw", "16M"),
+    filled(
+      "small.raw",
+      "1M",
+    ),
+  ].join(" && ");
+  const pair = await makePair(dir.path, prepare);
+  await assertSameRun(pair, ["convert", "-n", "../mixed.raw", "t1.raw"], { outputs: ["t1.raw"] });
+  await assertSameRun(pair, ["convert", "-n", "--target-is-zero", "../a.raw", "t2.raw"], {
+    outputs: ["t2.raw"],
+    exact: true,
+  });
+  await assertSameRun(pair, ["convert", "-n", "-S", "0", "../sparse.raw", "t3.raw"], {
+    outputs: ["t3.raw"],
+  });
+  await assertSameRun(pair, ["convert", "-n", "../a.raw", "small.raw"], { outputs: ["small.raw"] });
+  await assertSameRun(pair, ["convert", "-n", "../a.raw", "nonexistent.raw"], {
+    outputs: ["nonexistent.raw"],
+  });
+  await assertSameRun(
+    pair,
+    ["convert", "-n", "--target-is-zero", "-B", "x", "../a.raw", "t1.raw"],
+    {
+      outputs: ["t1.raw"],
+    },
+  );
+});
+
+Deno.test("convert refuses bad options with qemu-img's messages and exit codes", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const pair = await makePair(dir.path);
+  const cases = [
+    [],
+    ["../a.raw"],
+    ["-m", "0", "../a.raw", "o.raw"],
+    ["-m", "17", "../a.raw", "o.raw"],
+    ["-m", "abc", "../a.raw", "o.raw"],
+    ["-m", "16x", "../a.raw", "o.raw"],
+    ["-S", "513", "../a.raw", "o.raw"],
+    ["-S", "abc", "../a.raw", "o.raw"],
+    ["-S", "17M", "../a.raw", "o.raw"],
+    ["-S", "-1", "../a.raw", "o.raw"],
+    ["-S", "99999999999999999999999", "../a.raw", "o.raw"],
+    ["-r", "abc", "../a.raw", "o.raw"],
+    ["-r", "99999999999999999999999", "../a.raw", "o.raw"],
+    ["-n", "-o", "size=1M", "../a.raw", "o.raw"],
+    ["-B", "base", "../a.raw", "o.raw"],
+    ["-F", "raw", "../a.raw", "o.raw"],
+    ["-c", "../a.raw", "o.raw"],
+    ["--target-is-zero", "../a.raw", "o.raw"],
+    ["-C", "-c", "../a.raw", "o.raw"],
+    ["-C", "-S", "4k", "../a.raw", "o.raw"],
+    ["-C", "--salvage", "../a.raw", "o.raw"],
+    ["--target-image-opts", "../a.raw", "o.raw"],
+    ["--skip-broken-bitmaps", "../a.raw", "o.raw"],
+    ["--bitmaps", "../a.raw", "o.raw"],
+    ["-O", "foo", "../a.raw", "o.raw"],
+    ["-T", "foo", "../a.raw", "o.raw"],
+    ["-o", "foo=1", "../a.raw", "o.raw"],
+    ["-o", "size=abc", "../a.raw", "o.raw"],
+    ["-o", ",", "../a.raw", "o.raw"],
+    ["-o", "a,", "../a.raw", "o.raw"],
+    ["-o", "preallocation=bad", "../a.raw", "o.raw"],
+    ["-l", "snap", "../a.raw", "o.raw"],
+    ["-l", "snapshot.foo=1", "../a.raw", "o.raw"],
+    ["-l", "x", "../a.raw", "../a.raw", "o.raw"],
+    ["../nonexistent", "o.raw"],
+    ["../a.raw", "../nonexistent", "o.raw"],
+    ["-f", "foo", "../a.raw", "o.raw"],
+    ["../dir", "o.raw"],
+    ["../a.raw", "../dir"],
+    ["-x", "../a.raw", "o.raw"],
+    ["--foo", "../a.raw", "o.raw"],
+    ["--ta", "../a.raw", "o.raw"],
+    ["-m"],
+    ["../a.raw", "o.raw", "-O"],
+    ["-p", "../nonexistent", "o.raw"],
+    ["-p", "-c", "../a.raw", "o.raw"],
+  ];
+  for (const args of cases) {
+    await assertSameRun(pair, ["convert", ...args], { outputs: ["o.raw"] });
+  }
+  // -t is checked after the target is created: both leave the same empty image.
+  await assertSameRun(pair, ["convert", "-t", "foo", "../a.raw", "t.raw"], { outputs: ["t.raw"] });
+});
+
+Deno.test("convert -o help lists the target's options as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const pair = await makePair(dir.path);
+  for (
+    const args of [
+      ["-o", "help", "../a.raw", "o.raw"],
+      ["-O", "raw", "-o", "help"],
+      ["-o", "help"],
+      ["-o", "help,size=1", "o.raw"],
+      ["-o", "?", "../a.raw", "../a.raw", "o.raw"],
+    ]
+  ) await assertSameRun(pair, ["convert", ...args], { outputs: ["o.raw"] });
+});
+
+Deno.test("convert accepts qemu-img's other options and long forms", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  const pair = await makePair(dir.path);
+  for (
+    const args of [
+      ["-U", "-T", "none", "-t", "writeback", "../a.raw", "o1.raw"],
+      ["--force-share", "--salvage", "-r", "1G", "../a.raw", "o2.raw"],
+      ["-o", "size=1M", "../a.raw", "o3.raw"],
+      ["-o", "preallocation=full", "../a.raw", "o4.raw"],
+      ["--image-opts", "driver=raw,file.filename=../a.raw", "o5.raw"],
+      ["-qp", "-fraw", "-Oraw", "../a.raw", "o6.raw"],
+    ]
+  ) {
+    const out = args[args.length - 1];
+    await assertSameRun(pair, ["convert", ...args], { outputs: [out], exact: true });
+  }
+});
+
+Deno.test("convert copies a 1 TiB sparse raw image quickly, in bounded memory, reading no holes", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "truncate -s 1T big.raw && qemu-io -f raw -c 'write -P 9 512G 1M' -c 'write -P 8 1023G 64k' big.raw >/dev/null",
+    dir.path,
+  );
+  const pair = await makePair(dir.path);
+  const ours = await runProgram("/usr/bin/time", [
+    "-f",
+    "maxrss=%M",
+    "strace",
+    "-f",
+    "-qq",
+    "-e",
+    "trace=read,pread64,readv,preadv",
+    "-o",
+    `${dir.path}/reads.txt`,
+    Deno.execPath(),
+    "run",
+    "--no-prompt",
+    "--allow-read",
+    "--allow-write",
+    "--allow-ffi",
+    CLI,
+    "convert",
+    "-p",
+    "../big.raw",
+    "big.out",
+  ], pair.o);
+  const theirs = await qemuImg(["convert", "-p", "../big.raw", "big.out"], pair.q);
+  assertEquals(ours.code, 0, ours.stderr);
+  assertEquals(ours.stdout, theirs.stdout);
+  const rss = Number(/maxrss=(\d+)/.exec(ours.stderr)![1]) * 1024;
+  assertTrue(rss < 200 * 1024 * 1024, `peak RSS ${rss}`);
+  let readBytes = 0;
+  for (const line of (await Deno.readTextFile(`${dir.path}/reads.txt`)).split("\n")) {
+    const m = /= (\d+)$/.exec(line.trim());
+    if (m) readBytes += Number(m[1]);
+  }
+  assertTrue(readBytes < 64 * 1024 * 1024, `read ${readBytes} bytes`);
+  const cmp = await runProgram("qemu-img", ["compare", `${pair.q}/big.out`, `${pair.o}/big.out`]);
+  assertEquals(cmp.code, 0, cmp.stdout);
+  const [sq, so] = [await Deno.stat(`${pair.q}/big.out`), await Deno.stat(`${pair.o}/big.out`)];
+  assertEquals([so.size, so.blocks], [sq.size, sq.blocks]);
+});
