@@ -115,9 +115,8 @@ export async function run(args: string[], io: Io): Promise<number> {
 
 /**
  * The runs qemu-img's map sees between `start` and `end`, one per block
- * status answer. qemu asks each layer in turn and stops at the first that
- * answers; a run past the end of a shorter backing file is answered (as
- * zeroes, not allocated) by the layer above it.
+ * status answer through the chain (Image.blockStatus gives map's view: a
+ * run past the end of a shorter backing file is absent, at the layer above).
  */
 export async function* mapEntries(
   image: Image,
@@ -135,10 +134,7 @@ export async function* mapEntries(
       depth: e.depth,
       present: e.present,
     };
-    if (e.depth > 0 && e.present && offset >= image.chain[e.depth].image.size) {
-      entry.depth = e.depth - 1;
-      entry.present = false;
-    } else if (e.hostOffset !== undefined) {
+    if (e.hostOffset !== undefined) {
       entry.offset = e.hostOffset;
       entry.filename = e.file;
     }

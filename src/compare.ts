@@ -52,13 +52,13 @@ export async function compareImages(
     const sa = await a.blockStatus(offset, sizeA - offset);
     const sb = await b.blockStatus(offset, sizeB - offset);
     let chunk = Math.min(sa.length, sb.length);
-    if (options.strict && statusFlags(sa, sizeA) !== statusFlags(sb, sizeB)) {
-      return { kind: "status", offset };
-    }
+    const fa = statusFlags(a, sa);
+    const fb = statusFlags(b, sb);
+    if (options.strict && fa !== fb) return { kind: "status", offset };
     if (sa.zero && sb.zero) {
       // Both read as zeroes: nothing to read.
-    } else if (sa.present === sb.present) {
-      if (sa.present) {
+    } else if ((fa & ALLOCATED) === (fb & ALLOCATED)) {
+      if (fa & ALLOCATED) {
         chunk = Math.min(chunk, CHUNK);
         const [ba, bb] = await Promise.all([readAt(a, offset, chunk), readAt(b, offset, chunk)]);
         const at = firstDifference(ba, bb);
@@ -66,7 +66,7 @@ export async function compareImages(
       }
     } else {
       chunk = Math.min(chunk, CHUNK);
-      const at = firstNonZero(await readAt(sa.present ? a : b, offset, chunk));
+      const at = firstNonZero(await readAt(fa & ALLOCATED ? a : b, offset, chunk));
       if (at >= 0) return { kind: "content", offset: offset + sectorStart(at) };
     }
     offset += chunk;
@@ -79,7 +79,7 @@ export async function compareImages(
     while (offset < total) {
       const s = await longer.blockStatus(offset, total - offset);
       let chunk = s.length;
-      if (s.present && !s.zero) {
+      if (!s.zero && statusFlags(longer, s) & ALLOCATED) {
         chunk = Math.min(chunk, CHUNK);
         const at = firstNonZero(await readAt(longer, offset, chunk));
         if (at >= 0) return { kind: "content", offset: offset + sectorStart(at) };
@@ -91,13 +91,19 @@ export async function compareImages(
   return { kind: "identical" };
 }
 
+const ALLOCATED = 0x10;
+
 /**
- * The block status word strict mode compares, as qemu's flags: data,
- * zero, offset valid, allocated, and whether the run reaches the end.
+ * The block status word qemu's compare sees (bdrv_block_status_above):
+ * data, zero, offset valid, allocated, and whether the run reaches the
+ * end. Past the end of a shorter backing file, qemu answers "zero,
+ * allocated" where map's view (Image.blockStatus) says absent.
  */
-function statusFlags(e: Extent, size: number): number {
+function statusFlags(image: Image, e: Extent): number {
+  const eof = e.offset + e.length === image.size ? 0x20 : 0;
+  if (!e.present && e.depth < image.chain.length - 1) return 2 | ALLOCATED | eof;
   return (e.data ? 1 : 0) | (e.zero ? 2 : 0) | (e.hostOffset !== undefined ? 4 : 0) |
-    (e.present ? 0x10 : 0) | (e.offset + e.length === size ? 0x20 : 0);
+    (e.present ? ALLOCATED : 0) | eof;
 }
 
 async function readAt(image: Image, offset: number, length: number): Promise<Uint8Array> {

@@ -84,6 +84,8 @@ Deno.test("compare reads qcow2 images through their backing chains", async () =>
     SETUP + " && qemu-img create -q -f qcow2 -b s.raw -F raw o.qcow2 && " +
       "qemu-io -c 'write -P 3 0 128k' -c 'write -z 4M 64k' o.qcow2 >/dev/null && " +
       "qemu-img create -q -f qcow2 -b s.raw -F raw long.qcow2 12M && " +
+      "qemu-img create -q -f qcow2 -b s.raw -F raw long0.qcow2 12M && " +
+      "qemu-io -c 'write -z 10M 2M' long0.qcow2 >/dev/null && " +
       "qemu-img convert -O qcow2 o.qcow2 flat.qcow2 && qemu-img convert -c -O qcow2 s.raw c.qcow2",
     dir.path,
   );
@@ -97,6 +99,9 @@ Deno.test("compare reads qcow2 images through their backing chains", async () =>
       ["long.qcow2", "big.raw"],
       ["long.qcow2", "s.raw"],
       ["-s", "long.qcow2", "long.qcow2"],
+      // Past a short backing file qemu's status is "zero, allocated", as a zero cluster's.
+      ["-s", "long.qcow2", "long0.qcow2"],
+      ["-s", "long0.qcow2", "s.raw"],
       ["c.qcow2", "s.raw"],
       ["-f", "qcow2", "-F", "raw", "c.qcow2", "t.raw"],
     ]

@@ -87,10 +87,15 @@ Deno.test("map follows qcow2 backing chains: depth, present, short backing files
       "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 12M && " +
       "qemu-io -c 'write -P 3 3M 2M' -c 'discard 0 64k' -c 'write -P 4 10M 64k' top.qcow2 >/dev/null && " +
       "qemu-img create -q -f qcow2 -o cluster_size=16k,extended_l2=on ext.qcow2 1M && " +
-      "qemu-io -c 'write 1k 2k' -c 'write -z 8k 4k' -c 'write 20k 8k' ext.qcow2 >/dev/null",
+      "qemu-io -c 'write 1k 2k' -c 'write -z 8k 4k' -c 'write 20k 8k' ext.qcow2 >/dev/null && " +
+      // Past its short backing file, an allocated cluster's empty subclusters keep their offset.
+      "qemu-img create -q -f qcow2 -o cluster_size=1M,extended_l2=on -b h.raw -F raw extshort.qcow2 5M && " +
+      "qemu-io -c 'write -P 6 4M 32k' extshort.qcow2 >/dev/null",
     dir.path,
   );
-  for (const name of ["o.qcow2", "long.qcow2", "top.qcow2", "mid.qcow2", "ext.qcow2"]) {
+  for (
+    const name of ["o.qcow2", "long.qcow2", "top.qcow2", "mid.qcow2", "ext.qcow2", "extshort.qcow2"]
+  ) {
     await assertSameAsQemu(["map", name], dir.path);
     await assertSameAsQemu(["map", "--output=json", name], dir.path);
   }
