@@ -78,8 +78,17 @@ export async function run(args: string[], io: Io): Promise<number> {
   if (operands.length !== 1) throw usageError("Expecting one image file name");
   const human = parseOutputFormat(output) === "human";
   const image = await openForCommand(operands[0], io, { format, imageOpts, forceShare });
+  // Lines are gathered and written in blocks: a big image can have millions.
+  let pending = "";
+  const print = (text: string) => {
+    pending += text;
+    if (pending.length >= 1 << 16) {
+      io.stdout(pending);
+      pending = "";
+    }
+  };
   try {
-    io.stdout(human ? "Offset          Length          Mapped to       File\n" : "[");
+    print(human ? "Offset          Length          Mapped to       File\n" : "[");
     // qemu computes start + max-length in int64: an overflow wraps negative and maps nothing.
     let end = BigInt(image.size);
     if (maxLength !== undefined) {
@@ -93,7 +102,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     if (start >= end) {
       // Nothing to walk: qemu still dumps its empty starting entry.
       const empty = { start: 0, length: 0, data: false, zero: false, depth: 0, present: false };
-      io.stdout(dump(empty, undefined, start));
+      print(dump(empty, undefined, start));
     } else {
       let curr: MapEntry | undefined;
       for await (const next of mapEntries(image, Number(start), Number(end))) {
@@ -101,13 +110,15 @@ export async function run(args: string[], io: Io): Promise<number> {
           curr.length += next.length;
           continue;
         }
-        if (curr) io.stdout(dump(curr, next));
+        if (curr) print(dump(curr, next));
         curr = next;
       }
-      io.stdout(dump(curr!, undefined));
+      print(dump(curr!, undefined));
     }
-    if (!human) io.stdout("]\n");
+    if (!human) print("]\n");
   } finally {
+    // What was printed before an error still goes out, as qemu's stdout.
+    if (pending) io.stdout(pending);
     await image.close();
   }
   return 0;
