@@ -35,8 +35,8 @@ const LONG: LongOption[] = [
 
 /** Runs `measure`. */
 export async function run(args: string[], io: Io): Promise<number> {
-  // measure's option string has no leading ':': glibc reports bad options
-  // itself and qemu-img answers them with its help text.
+  // qemu-img's measure, alone, gives getopt no leading ':': glibc prints its
+  // own message for a bad option and qemu-img then prints its help (exit 0).
   const { options, operands } = getopt(args, ":hf:O:o:l:U", LONG, "measure");
   let format: string | undefined;
   let outFormat = "raw";
