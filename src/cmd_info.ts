@@ -98,7 +98,7 @@ export function renderInfoHuman(info: ImageInfo): string {
   const size = info["virtual-size"] as number;
   let out = `image: ${info.filename}\n`;
   out += `file format: ${info.format}\n`;
-  out += `virtual size: ${sizeToStr(size)} (${size} bytes)\n`;
+  out += `virtual size: ${sizeToStr(size)} (${BigInt(size)} bytes)\n`; // exact above 2^53
   out += `disk size: ${sizeToStr(info["actual-size"] as number)}\n`;
   if (info.encrypted) out += "encrypted: yes\n";
   if (info["cluster-size"] !== undefined) out += `cluster_size: ${info["cluster-size"]}\n`;

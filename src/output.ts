@@ -67,7 +67,8 @@ export function qdictEntries(obj: { [key: string]: JsonValue | undefined }): [st
 
 function jsonNumber(v: number | bigint): string {
   if (typeof v === "bigint") return v.toString();
-  if (Number.isInteger(v)) return v.toString();
+  // Above 2^53, toString() gives the shortest round-trip digits, not the exact value.
+  if (Number.isInteger(v)) return Number.isSafeInteger(v) ? v.toString() : BigInt(v).toString();
   // QEMU prints doubles with %.17g then trims; qimg's outputs hold integers only.
   return String(v);
 }

@@ -35,6 +35,7 @@ import {
   readLuksInfo,
   readPadded,
   readQcow2Header,
+  readZeroPadded,
 } from "./qcow2_header.ts";
 import {
   ClusterMapper,
@@ -109,8 +110,7 @@ export class Qcow2Image implements FormatImage {
       switch (run.type) {
         case "normal": {
           if (this.header.cryptMethod !== CRYPT_NONE) throw encryptedError();
-          const n = await this.#data().read(run.hostOffset!, dst);
-          if (n < dst.length) dst.fill(0, n);
+          await readZeroPadded(this.#data(), run.hostOffset!, dst);
           break;
         }
         case "compressed": {

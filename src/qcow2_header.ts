@@ -131,14 +131,33 @@ export async function readPadded(
   length: number,
 ): Promise<Uint8Array> {
   const buf = new Uint8Array(length);
-  if (offset + length > MAX_SAFE_OFFSET) {
-    // qemu's block layer refuses requests ending past BDRV_MAX_LENGTH with
-    // EIO; below that, such offsets lie past the end of any real file.
-    if (offset + length > BDRV_MAX_LENGTH) throw new QimgError("Input/output error");
-    return buf;
-  }
-  await file.read(offset, buf);
+  await readZeroPadded(file, offset, buf);
   return buf;
+}
+
+/**
+ * Fills `buf` from `offset`, with zeroes past the end of the file. qemu's
+ * block layer never asks the OS for bytes past the end (where a filesystem
+ * may answer EINVAL), and refuses requests past BDRV_MAX_LENGTH with EIO.
+ */
+export async function readZeroPadded(
+  file: BlockFile,
+  offset: number,
+  buf: Uint8Array,
+): Promise<void> {
+  if (offset + buf.length > MAX_SAFE_OFFSET) {
+    if (offset + buf.length > BDRV_MAX_LENGTH) throw new QimgError("Input/output error");
+    buf.fill(0);
+    return;
+  }
+  let n: number;
+  try {
+    n = await file.read(offset, buf);
+  } catch (e) {
+    if (offset < await file.size()) throw e;
+    n = 0;
+  }
+  if (n < buf.length) buf.fill(0, n);
 }
 
 /** Offsets above 2^53 are not exact as numbers; no host file is that large. */

@@ -48,6 +48,15 @@ const PLAIN: [string, Poke[]][] = [
   ["extended L2 bit with 64k clusters", [[72, "Q", 0x10]]],
   ["extended L2 bit with 8k clusters", [[72, "Q", 0x10], [20, "I", 13]]],
   ["refcount table near 2^63", [[48, "Q", 0x7fffffffffff0000n]]],
+  ["refcount table far past the end of the file", [[48, "Q", 0xa80000010000n]]],
+  // Exact digits above 2^53 (shortest round-trip digits would end in 5000).
+  ["2 MiB clusters, size above 2^53", [
+    [20, "I", 21],
+    [36, "I", 0x400000],
+    [24, "Q", 0x0800000000000600n],
+    [48, "Q", 0],
+    [40, "Q", 0x200000],
+  ]],
   ["zstd without the compression bit", [[104, "B", 1]]],
   ["compression type 2", [[104, "B", 2]]],
   ["compression type 2 in a short header", [[104, "B", 2], [100, "I", 104]]],
@@ -232,4 +241,21 @@ Deno.test("qcow2Driver checks the bitmap directory at open as qemu-img info does
   ];
   await Deno.writeFile(`${dir.path}/base.qcow2`, clean);
   await runCases("base.qcow2", cases, dir.path);
+});
+
+Deno.test("qcow2Driver reads clusters mapped far past the end of the file as zeroes, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 a.qcow2 1M && qemu-io -c 'write -P 1 0 128k' a.qcow2 >/dev/null",
+    dir.path,
+  );
+  const b = await Deno.readFile(`${dir.path}/a.qcow2`);
+  const view = new DataView(b.buffer);
+  const l2 = Number(view.getBigUint64(Number(view.getBigUint64(40))) & 0x00fffffffffffe00n);
+  // Second cluster: keep the COPIED flag, move it far past the end (but below 2^53).
+  view.setBigUint64(l2 + 8, (1n << 63n) | 0xa80000010000n);
+  await Deno.writeFile(`${dir.path}/a.qcow2`, b);
+  await assertSameAsQemu(["map", "--output=json", "a.qcow2"], dir.path);
+  await assertSameAsQemu(["convert", "-O", "raw", "a.qcow2", "out.raw"], dir.path);
+  await sh("qemu-img convert -O raw a.qcow2 ref.raw && cmp ref.raw out.raw", dir.path);
 });
