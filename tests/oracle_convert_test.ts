@@ -276,3 +276,44 @@ Deno.test("convert copies a 1 TiB sparse raw image quickly, in bounded memory, r
   const [sq, so] = [await Deno.stat(`${pair.q}/big.out`), await Deno.stat(`${pair.o}/big.out`)];
   assertEquals([so.size, so.blocks], [sq.size, sq.blocks]);
 });
+
+Deno.test("convert reads qcow2 sources (backing chains, zero and compressed clusters) as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    [
+      "qemu-img create -q -f qcow2 base.qcow2 16M",
+      "qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -P 2 4M 64k' -c 'write -z 8M 1M' base.qcow2",
+      "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
+      "qemu-io -f qcow2 -c 'write -P 3 512k 64k' -c 'write -z 4M 32k' -c 'write -P 4 12M 100k' top.qcow2",
+      "qemu-img convert -c -O qcow2 base.qcow2 comp.qcow2",
+      "qemu-img create -q -f qcow2 -o cluster_size=4k odd.qcow2 1000000",
+      "qemu-io -f qcow2 -c 'write -P 5 4096 8192' -c 'write -P 6 990000 512' odd.qcow2",
+      "qemu-img create -q -f qcow2 -o cluster_size=2M big.qcow2 64M",
+      "qemu-io -f qcow2 -c 'write -P 7 3M 37M' big.qcow2",
+    ].join(" >/dev/null && ") + " >/dev/null",
+    dir.path,
+  );
+  const pair = await makePair(dir.path);
+  for (const src of ["base.qcow2", "top.qcow2", "comp.qcow2", "odd.qcow2", "big.qcow2"]) {
+    for (const extra of [["-p"], ["-S", "0"], ["-S", "64k", "-p"], ["-m", "1", "-W"]]) {
+      await assertSameRun(pair, ["convert", ...extra, `../${src}`, "out.raw"], {
+        outputs: ["out.raw"],
+        exact: true,
+      });
+    }
+  }
+  await assertSameRun(pair, ["convert", "-p", "../top.qcow2", "../none.raw", "cat.raw"], {
+    outputs: ["cat.raw"],
+  });
+  await assertSameRun(pair, [
+    "convert",
+    "-p",
+    "../top.qcow2",
+    "../odd.qcow2",
+    "../comp.qcow2",
+    "c.raw",
+  ], {
+    outputs: ["c.raw"],
+    exact: true,
+  });
+});
