@@ -7,7 +7,7 @@ import type { Io } from "./command.ts";
 import { getopt, type LongOption, type ParsedOption } from "./getopt.ts";
 import { QimgError } from "./errors.ts";
 import type { FormatDriver, MeasureResult, MeasureSource, PersistentBitmap } from "./driver.ts";
-import type { Image } from "./image.ts";
+import { Image } from "./image.ts";
 import { findFormat } from "./formats.ts";
 import { openForCommand, parseOutputFormat, printHelp, processObject } from "./cmd_util.ts";
 import { cvtnum } from "./size.ts";
@@ -41,7 +41,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   let format: string | undefined;
   let outFormat = "raw";
   let optionText: string | undefined;
-  let snapshot: string | undefined;
+  let snapshot: SnapshotSpec | undefined;
   let forceShare = false;
   let imageOpts = false;
   let human = true;
@@ -61,8 +61,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         optionText = accumulateOptions(optionText, o.arg!);
         break;
       case "l":
-        if (o.arg!.startsWith("snapshot.")) checkSnapshotParam(o.arg!);
-        snapshot = o.arg;
+        snapshot = o.arg!.startsWith("snapshot.") ? snapshotParam(o.arg!) : o.arg;
         break;
       case "U":
         forceShare = true;
@@ -98,10 +97,11 @@ export async function run(args: string[], io: Io): Promise<number> {
   }
 
   let image: Image | undefined;
+  let source: Image | undefined;
   try {
     if (filename !== undefined) {
       image = await openForCommand(filename, io, { format, imageOpts, forceShare });
-      if (snapshot !== undefined) loadSnapshot(image);
+      source = snapshot === undefined ? image : await loadSnapshot(image, snapshot);
     }
     const target = targetDriver(outFormat);
     const descs = mergeOptionTables(target.createOptions, PROTOCOL_CREATE_OPTIONS);
@@ -109,9 +109,9 @@ export async function run(args: string[], io: Io): Promise<number> {
     if (size !== undefined) setNumberOption(parsed, "size", size);
     const values = parsed.values;
     const result = await target.measure(
-      image ? image.size : Number(values.size ?? 0),
+      source ? source.size : Number(values.size ?? 0),
       values,
-      image ? await measureSource(image) : undefined,
+      source ? await measureSource(source) : undefined,
     );
     io.stdout(human ? renderHuman(result) : toJsonPretty(measureJson(result)) + "\n");
   } finally {
@@ -186,25 +186,44 @@ function bitmapsFromInfo(
   return list.map((b) => ({ name: b.name, granularity: Number(b.granularity) }));
 }
 
-/** `-l snapshot.id=...,snapshot.name=...`: only those two keys are allowed. */
-function checkSnapshotParam(text: string): void {
-  for (const [key] of splitOptionString(text)) {
+/** `-l`: a snapshot ID or name, or `snapshot.id=...,snapshot.name=...`. */
+type SnapshotSpec = string | { id?: string; name?: string };
+
+/** Parses `-l snapshot.id=...,snapshot.name=...`: only those two keys are allowed. */
+function snapshotParam(text: string): SnapshotSpec {
+  const spec: { id?: string; name?: string } = {};
+  for (const [key, value] of splitOptionString(text)) {
     if (key !== "snapshot.id" && key !== "snapshot.name") {
       throw new QimgError(
         `Invalid parameter '${key}'\nqimg: Failed in parsing snapshot param '${text}'`,
       );
     }
+    spec[key === "snapshot.id" ? "id" : "name"] = value ?? "on";
   }
+  return spec;
 }
 
-/** Loading an internal snapshot read-only; only qcow2 has them. */
-function loadSnapshot(image: Image): void {
-  if (image.format !== "qcow2") {
+/**
+ * The image as it was at an internal snapshot, read-only, as qemu's
+ * bdrv_snapshot_load_tmp: a bare `-l` value is tried as an ID, then as a name.
+ */
+async function loadSnapshot(image: Image, spec: SnapshotSpec): Promise<Image> {
+  const top = image.chain[0];
+  if (!top.image.snapshots || !top.image.atSnapshot) {
     throw new QimgError(
       `Failed to load snapshot: Block format '${image.format}' used by device '' does not support temporarily loading internal snapshots`,
     );
   }
-  throw new QimgError("measure -l: not supported yet");
+  const list = await top.image.snapshots();
+  const found = typeof spec === "string"
+    ? list.find((s) => s.id === spec) ?? list.find((s) => s.name === spec)
+    : list.find((s) =>
+      (spec.id === undefined || s.id === spec.id) &&
+      (spec.name === undefined || s.name === spec.name)
+    );
+  if (!found) throw new QimgError("Failed to load snapshot: Can't find snapshot");
+  const view = await top.image.atSnapshot(found);
+  return new Image([{ ...top, image: view }, ...image.chain.slice(1)]);
 }
 
 // Sizes print as exact integers, even the 2^63 a raw estimate can reach.

@@ -151,6 +151,11 @@ export interface FormatImage {
   check?(options: { repair?: "leaks" | "all" }): Promise<CheckResult>;
   /** The internal snapshots, in table order. */
   snapshots?(): Promise<SnapshotInfo[]>;
+  /**
+   * A read-only view of the guest as it was at `snapshot` (one of
+   * `snapshots()`), as qemu's bdrv_snapshot_load_tmp: measure -l, convert -l.
+   */
+  atSnapshot?(snapshot: SnapshotInfo): Promise<FormatImage>;
   /** Changes the virtual size. */
   resize?(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void>;
 }

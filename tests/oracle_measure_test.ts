@@ -205,3 +205,34 @@ Deno.test("measure prints the bitmaps size of qcow2 sources as qemu-img", async 
     ]
   ) await assertSameAsQemu(["measure", ...args], dir.path);
 });
+
+Deno.test("measure -l measures a qcow2 internal snapshot as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 sn.qcow2 4M && qemu-io -c 'write -P 1 0 1M' sn.qcow2 >/dev/null && " +
+      "qemu-img snapshot -c first sn.qcow2 && qemu-img resize -q sn.qcow2 8M && " +
+      "qemu-io -c 'write -P 2 5M 2M' sn.qcow2 >/dev/null && qemu-img snapshot -c 2 sn.qcow2 && " +
+      "qemu-io -c 'discard 0 1M' sn.qcow2 >/dev/null",
+    dir.path,
+  );
+  for (
+    const args of [
+      ["-l", "first"],
+      ["-l", "1"],
+      ["-l", "2"],
+      ["-l", "snapshot.name=2"],
+      ["-l", "snapshot.id=2"],
+      ["-l", "snapshot.id=1,snapshot.name=first"],
+      ["-l", "snapshot.id=1,snapshot.name=2"],
+      ["-l", "nope"],
+      ["--output=json", "-l", "first"],
+    ]
+  ) {
+    await assertSameAsQemu(["measure", "-O", "qcow2", ...args, "sn.qcow2"], dir.path);
+  }
+  await assertSameAsQemu(["measure", "-O", "raw", "-l", "first", "sn.qcow2"], dir.path);
+  // The snapshot changes the answer (else this proves little).
+  const now = await qemuImg(["measure", "-O", "qcow2", "sn.qcow2"], dir.path);
+  const then = await qemuImg(["measure", "-O", "qcow2", "-l", "first", "sn.qcow2"], dir.path);
+  assertEquals(now.stdout === then.stdout, false);
+});
