@@ -9,9 +9,11 @@ import type { Io } from "./command.ts";
 import { optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
-import { type Image, openImageChain } from "./image.ts";
+import type { Image } from "./image.ts";
 import { imageTarget } from "./convert.ts";
-import { cvtnum, isCacheMode, parseCInteger } from "./cmd_convert.ts";
+import { parseCInteger } from "./cmd_convert.ts";
+import { cvtnum } from "./size.ts";
+import { isCacheMode, openForCommand } from "./cmd_util.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -132,6 +134,8 @@ export async function run(args: string[], io: Io): Promise<number> {
   let forceShare = false;
   let nativeAio = false;
   let direct = false;
+  let imageOpts = false;
+  const warn = (m: string) => io.stderr(`qimg: ${m}\n`);
   for (const o of options) {
     const arg = o.arg ?? "";
     switch (o.opt) {
@@ -155,15 +159,15 @@ export async function run(args: string[], io: Io): Promise<number> {
         else throw new QimgError(`Invalid aio option: ${arg}`);
         break;
       case "o":
-        offset = cvtnum("offset", arg);
+        offset = Number(cvtnum("offset", arg, { warn }));
         break;
       case "q":
         break; // qemu-img's bench prints its lines even with -q
       case "s":
-        bufferSize = cvtnum("buffer size", arg, 0n, BigInt(INT_MAX));
+        bufferSize = Number(cvtnum("buffer size", arg, { max: BigInt(INT_MAX), warn }));
         break;
       case "S":
-        step = cvtnum("step_size", arg, 0n, BigInt(INT_MAX));
+        step = Number(cvtnum("step_size", arg, { max: BigInt(INT_MAX), warn }));
         break;
       case "t":
         if (!isCacheMode(arg)) throw new QimgError("Invalid cache mode");
@@ -185,6 +189,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         drainOnFlush = false;
         break;
       case "image-opts":
+        imageOpts = true;
         break;
       default:
         throw optionError(o);
@@ -198,22 +203,12 @@ export async function run(args: string[], io: Io): Promise<number> {
   if (flushInterval && flushInterval < depth) {
     throw new QimgError("Flush interval can't be smaller than depth");
   }
-  if (forceShare && write) {
-    throw new QimgError(
-      `Could not open '${filename}': force-share=on can only be used with read-only images`,
-    );
-  }
   if (nativeAio && !direct) {
     throw new QimgError(
       `Could not open '${filename}': aio=native was specified, but it requires cache.direct=on, which was not specified.`,
     );
   }
-  const image = await openImageChain(filename, {
-    format: fmt,
-    write,
-    openFile: (p, w) => io.openFile(p, { write: w }),
-    warn: (m) => io.stderr(m + "\n"),
-  });
+  const image = await openForCommand(filename, io, { format: fmt, imageOpts, write, forceShare });
   try {
     const stepSize = step || bufferSize;
     io.stdout(

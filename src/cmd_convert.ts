@@ -8,10 +8,11 @@ import type { Io } from "./command.ts";
 import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
-import { type Image, openImageChain } from "./image.ts";
+import type { Image } from "./image.ts";
 import { findFormat } from "./formats.ts";
 import type { FormatDriver } from "./driver.ts";
 import {
+  accumulateOptions,
   CREATE_OPTION_TABLES,
   emptyOptions,
   isHelpOption,
@@ -21,7 +22,8 @@ import {
 } from "./options.ts";
 import { createImageWith, createOptionsHelp } from "./create.ts";
 import { PROTOCOL_CREATE_OPTIONS } from "./protocol.ts";
-import { parseSizeExact } from "./size.ts";
+import { cvtnum } from "./size.ts";
+import { isCacheMode, openForCommand, processObject } from "./cmd_util.ts";
 import { convert, imageTarget, MAX_PARALLEL, MAX_SPARSE } from "./convert.ts";
 import { Progress } from "./progress.ts";
 
@@ -37,26 +39,6 @@ const LONG = [
   { name: "skip-broken-bitmaps", arg: "none", val: "skip-broken-bitmaps" },
 ] as const;
 
-const INT64_MAX = 0x7fffffffffffffffn;
-
-/**
- * qemu-img's cvtnum_full: a size with an optional suffix, between `min`
- * and `max`, with its two messages.
- */
-export function cvtnum(name: string, value: string, min = 0n, max = INT64_MAX): number {
-  const v = parseSizeExact(value);
-  if (v === "invalid") {
-    throw new QimgError(
-      `Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\n` +
-        "qimg: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
-    );
-  }
-  if (v === "range" || v < min || v > max) {
-    throw new QimgError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
-  }
-  return Number(v);
-}
-
 /** C's strtol/strtoul with base 0 over the whole string (qemu_strtol); undefined when invalid. */
 export function parseCInteger(text: string): bigint | undefined {
   const m = /^[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$/.exec(text);
@@ -69,60 +51,12 @@ export function parseCInteger(text: string): bigint | undefined {
   return sign === "-" ? -v : v;
 }
 
-/** qemu's is_valid_option_list: no empty list, no empty element (`,,` is an escaped comma). */
-export function isValidOptionList(text: string): boolean {
-  if (text === "" || text.startsWith(",")) return false;
-  for (let i = 0; i < text.length; i++) {
-    if (text[i] !== ",") continue;
-    if (text[i + 1] === ",") {
-      i++;
-      continue;
-    }
-    if (i + 1 >= text.length) return false;
-  }
-  return true;
-}
-
-/** Appends an `-o` argument to the accumulated options, as qemu's accumulate_options. */
-export function accumulateOptions(current: string | undefined, arg: string): string {
-  if (!isValidOptionList(arg)) throw new QimgError(`Invalid option list: ${arg}`);
-  return current === undefined ? arg : `${current},${arg}`;
-}
-
-const CACHE_MODES = ["none", "off", "writeback", "writethrough", "directsync", "unsafe"];
-
-/** Whether `mode` is a cache mode qemu accepts. */
-export function isCacheMode(mode: string): boolean {
-  return CACHE_MODES.includes(mode);
-}
-
 /** Formats that can write compressed clusters in qemu 7.2 (block_driver_can_compress). */
 const COMPRESSING_FORMATS = ["qcow", "qcow2", "vmdk"];
 
 function canCompress(driver: FormatDriver): boolean {
   const flag = (driver as { supportsCompression?: boolean }).supportsCompression;
   return flag ?? COMPRESSING_FORMATS.includes(driver.name);
-}
-
-/** Opens a source image, read-only, through the Io. */
-export function openSource(io: Io, name: string, format: string | undefined): Promise<Image> {
-  return openImageChain(name, { format, openFile: (p, w) => io.openFile(p, { write: w }) });
-}
-
-/** Parses an `--image-opts` string to a file name and format (driver=...,file.filename=...). */
-function imageOptsTarget(text: string): { filename: string; format?: string } {
-  let filename: string | undefined;
-  let format: string | undefined;
-  for (const part of text.split(",")) {
-    const eq = part.indexOf("=");
-    const key = eq < 0 ? part : part.slice(0, eq);
-    const value = eq < 0 ? "on" : part.slice(eq + 1);
-    if (key === "driver") format = value;
-    else if (key === "file.filename" || key === "filename") filename = value;
-    else if (key !== "file.driver") throw notSupportedYet(`image option '${key}'`);
-  }
-  if (filename === undefined) throw notSupportedYet("--image-opts without file.filename");
-  return { filename, format };
 }
 
 /** Creates an image file for `dd`: a new image of `size` bytes, errors without the file name. */
@@ -167,6 +101,8 @@ export async function run(args: string[], io: Io): Promise<number> {
   let skipBroken = false;
   let parallel = 8;
   let outOfOrder = false;
+  let forceShare = false;
+  const warn = (m: string) => io.stderr(`qimg: ${m}\n`);
   for (const o of options) {
     const arg = o.arg ?? "";
     switch (o.opt) {
@@ -211,7 +147,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         }
         break;
       case "S": {
-        const v = cvtnum("buffer size for sparse output", arg);
+        const v = Number(cvtnum("buffer size for sparse output", arg, { warn }));
         if (v % 512 !== 0 || v > MAX_SPARSE) {
           throw new QimgError(
             "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to " +
@@ -251,12 +187,14 @@ export async function run(args: string[], io: Io): Promise<number> {
         outOfOrder = true;
         break;
       case "U":
-        break; // qimg takes no locks
+        forceShare = true;
+        break;
       case "r":
-        cvtnum("rate limit", arg);
+        cvtnum("rate limit", arg, { warn });
         break; // accepted; qimg does not throttle
       case "object":
-        throw notSupportedYet("--object");
+        if (processObject(arg, io)) return 0;
+        break;
       case "image-opts":
         imageOpts = true;
         break;
@@ -316,12 +254,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   let exitCode = 1;
   try {
     for (const name of srcNames) {
-      if (imageOpts) {
-        const spec = imageOptsTarget(name);
-        sources.push(await openSource(io, spec.filename, spec.format ?? fmt));
-      } else {
-        sources.push(await openSource(io, name, fmt));
-      }
+      sources.push(await openForCommand(name, io, { format: fmt, imageOpts, forceShare }));
     }
     if (snapshotOpts || snapshotName !== undefined) {
       if (!snapshotOpts && sources.length > 1) {
@@ -420,28 +353,11 @@ export async function run(args: string[], io: Io): Promise<number> {
     }
     if (!isCacheMode(cache)) throw new QimgError(`Invalid cache option: ${cache}`);
 
-    let targetName = outName;
-    let targetFmt = outFmt;
-    if (targetImageOpts) {
-      const spec = imageOptsTarget(outName);
-      targetName = spec.filename;
-      targetFmt = spec.format;
-    }
-    try {
-      target = await openImageChain(targetName, {
-        format: targetFmt,
-        write: true,
-        openFile: (p, w) => io.openFile(p, { write: w }),
-        warn: (m) => io.stderr(m + "\n"),
-      });
-    } catch (e) {
-      if (targetImageOpts && e instanceof QimgError) {
-        throw new QimgError(
-          `Could not open '${outName}': ${e.message.replace(/^Could not open '[^']*': /, "")}`,
-        );
-      }
-      throw e;
-    }
+    target = await openForCommand(outName, io, {
+      format: outFmt,
+      imageOpts: targetImageOpts,
+      write: true,
+    });
     const top = target.chain[0].image as { writeCompressed?: unknown };
     if (compressed && typeof top.writeCompressed !== "function") {
       throw new QimgError("Compression not supported for this file format");

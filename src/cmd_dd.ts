@@ -6,13 +6,15 @@
  */
 
 import type { Io } from "./command.ts";
-import { notSupportedYet, optionError } from "./command.ts";
+import { optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
-import { type Image, openImageChain } from "./image.ts";
+import type { Image } from "./image.ts";
 import { findFormat } from "./formats.ts";
 import { convert, type CopyTarget, imageTarget, sliceSource } from "./convert.ts";
-import { createTargetFile, cvtnum, openSource } from "./cmd_convert.ts";
+import { createTargetFile } from "./cmd_convert.ts";
+import { cvtnum } from "./size.ts";
+import { openForCommand, processObject } from "./cmd_util.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -33,7 +35,7 @@ interface DdOperands {
 }
 
 /** Parses `key=value` operands in order; the first bad one stops with qemu's message. */
-function parseOperands(operands: string[]): DdOperands {
+function parseOperands(operands: string[], warn: (m: string) => void): DdOperands {
   const dd: DdOperands = { bs: 512 };
   for (const operand of operands) {
     const eq = operand.indexOf("=");
@@ -42,10 +44,10 @@ function parseOperands(operands: string[]): DdOperands {
     if (eq < 0) throw new QimgError(`unrecognized operand ${operand}`);
     switch (key) {
       case "bs":
-        dd.bs = cvtnum("bs", value, 1n, 0x7fffffffn);
+        dd.bs = Number(cvtnum("bs", value, { min: 1n, max: 0x7fffffffn, warn }));
         break;
       case "count":
-        dd.count = cvtnum("count", value);
+        dd.count = Number(cvtnum("count", value, { warn }));
         break;
       case "if":
         dd.input = value;
@@ -54,7 +56,7 @@ function parseOperands(operands: string[]): DdOperands {
         dd.output = value;
         break;
       case "skip":
-        dd.skip = cvtnum("skip", value);
+        dd.skip = Number(cvtnum("skip", value, { warn }));
         break;
       default:
         throw new QimgError(`unrecognized operand ${key}`);
@@ -80,6 +82,8 @@ export async function run(args: string[], io: Io): Promise<number> {
   let fmt: string | undefined;
   let outFmt = "raw";
   let imageOpts = false;
+  let forceShare = false;
+  const objects: string[] = [];
   for (const o of options) {
     switch (o.opt) {
       case "O":
@@ -91,9 +95,11 @@ export async function run(args: string[], io: Io): Promise<number> {
       case "h":
         return (await import("./cmd_util.ts")).printHelp(io);
       case "U":
+        forceShare = true;
         break;
       case "object":
-        throw notSupportedYet("--object");
+        objects.push(o.arg!);
+        break;
       case "image-opts":
         imageOpts = true;
         break;
@@ -101,21 +107,20 @@ export async function run(args: string[], io: Io): Promise<number> {
         throw optionError(o);
     }
   }
-  const dd = parseOperands(operands);
+  const dd = parseOperands(operands, (m) => io.stderr(`qimg: ${m}\n`));
   if (dd.input === undefined || dd.output === undefined) {
     throw new QimgError("Must specify both input and output files");
   }
+  // qemu-img's dd creates its objects once the operands are known.
+  for (const spec of objects) if (processObject(spec, io)) return 0;
   const outName = dd.output;
   let input: Image | undefined;
   let output: Image | undefined;
   try {
-    let inName = dd.input;
-    let inFmt = fmt;
-    if (imageOpts) ({ filename: inName, format: inFmt } = imageOptsSpec(dd.input, fmt));
-    if (inName === "") {
+    if (dd.input === "" && !imageOpts) {
       throw new QimgError(`Could not open '': The 'file' block driver requires a file name`);
     }
-    input = await openSource(io, inName, inFmt);
+    input = await openForCommand(dd.input, io, { format: fmt, imageOpts, forceShare });
     const driver = findFormat(outFmt);
     if (!driver) throw new QimgError("Unknown file format");
     let size = input.size;
@@ -132,11 +137,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     } catch (e) {
       throw new QimgError(`${outName}: error while creating output image: ${strerror(e)}`);
     }
-    output = await openImageChain(outName, {
-      format: outFmt,
-      write: true,
-      openFile: (p, w) => io.openFile(p, { write: w }),
-    });
+    output = await openForCommand(outName, io, { format: outFmt, write: true });
     if (skipTooFar) io.stderr(`qimg: ${dd.input}: cannot skip to specified offset\n`);
     if (outSize > 0) {
       try {
@@ -161,24 +162,4 @@ export async function run(args: string[], io: Io): Promise<number> {
     if (input) await input.close();
   }
   return 0;
-}
-
-/** `--image-opts` for the input: `driver=...,file.filename=...`. */
-function imageOptsSpec(
-  text: string,
-  fmt: string | undefined,
-): { filename: string; format?: string } {
-  if (fmt !== undefined) throw new QimgError("--image-opts and --format are mutually exclusive");
-  let filename: string | undefined;
-  let format: string | undefined;
-  for (const part of text.split(",")) {
-    const eq = part.indexOf("=");
-    const key = eq < 0 ? part : part.slice(0, eq);
-    const value = eq < 0 ? "on" : part.slice(eq + 1);
-    if (key === "driver") format = value;
-    else if (key === "file.filename") filename = value;
-    else if (key !== "file.driver") throw notSupportedYet(`image option '${key}'`);
-  }
-  if (filename === undefined) throw notSupportedYet("--image-opts without file.filename");
-  return { filename, format };
 }
