@@ -72,7 +72,7 @@ export async function run(args: string[], io: Io): Promise<number> {
       unsafeBacking,
       warn,
       onFormatting: quiet ? undefined : (line) => io.stdout(line),
-    }, (path, o) => io.openFile(path, o));
+    }, (path, o) => io.openFile(path, o), io.remove?.bind(io));
   } catch (e) {
     // qemu-img names the target before every message from the block layer.
     if (e instanceof QimgError) {

@@ -267,6 +267,7 @@ export async function createImageWith(
   filename: string,
   options: CreateImageOptions,
   openFile: CreateFileOpener,
+  removeFile?: (path: string) => Promise<void>,
 ): Promise<void> {
   const plan = await prepareCreate(filename, options, openFile);
   const create = plan.format === "file" ? findFormat("raw")?.create : plan.driver?.create;
@@ -297,10 +298,15 @@ export async function createImageWith(
     await create(file, {
       size: Number(plan.size),
       options: plan.parsed.values,
+      openFile,
+      removeFile,
     });
   } catch (e) {
     if (e instanceof ProtocolError && e.errno === "EFBIG") {
-      const hint = plan.parsed.exact.cluster_size ? " (try using a larger cluster size)" : "";
+      // qemu reads cluster_size with its default, so qcow2 always gets the hint.
+      const clusterSize = plan.parsed.exact.cluster_size ??
+        BigInt(plan.descs.find((d) => d.name === "cluster_size")?.default ?? 0);
+      const hint = clusterSize ? " (try using a larger cluster size)" : "";
       throw new QimgError(`The image size is too large for file format '${plan.format}'${hint}`);
     }
     throw e;

@@ -4,7 +4,7 @@
  * FormatImage per open image. A missing optional member is the capability.
  */
 
-import type { BlockFile } from "./file.ts";
+import type { BlockFile, OpenFileOptions } from "./file.ts";
 import type { OptionDesc, OptionValues } from "./options.ts";
 import type { JsonValue } from "./output.ts";
 
@@ -115,6 +115,10 @@ export interface CreateOptions {
   size: number;
   /** Values parsed from `-o` against the driver's createOptions. */
   options: OptionValues;
+  /** Opens further host files the format creates (qcow2's external data file). */
+  openFile?: (path: string, options: OpenFileOptions) => Promise<BlockFile>;
+  /** Removes host files of a failed create (qemu deletes them). */
+  removeFile?: (path: string) => Promise<void>;
 }
 
 /** One open image of one format: answers for its own layer only. */

@@ -46,6 +46,8 @@ import {
 } from "./qcow2_cluster.ts";
 import { checkQcow2 } from "./qcow2_refcount.ts";
 import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_snapshot.ts";
+import { createQcow2 } from "./qcow2_create.ts";
+import { QCOW2_CREATE_OPTIONS } from "./options.ts";
 
 /** One bitmap as `info` lists it. */
 export interface BitmapInfo {
@@ -384,5 +386,7 @@ export const qcow2Driver: FormatDriver = {
   name: "qcow2",
   probe: (head) => probeQcow2(head),
   open: openQcow2,
+  create: createQcow2,
+  createOptions: QCOW2_CREATE_OPTIONS,
   supportsBacking: true,
 };
