@@ -15,16 +15,29 @@ import { isPermissionError, QimgError } from "./src/errors.ts";
 
 const encoder = new TextEncoder();
 
-function writeAll(fd: { writeSync(p: Uint8Array): number }, text: string): void {
-  const bytes = encoder.encode(text);
-  let done = 0;
-  while (done < bytes.length) done += fd.writeSync(bytes.subarray(done));
+/**
+ * Writes all of `text`, as C's stdio does for qemu-img: a stream that
+ * fails (a closed pipe, a full disk) is dropped silently and the command
+ * goes on, so `qimg map x | head` ends as qemu-img does, with its own code.
+ */
+function writer(fd: { writeSync(p: Uint8Array): number }): (text: string) => void {
+  let broken = false;
+  return (text) => {
+    if (broken) return;
+    const bytes = encoder.encode(text);
+    try {
+      let done = 0;
+      while (done < bytes.length) done += fd.writeSync(bytes.subarray(done));
+    } catch {
+      broken = true;
+    }
+  };
 }
 
 /** An Io over the Deno runtime. */
 export const denoIo: Io = {
-  stdout: (text) => writeAll(Deno.stdout, text),
-  stderr: (text) => writeAll(Deno.stderr, text),
+  stdout: writer(Deno.stdout),
+  stderr: writer(Deno.stderr),
   openFile: (path, options) => DenoFile.open(path, options),
   exists: async (path) => {
     try {

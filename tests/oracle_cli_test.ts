@@ -437,3 +437,26 @@ Deno.test("getopt() matches qemu-img on generated argument vectors for every com
     }
   }
 });
+
+Deno.test("denoIo drops a stream that fails, as qemu-img's stdio: a full disk or a closed pipe", async () => {
+  await using dir = await tempDir();
+  // A map listing far longer than a pipe's buffer.
+  await sh(
+    "qemu-img create -q -f qcow2 -o cluster_size=512 frag.qcow2 8M && " +
+      'for i in $(seq 0 2 2000); do echo "write -P 1 $((i*1024)) 512"; done | qemu-io frag.qcow2 >/dev/null',
+    dir.path,
+  );
+  const deno = `'${Deno.execPath()}' run --no-prompt --allow-read '${CLI}'`;
+  for (
+    const tail of [
+      "--help >/dev/full",
+      "info frag.qcow2 >/dev/full",
+      "map --output=json frag.qcow2 | head -c 10 >/dev/null; exit ${PIPESTATUS[0]}",
+      "info nonexist 2>/dev/full",
+    ]
+  ) {
+    const ours = await runProgram("bash", ["-c", `${deno} ${tail}`], dir.path);
+    const theirs = await runProgram("bash", ["-c", `qemu-img ${tail}`], dir.path);
+    assertEquals(ours, theirs, tail);
+  }
+});
