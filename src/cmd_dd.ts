@@ -83,7 +83,6 @@ export async function run(args: string[], io: Io): Promise<number> {
   let outFmt = "raw";
   let imageOpts = false;
   let forceShare = false;
-  const objects: string[] = [];
   for (const o of options) {
     switch (o.opt) {
       case "O":
@@ -98,7 +97,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         forceShare = true;
         break;
       case "object":
-        objects.push(o.arg!);
+        if (processObject(o.arg!, io)) return 0;
         break;
       case "image-opts":
         imageOpts = true;
@@ -111,8 +110,6 @@ export async function run(args: string[], io: Io): Promise<number> {
   if (dd.input === undefined || dd.output === undefined) {
     throw new QimgError("Must specify both input and output files");
   }
-  // qemu-img's dd creates its objects once the operands are known.
-  for (const spec of objects) if (processObject(spec, io)) return 0;
   const outName = dd.output;
   let input: Image | undefined;
   let output: Image | undefined;

@@ -30,6 +30,8 @@ Deno.test("bench read runs print qemu-img's lines and leave the image untouched"
     ["-c", "10", "-n", "-t", "none", "../a.raw"],
     ["-c", "10", "--pattern=0x12", "../a.raw"],
     ["-c", "2000", "-S", "1M", "../a.raw"],
+    ["-c", "5", "-s", "0x1k", "../a.raw"],
+    ["-c", "5", "--image-opts", "driver=raw,file.filename=../a.raw"],
   ];
   for (const args of cases) {
     const r = await assertSameRun(pair, ["bench", ...args], { mask: maskTime });
@@ -92,6 +94,8 @@ Deno.test("bench refuses bad options with qemu-img's messages", async () => {
     ["-f", "qcow2", "../a.raw"],
     ["../nonexistent"],
     ["../dir"],
+    ["--image-opts", "../a.raw"],
+    ["--image-opts", "-f", "raw", "driver=raw,file.filename=../a.raw"],
   ];
   for (const args of cases) await assertSameRun(pair, ["bench", ...args], { mask: maskTime });
 });

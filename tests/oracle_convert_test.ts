@@ -189,6 +189,13 @@ Deno.test("convert refuses bad options with qemu-img's messages and exit codes",
     ["../a.raw", "o.raw", "-O"],
     ["-p", "../nonexistent", "o.raw"],
     ["-p", "-c", "../a.raw", "o.raw"],
+    ["--object", "help"],
+    ["--object", "secret,id=s0", "../a.raw", "o.raw"],
+    ["--object", "foo,id=x", "../a.raw", "o.raw"],
+    ["--image-opts", "../a.raw", "o.raw"],
+    ["--image-opts", "-f", "raw", "driver=raw,file.filename=../a.raw", "o.raw"],
+    ["-n", "--target-image-opts", "../a.raw", "driver=raw,file.filename=nonexistent"],
+    ["-U", "-n", "../a.raw", "nonexistent"],
   ];
   for (const args of cases) {
     await assertSameRun(pair, ["convert", ...args], { outputs: ["o.raw"] });
@@ -224,6 +231,7 @@ Deno.test("convert accepts qemu-img's other options and long forms", async () =>
       ["-o", "preallocation=full", "../a.raw", "o4.raw"],
       ["--image-opts", "driver=raw,file.filename=../a.raw", "o5.raw"],
       ["-qp", "-fraw", "-Oraw", "../a.raw", "o6.raw"],
+      ["-S", "0x1k", "--object", "secret,id=s0,data=x", "../a.raw", "o7.raw"],
     ]
   ) {
     const out = args[args.length - 1];

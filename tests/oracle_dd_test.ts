@@ -32,6 +32,8 @@ Deno.test("dd copies blocks as qemu-img: bs, count, skip and the output size rul
     ["-f", "raw", "-O", "raw", "-U", "if=../a.raw", "of=o15"],
     ["if=../a.raw", "-O", "raw", "bs=2M", "of=o16"],
     ["--image-opts", "if=driver=raw,file.filename=../a.raw", "of=o17"],
+    ["bs=0x1k", "count=0x2", "if=../a.raw", "of=o18"],
+    ["--object", "secret,id=s0,data=x", "if=../a.raw", "of=o19"],
   ];
   for (const args of cases) {
     const out = args.find((a) => a.startsWith("of="))!.slice(3);
@@ -80,6 +82,10 @@ Deno.test("dd refuses bad operands and options with qemu-img's messages", async 
     ["-x", "if=../a.raw", "of=x"],
     ["--foo", "if=../a.raw", "of=x"],
     ["-O"],
+    ["--object", "help"],
+    ["--object", "foo,id=x", "if=../a.raw", "of=x"],
+    ["--image-opts", "if=../a.raw", "of=x"],
+    ["--image-opts", "-f", "raw", "if=driver=raw,file.filename=../a.raw", "of=x"],
   ];
   for (const args of cases) await assertSameRun(pair, ["dd", ...args], { outputs: ["x"] });
 });
