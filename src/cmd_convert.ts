@@ -8,7 +8,7 @@ import type { Io } from "./command.ts";
 import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
-import type { Image } from "./image.ts";
+import { Image } from "./image.ts";
 import { findFormat } from "./formats.ts";
 import type { FormatDriver } from "./driver.ts";
 import {
@@ -57,6 +57,33 @@ const COMPRESSING_FORMATS = ["qcow", "qcow2", "vmdk"];
 function canCompress(driver: FormatDriver): boolean {
   const flag = (driver as { supportsCompression?: boolean }).supportsCompression;
   return flag ?? COMPRESSING_FORMATS.includes(driver.name);
+}
+
+/**
+ * The image as it was at an internal snapshot, read-only (qemu's
+ * bdrv_snapshot_load_tmp): a bare name is tried as an ID, then as a name.
+ * The returned image shares the layers of `image` (close `image` only).
+ */
+export async function loadSnapshot(
+  image: Image,
+  spec: string | { id?: string; name?: string },
+): Promise<Image> {
+  const top = image.chain[0];
+  if (!top.image.snapshots || !top.image.atSnapshot) {
+    throw new QimgError(
+      `Failed to load snapshot: Block format '${image.format}' used by device '' does not support temporarily loading internal snapshots`,
+    );
+  }
+  const list = await top.image.snapshots();
+  const found = typeof spec === "string"
+    ? list.find((s) => s.id === spec) ?? list.find((s) => s.name === spec)
+    : list.find((s) =>
+      (spec.id === undefined || s.id === spec.id) &&
+      (spec.name === undefined || s.name === spec.name)
+    );
+  if (!found) throw new QimgError("Failed to load snapshot: Can't find snapshot");
+  const view = await top.image.atSnapshot(found);
+  return new Image([{ ...top, image: view }, ...image.chain.slice(1)]);
 }
 
 /** Creates an image file for `dd`: a new image of `size` bytes, errors without the file name. */
@@ -250,21 +277,25 @@ export async function run(args: string[], io: Io): Promise<number> {
   const meter = new Progress(progress && !quiet, 1, (t) => io.stdout(t));
   meter.print(0, 100);
   const sources: Image[] = [];
+  const opened: Image[] = [];
   let target: Image | undefined;
   let exitCode = 1;
   try {
     for (const name of srcNames) {
-      sources.push(await openForCommand(name, io, { format: fmt, imageOpts, forceShare }));
+      const image = await openForCommand(name, io, { format: fmt, imageOpts, forceShare });
+      opened.push(image);
+      sources.push(image);
     }
-    if (snapshotOpts || snapshotName !== undefined) {
-      if (!snapshotOpts && sources.length > 1) {
+    if (snapshotOpts) {
+      sources[0] = await loadSnapshot(sources[0], {
+        id: snapshotOpts["snapshot.id"],
+        name: snapshotOpts["snapshot.name"],
+      });
+    } else if (snapshotName !== undefined) {
+      if (sources.length > 1) {
         throw new QimgError("No support for concatenating multiple snapshot");
       }
-      throw new QimgError(
-        `Failed to load snapshot: Block format '${
-          sources[0].format
-        }' used by device '' does not support temporarily loading internal snapshots`,
-      );
+      sources[0] = await loadSnapshot(sources[0], snapshotName);
     }
     const total = sources.reduce((s, img) => s + Math.ceil(img.size / 512) * 512, 0);
 
@@ -389,7 +420,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   } finally {
     meter.end();
     if (target) await target.close();
-    for (const s of sources) await s.close();
+    for (const s of opened) await s.close();
   }
   return exitCode;
 }

@@ -325,3 +325,31 @@ Deno.test("convert reads qcow2 sources (backing chains, zero and compressed clus
     exact: true,
   });
 });
+
+Deno.test("convert -l copies a qcow2 internal snapshot as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 s.qcow2 8M && qemu-io -c 'write -P 1 0 1M' s.qcow2 >/dev/null && " +
+      "qemu-img snapshot -c snap1 s.qcow2 && qemu-io -c 'write -P 2 512k 1M' s.qcow2 >/dev/null && " +
+      "qemu-img snapshot -c snap2 s.qcow2 && qemu-io -c 'write -z 0 4M' s.qcow2 >/dev/null",
+    dir.path,
+  );
+  const pair = await makePair(dir.path);
+  for (
+    const l of [
+      "snap1",
+      "1",
+      "snap2",
+      "nosuch",
+      "snapshot.name=snap1",
+      "snapshot.id=2",
+      "snapshot.id=1,snapshot.name=snap2",
+      "snapshot.id=9",
+    ]
+  ) {
+    await assertSameRun(pair, ["convert", "-p", "-l", l, "../s.qcow2", "out.raw"], {
+      outputs: ["out.raw"],
+      exact: true,
+    });
+  }
+});
