@@ -72,7 +72,22 @@ export async function run(args: string[], io: Io): Promise<number> {
       if (top.snapshots) io.stdout(renderSnapshotList(await top.snapshots()));
       return 0;
     }
-    if (SNAPSHOT_FORMATS.has(image.format)) throw notSupportedYet("snapshot");
+    if (action === undefined) return 0;
+    const top = image.chain[0].image;
+    if (SNAPSHOT_FORMATS.has(image.format) || top.snapshots) {
+      // Looking a snapshot up needs no writing: a missing one fails as in qemu.
+      const list = top.snapshots ? await top.snapshots() : [];
+      if (action === "delete" && !list.some((s) => s.name === name)) {
+        // qemu-img looks the snapshot to delete up by name only.
+        throw new QimgError(`Could not delete snapshot '${name}': snapshot not found`);
+      }
+      if (action === "apply" && !list.some((s) => s.id === name || s.name === name)) {
+        throw new QimgError(
+          `Could not apply snapshot '${name}': Failed to load snapshot: No such file or directory`,
+        );
+      }
+      throw notSupportedYet("snapshot");
+    }
     // Every other driver has no snapshots: qemu's generic answers.
     switch (action) {
       case "create":

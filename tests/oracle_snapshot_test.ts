@@ -89,11 +89,41 @@ Deno.test("snapshot --image-opts opens what qemu-img opens, named as given", asy
   ) await assertSameAsQemu(["snapshot", "-l", "--image-opts", spec], dir.path);
 });
 
-Deno.test("snapshot on qcow2 says it is not supported yet, in one line", async () => {
+Deno.test("snapshot on qcow2 lists, and fails for missing snapshots, as qemu-img 7.2", async () => {
   await using dir = await tempDir();
-  await sh("qemu-img create -q -f qcow2 q.qcow2 1M", dir.path);
-  for (const action of [["-c", "s"], ["-a", "s"], ["-d", "s"], []]) {
+  await sh(
+    "qemu-img create -q -f qcow2 q.qcow2 1M && qemu-img snapshot -c first q.qcow2 && " +
+      "qemu-img snapshot -c second q.qcow2 && qemu-img create -q -f qcow2 empty.qcow2 1M",
+    dir.path,
+  );
+  const before = await hashFile(`${dir.path}/q.qcow2`);
+  for (
+    const args of [
+      ["snapshot", "-l", "q.qcow2"],
+      ["snapshot", "-l", "-U", "q.qcow2"],
+      ["snapshot", "-l", "empty.qcow2"],
+      ["snapshot", "-a", "nosuch", "q.qcow2"],
+      ["snapshot", "-d", "nosuch", "q.qcow2"],
+      // qemu-img deletes by name only; "1" is only an id here.
+      ["snapshot", "-d", "1", "q.qcow2"],
+      ["snapshot", "-q", "-d", "3", "q.qcow2"],
+      ["snapshot", "-a", "3", "empty.qcow2"],
+      ["snapshot", "q.qcow2"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+  assertEquals(await hashFile(`${dir.path}/q.qcow2`), before);
+});
+
+Deno.test("snapshot changes to qcow2 say they are not supported yet, in one line", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 q.qcow2 1M && qemu-img snapshot -c first q.qcow2",
+    dir.path,
+  );
+  const before = await hashFile(`${dir.path}/q.qcow2`);
+  for (const action of [["-c", "s"], ["-a", "first"], ["-a", "1"], ["-d", "first"]]) {
     const r = await qimg(["snapshot", ...action, "q.qcow2"], dir.path);
     assertEquals(r, { stdout: "", stderr: "qimg: snapshot: not supported yet\n", code: 1 });
   }
+  assertEquals(await hashFile(`${dir.path}/q.qcow2`), before);
 });
