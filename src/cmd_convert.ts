@@ -316,12 +316,16 @@ export async function run(args: string[], io: Io): Promise<number> {
       }
       values = parsed.values;
       given = { ...parsed.given };
+      // Set apart: the size is the sources' total, -B and -F override -o.
       delete given.size;
+      delete given.backing_file;
+      delete given.backing_fmt;
       const hasOption = (name: string) => descs.some((d) => d.name === name);
       if (outBase !== undefined) {
         if (!hasOption("backing_file")) {
           throw new QimgError(`Backing file not supported for file format '${outFmt}'`);
         }
+        values.backing_file = outBase;
       }
       if (backingFmt !== undefined) {
         if (!hasOption("backing_fmt")) {
@@ -374,8 +378,10 @@ export async function run(args: string[], io: Io): Promise<number> {
           format: outFmt,
           size: total,
           options: given,
-          backingFile: typeof baseParam === "string" ? undefined : outBase,
-          backingFormat: typeof baseParam === "string" ? undefined : backingFmt,
+          backingFile: values.backing_file as string | undefined,
+          backingFormat: values.backing_fmt as string | undefined,
+          // qemu's bdrv_create does not open the backing file (opening the target does).
+          unsafeBacking: true,
           warn: (m) => io.stderr(`qimg: warning: ${m}\n`),
         }, (p, o) => io.openFile(p, o));
       } catch (e) {
