@@ -413,6 +413,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         ? target.chain[1].image.size
         : undefined,
       compressed,
+      copyRange,
       clusterSize: info.clusterSize,
       salvage,
       quiet,

@@ -66,6 +66,8 @@ export interface ConvertOptions {
   requestAlignment?: number;
   /** The target's preferred request size; requests grow up to 16 MiB to reach it. */
   optimalTransfer?: number;
+  /** Copy data runs whole, without zero detection (`-C`, qemu's copy offloading). */
+  copyRange?: boolean;
   /** Turn read errors into zeroes (`--salvage`), warning unless `quiet`. */
   salvage?: boolean;
   /** Suppress salvage warnings. */
@@ -514,7 +516,7 @@ class Converter {
       if (status !== Status.Backing) {
         let data = false;
         if (status === Status.Data) {
-          if (this.#minSparse === 0) {
+          if (this.#minSparse === 0 || this.#o.copyRange) {
             data = true;
           } else if (!this.#o.compressed) {
             const r = dataRun(buf!, pos, n, this.#minSparse, sector, this.#alignment);

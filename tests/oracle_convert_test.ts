@@ -92,11 +92,16 @@ Deno.test("convert concatenates several sources as qemu-img", async () => {
   });
 });
 
-Deno.test("convert -m and -W give the same image as qemu-img", async () => {
+Deno.test("convert -m, -W and -C give the same image as qemu-img", async () => {
   await using dir = await tempDir();
   await sh(INPUTS, dir.path);
   const pair = await makePair(dir.path);
-  for (const extra of [["-m", "1"], ["-m", "16"], ["-W"], ["-m", "3", "-W"], ["-m", "0x4"]]) {
+  for (
+    const extra of [["-m", "1"], ["-m", "16"], ["-W"], ["-m", "3", "-W"], ["-m", "0x4"], ["-C"], [
+      "-C",
+      "-p",
+    ]]
+  ) {
     await assertSameRun(pair, ["convert", ...extra, "../mixed.raw", "m.raw"], {
       outputs: ["m.raw"],
       exact: true,
