@@ -101,21 +101,70 @@ export async function run(args: string[], io: Io): Promise<number> {
     if (sourceFile !== undefined) {
       source = await openForCommand(sourceFile, io, { format: sourceFormat, backing: false });
     }
-    if (BITMAP_FORMATS.has(image.format)) throw notSupportedYet("bitmap");
-    // The image's driver has no bitmaps: the first action fails as in qemu.
-    const { op } = actions[0];
-    throw new QimgError(
-      `Operation ${op} on bitmap ${bitmap} failed: ${whyNot(op, bitmap, granularity)}`,
-    );
+    const target = await bitmapsOf(image);
+    const from = source ? await bitmapsOf(source) : target;
+    // Only the first action matters: it either fails as in qemu, or would
+    // change the image, which qimg's drivers cannot do yet.
+    const { op, source: merged } = actions[0];
+    const why = whyNot(op, bitmap, granularity, target, merged, from);
+    if (why === undefined) throw notSupportedYet("bitmap");
+    throw new QimgError(`Operation ${op} on bitmap ${bitmap} failed: ${why}`);
   } finally {
     await source?.close();
     await image.close();
   }
 }
 
-/** qemu's reason an action fails on an image without bitmap support. */
-function whyNot(op: Op, bitmap: string, granularity: number): string {
-  if (op !== "add") return `Dirty bitmap '${bitmap}' not found`;
+/** What an image holds and can hold, as far as qemu's bitmap checks go. */
+interface BitmapState {
+  /** Names of the persistent bitmaps. */
+  names: string[];
+  /** Why qemu refuses to store a new one, if it does (before the node name). */
+  refusal?: (name: string, node: string) => string;
+}
+
+/** The bitmaps of an image, from its format's `info` data (qemu's ImageInfoSpecific). */
+async function bitmapsOf(image: Image): Promise<BitmapState> {
+  if (!BITMAP_FORMATS.has(image.format)) {
+    return {
+      names: [],
+      refusal: (_, node) => `Can't store persistent bitmaps to ${node}: Operation not supported`,
+    };
+  }
+  const data = (await image.formatInfo()).formatSpecific?.data ?? {};
+  const list = Array.isArray(data.bitmaps) ? data.bitmaps : [];
+  const names = list.map((b) => String((b as { name?: unknown }).name));
+  const persistent = (why: string) => (name: string, node: string) =>
+    `Can't make bitmap '${name}' persistent in '${node}': ${why}`;
+  if (data.compat === "0.10") {
+    return { names, refusal: persistent("Cannot store dirty bitmaps in qcow2 v2 files") };
+  }
+  return {
+    names,
+    refusal: (name, node) =>
+      new TextEncoder().encode(name).length > 1023
+        ? persistent("Name length exceeds maximum (1023 characters)")(name, node)
+        : "",
+  };
+}
+
+/** qemu's reason the first action fails, or undefined when it would succeed. */
+function whyNot(
+  op: Op,
+  bitmap: string,
+  granularity: number,
+  target: BitmapState,
+  merged: string | undefined,
+  from: BitmapState,
+): string | undefined {
+  if (op !== "add") {
+    if (!target.names.includes(bitmap)) return `Dirty bitmap '${bitmap}' not found`;
+    if (op === "merge" && !from.names.includes(merged!)) {
+      return `Dirty bitmap '${merged}' not found`;
+    }
+    return undefined;
+  }
+  if (bitmap === "") return "Bitmap name cannot be empty";
   // QMP carries the granularity as a 32-bit number.
   const g = granularity % 2 ** 32;
   if (granularity && (g < 512 || !Number.isInteger(Math.log2(g)))) {
@@ -123,5 +172,8 @@ function whyNot(op: Op, bitmap: string, granularity: number): string {
   }
   // qemu names the node by an automatic name: "#block1" and two random digits.
   const node = `#block1${String(Math.floor(Math.random() * 100)).padStart(2, "0")}`;
-  return `Can't store persistent bitmaps to ${node}: Operation not supported`;
+  const refused = target.refusal?.(bitmap, node);
+  if (refused) return refused;
+  if (target.names.includes(bitmap)) return `Bitmap already exists: ${bitmap}`;
+  return undefined;
 }
