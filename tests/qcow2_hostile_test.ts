@@ -259,3 +259,19 @@ Deno.test("qcow2Driver reads clusters mapped far past the end of the file as zer
   await assertSameAsQemu(["convert", "-O", "raw", "a.qcow2", "out.raw"], dir.path);
   await sh("qemu-img convert -O raw a.qcow2 ref.raw && cmp ref.raw out.raw", dir.path);
 });
+
+Deno.test("qcow2Driver refuses to open a corrupt-flagged image for writing, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 c.qcow2 1G", dir.path);
+  const b = await Deno.readFile(`${dir.path}/c.qcow2`);
+  poke(b, [72, "Q", 2]);
+  await Deno.writeFile(`${dir.path}/c.qcow2`, b);
+  for (
+    const args of [
+      ["resize", "c.qcow2", "+1M"],
+      ["commit", "c.qcow2"],
+      ["amend", "-o", "lazy_refcounts=on", "c.qcow2"],
+      ["info", "c.qcow2"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+});
