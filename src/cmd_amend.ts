@@ -5,7 +5,17 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { findFormat } from "./formats.ts";
-import { accumulateOptions, isHelpOption } from "./options.ts";
+import {
+  accumulateOptions,
+  CREATE_OPTION_TABLES,
+  formatOptionHelp,
+  isHelpOption,
+  mergeOptionTables,
+  type OptionDesc,
+  parseOptionList,
+  QCOW2_CREATE_OPTIONS,
+} from "./options.ts";
+import { Progress } from "./progress.ts";
 import { checkCacheMode, openForCommand, printHelp, processObject } from "./cmd_util.ts";
 
 const LONG = [
@@ -60,10 +70,11 @@ export async function run(args: string[], io: Io): Promise<number> {
   }
   if (options === undefined) throw usageError("Must specify options (-o)");
   // From here on qemu-img's progress meter is running: it ends with a newline.
+  const meter = new Progress(progress && !quiet, 1, io.stdout);
   try {
-    return await amend(options, operands, io, { format, cache, imageOpts });
+    return await amend(options, operands, io, { format, cache, imageOpts, progress: meter });
   } finally {
-    if (progress && !quiet) io.stdout("\n");
+    meter.end();
   }
 }
 
@@ -71,12 +82,12 @@ async function amend(
   options: string,
   operands: string[],
   io: Io,
-  o: { format?: string; cache: string; imageOpts: boolean },
+  o: { format?: string; cache: string; imageOpts: boolean; progress: Progress },
 ): Promise<number> {
   if (o.format !== undefined && isHelpOption(options)) {
     // With -f, `-o help` lists the format's options without an image.
     if (!findFormat(o.format)) throw new QimgError(`Unknown file format '${o.format}'`);
-    refuse(o.format);
+    return amendHelp(o.format, io);
   }
   if (operands.length !== 1) throw new QimgError("Expecting one image file name");
   checkCacheMode(o.cache);
@@ -86,14 +97,92 @@ async function amend(
     write: true,
   });
   try {
-    refuse(image.format);
+    const format = image.format;
+    if (isHelpOption(options)) return amendHelp(format, io);
+    const table = amendTable(format);
+    if (!table) throw refusal(format);
+    const warn = (m: string) => io.stderr(`qimg: ${m}\n`);
+    try {
+      parseOptionList(options, table, undefined, warn);
+    } catch (e) {
+      if (!(e instanceof QimgError)) throw e;
+      // qemu tries the create options too, to tell why the option is refused.
+      const create = findFormat(format)?.createOptions ?? CREATE_OPTION_TABLES[format] ?? [];
+      try {
+        parseOptionList(options, mergeOptionTables(table, create), undefined, warn);
+      } catch {
+        throw e;
+      }
+      throw new QimgError(`${e.message}\nThis option is only supported for image creation`);
+    }
+    o.progress.print(0, 0);
+    throw notSupportedYet("amend"); // no qimg driver changes an image's options yet
   } finally {
     await image.close();
   }
 }
 
-/** No qimg driver amends yet: qemu's refusal, or "not supported yet" where qemu can. */
-function refuse(format: string): never {
-  if (AMEND_FORMATS.has(format)) throw notSupportedYet("amend");
-  throw new QimgError(`Format driver '${format}' does not support option amendment`);
+/**
+ * qcow2's amend options in qemu 7.2, for as long as its driver carries
+ * none (a driver's own `amendOptions` wins).
+ */
+const QCOW2_AMEND_OPTIONS: OptionDesc[] = [
+  ...QCOW2_CREATE_OPTIONS.filter((d) =>
+    [
+      "size",
+      "compat",
+      "backing_file",
+      "backing_fmt",
+      "data_file",
+      "data_file_raw",
+      "lazy_refcounts",
+      "refcount_bits",
+      "encrypt.iter-time",
+    ].includes(d.name)
+  ),
+  {
+    name: "encrypt.keyslot",
+    type: "number",
+    help: "Select a single keyslot to modify explicitly",
+  },
+  {
+    name: "encrypt.new-secret",
+    type: "string",
+    help: "New secret to set in the matching keyslots. Empty string to erase",
+  },
+  {
+    name: "encrypt.old-secret",
+    type: "string",
+    help: "Select all keyslots that match this password",
+  },
+  {
+    name: "encrypt.state",
+    type: "string",
+    help: "Select new state of affected keyslots (active/inactive)",
+  },
+];
+
+/** The options a format can amend, or undefined when qemu cannot amend it. */
+function amendTable(format: string): OptionDesc[] | undefined {
+  const own = findFormat(format)?.amendOptions;
+  if (own) return own;
+  if (format === "qcow2") return QCOW2_AMEND_OPTIONS;
+  return undefined;
+}
+
+/** `-o help`: the format's amend options, as qemu's print_amend_option_help. */
+function amendHelp(format: string, io: Io): number {
+  const table = amendTable(format);
+  if (!table) {
+    if (AMEND_FORMATS.has(format)) throw notSupportedYet("amend");
+    throw refusal(format);
+  }
+  io.stdout(`Amend options for '${format}':\n` + formatOptionHelp(table));
+  return 0;
+}
+
+/** qemu's answer for a format that cannot amend its options. */
+function refusal(format: string): QimgError {
+  if (AMEND_FORMATS.has(format)) return notSupportedYet("amend");
+  return new QimgError(`Format driver '${format}' does not support option amendment`);
 }

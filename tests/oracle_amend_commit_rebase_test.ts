@@ -193,11 +193,41 @@ Deno.test("rebase of a qcow2 image says it is not supported yet, in one line", a
   assertEquals(await hashFile(`${dir.path}/top.qcow2`), before);
 });
 
-Deno.test("amend of a qcow2 image says it is not supported yet, in one line", async () => {
+Deno.test("amend of a qcow2 image lists and checks its options as qemu-img 7.2", async () => {
   await using dir = await tempDir();
   await sh("qemu-img create -q -f qcow2 q.qcow2 1M", dir.path);
-  for (const args of [["-o", "compat=1.1", "q.qcow2"], ["-f", "qcow2", "-o", "help"]]) {
-    const r = await qimg(["amend", ...args], dir.path);
+  const before = await hashFile(`${dir.path}/q.qcow2`);
+  for (
+    const args of [
+      ["amend", "-f", "qcow2", "-o", "help"],
+      ["amend", "-p", "-f", "qcow2", "-o", "help"],
+      ["amend", "-o", "help", "q.qcow2"],
+      ["amend", "-o", "compat=1.1,help", "q.qcow2"],
+      ["amend", "-o", "?", "-f", "qcow2", "q.qcow2"],
+      ["amend", "-o", "foo=1", "q.qcow2"],
+      ["amend", "-p", "-o", "foo=1", "q.qcow2"],
+      ["amend", "-o", "cluster_size=4k", "q.qcow2"],
+      ["amend", "-o", "encrypt.format=luks", "q.qcow2"],
+      ["amend", "-o", "cluster_size=4k,foo=1", "q.qcow2"],
+      ["amend", "-o", "foo=1,cluster_size=4k", "q.qcow2"],
+      ["amend", "-o", "compat=1.1", "-o", "foo=1", "q.qcow2"],
+      ["amend", "-o", "lazy_refcounts=maybe", "q.qcow2"],
+      ["amend", "-o", "refcount_bits=abc", "q.qcow2"],
+      ["amend", "-o", "size=abc", "q.qcow2"],
+      ["amend", "-o", "size=1M,,x", "q.qcow2"],
+      ["amend", "-o", "size=0x1k,foo=1", "q.qcow2"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
+  assertEquals(await hashFile(`${dir.path}/q.qcow2`), before);
+});
+
+Deno.test("amend changes to a qcow2 image say they are not supported yet, in one line", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 q.qcow2 1M", dir.path);
+  const before = await hashFile(`${dir.path}/q.qcow2`);
+  for (const o of ["compat=1.1", "lazy_refcounts=on", "size=2M"]) {
+    const r = await qimg(["amend", "-o", o, "q.qcow2"], dir.path);
     assertEquals(r, { stdout: "", stderr: "qimg: amend: not supported yet\n", code: 1 });
   }
+  assertEquals(await hashFile(`${dir.path}/q.qcow2`), before);
 });
