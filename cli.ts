@@ -11,7 +11,7 @@
 import { main } from "./src/command.ts";
 import type { Io } from "./src/command.ts";
 import { DenoFile } from "./src/file.ts";
-import { isPermissionError, QimgError } from "./src/errors.ts";
+import { IoError, isPermissionError, QimgError } from "./src/errors.ts";
 
 const encoder = new TextEncoder();
 
@@ -68,6 +68,11 @@ export function reportError(
   }
   if (isPermissionError(err)) {
     stderr(`qimg: ${(err as Error).message.split("\n")[0]}\n`);
+    return 1;
+  }
+  if (err instanceof IoError) {
+    // An unreadable image (EIO) is the input's fault, not a bug in qimg.
+    stderr(`qimg: ${err.message}\n`);
     return 1;
   }
   let msg: string;

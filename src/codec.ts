@@ -5,14 +5,14 @@
  */
 
 import * as zlib from "node:zlib";
-import { QimgError } from "./errors.ts";
+import { IoError, QimgError } from "./errors.ts";
 
 /** qcow2's compression types, by header value. */
 export type CompressionType = "zlib" | "zstd";
 
 /** Raised when compressed data does not decode to a whole cluster (qemu: -EIO). */
-function ioError(): QimgError {
-  return new QimgError("Input/output error");
+function ioError(): IoError {
+  return new IoError("compressed cluster does not decode to a whole cluster");
 }
 
 /**

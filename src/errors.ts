@@ -100,3 +100,22 @@ function capabilityMessage(err: unknown): string {
 export function isPermissionError(err: unknown): boolean {
   return (err as { name?: string })?.name === "NotCapable";
 }
+
+/**
+ * An I/O error (EIO) a format driver raises for data it cannot read
+ * (corrupt metadata, undecodable compressed clusters). Like a host I/O
+ * error it is not a QimgError: commands wrap it in their own qemu message
+ * ("error while reading at byte N: Input/output error").
+ */
+export class IoError extends Error {
+  /** The errno name, as Deno's and Node's I/O errors carry it. */
+  readonly code = "EIO";
+  /** What was wrong, for diagnostics (qemu's corruption event text). */
+  readonly detail?: string;
+  /** @param detail why the read failed. */
+  constructor(detail?: string) {
+    super("Input/output error");
+    this.name = "IoError";
+    this.detail = detail;
+  }
+}

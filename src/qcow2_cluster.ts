@@ -5,7 +5,7 @@
  */
 
 import type { BlockFile } from "./file.ts";
-import { QimgError } from "./errors.ts";
+import { IoError } from "./errors.ts";
 import { MetadataCache } from "./cache.ts";
 import { type Qcow2Header, readPadded } from "./qcow2_header.ts";
 
@@ -47,14 +47,7 @@ export const OFLAG_ZERO = 1;
  * An L2 table is corrupt where qemu would call qcow2_signal_corruption;
  * reads fail with EIO as in qemu, the detail says why.
  */
-export class Qcow2CorruptionError extends QimgError {
-  /** qemu's corruption event text. */
-  readonly detail: string;
-  constructor(detail: string) {
-    super("Input/output error");
-    this.detail = detail;
-  }
-}
+export class Qcow2CorruptionError extends IoError {}
 
 /** Host offset bits 9-55 of an L1 or L2 entry (`hi`, `lo`: its two big-endian halves). */
 export function entryOffset(hi: number, lo: number): number {
