@@ -82,6 +82,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     imageOpts,
     forceShare,
     write: repair !== undefined,
+    check: true,
   });
   try {
     const top = image.chain[0].image;

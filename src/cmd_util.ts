@@ -140,6 +140,8 @@ export interface CommandOpenOptions {
   backing?: boolean;
   /** `-U` */
   forceShare?: boolean;
+  /** Opening for `check` (qemu's BDRV_O_CHECK). */
+  check?: boolean;
 }
 
 /** Block-layer options every image accepts, which qimg has no use for. */
@@ -211,6 +213,7 @@ export async function openForCommand(
       format,
       write: options.write,
       backing: options.backing,
+      check: options.check,
       warn: (message) => io.stderr(message + "\n"),
       openFile: (p, w) => io.openFile(p, { write: w }),
     });

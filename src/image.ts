@@ -74,6 +74,8 @@ export interface OpenImageOptions {
   openFile?: (path: string, write: boolean) => Promise<BlockFile>;
   /** Metadata only (qemu-img info's BDRV_O_NO_IO): no data files, no decryption. */
   noIo?: boolean;
+  /** Opening the top image for `check` (qemu's BDRV_O_CHECK). */
+  check?: boolean;
 }
 
 const PROBE_BYTES = 2048;
@@ -132,12 +134,20 @@ async function openLayer(
         );
       }
     }
-    const image = await driver.open(file, { write, openFile, noIo: options.noIo });
+    const image = await driver.open(file, {
+      write,
+      openFile,
+      noIo: options.noIo,
+      check: options.check,
+    });
     return { image, driver, filename };
   } catch (e) {
     await file.close();
     if (e instanceof QimgError) {
-      throw new QimgError(`Could not open '${filename}': ${e.message}`, { exitCode: e.exitCode });
+      throw new QimgError(`Could not open '${filename}': ${e.message}`, {
+        exitCode: e.exitCode,
+        hint: e.hint,
+      });
     }
     throw e;
   }
@@ -328,7 +338,13 @@ export async function openImageChain(
         throw new QimgError(`Backing chain of '${filename}' is too deep`);
       }
       const path = top.image.file.resolve(ref.name);
-      chain.push(await openLayer(path, { ...options, format: ref.format, warn: undefined }, false));
+      chain.push(
+        await openLayer(
+          path,
+          { ...options, format: ref.format, warn: undefined, check: undefined },
+          false,
+        ),
+      );
     }
   } catch (e) {
     for (const l of chain) await l.image.close();

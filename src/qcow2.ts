@@ -330,7 +330,7 @@ function encryptedError(): QimgError {
 /** Opens a qcow2 image on `file`. */
 export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Promise<Qcow2Image> {
   const o = options;
-  const header = await readQcow2Header(file, { write: o.write, warn: o.warn });
+  const header = await readQcow2Header(file, { write: o.write, warn: o.warn, check: o.check });
   const l1 = await readL1Table(file, header).catch((e) => {
     throw new QimgError(`Could not read L1 table: ${strerror(e)}`);
   });

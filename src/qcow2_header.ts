@@ -122,6 +122,8 @@ export interface ReadHeaderOptions {
   write?: boolean;
   /** Prints qemu's warnings (stale bitmaps). */
   warn?: (message: string) => void;
+  /** Opening for check (BDRV_O_CHECK): no reftable or snapshot table checks, check reports them. */
+  check?: boolean;
 }
 
 /** Reads the bytes at `offset`, zero-filling past the end of the file as qemu's file layer does. */
@@ -417,7 +419,7 @@ export async function readQcow2Header(
   }
   const refcountTableOffset = u64(b, 48);
   const refcountTableClusters = be32(b, 56);
-  if (refcountTableClusters === 0) {
+  if (refcountTableClusters === 0 && !options.check) {
     throw new QimgError("Image does not contain a reference count table");
   }
   validateTable(
@@ -430,14 +432,16 @@ export async function readQcow2Header(
   );
   const nbSnapshots = be32(b, 60);
   const snapshotsOffset = u64(b, 64);
-  validateTable(
-    snapshotsOffset,
-    nbSnapshots,
-    SNAPSHOT_HEADER_SIZE,
-    SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS,
-    clusterSize,
-    "Snapshot table",
-  );
+  if (!options.check) {
+    validateTable(
+      snapshotsOffset,
+      nbSnapshots,
+      SNAPSHOT_HEADER_SIZE,
+      SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS,
+      clusterSize,
+      "Snapshot table",
+    );
+  }
   const l1Size = be32(b, 36);
   const l1TableOffset = u64(b, 40);
   validateTable(l1TableOffset, l1Size, 8, MAX_L1_BYTES, clusterSize, "Active L1 table");
