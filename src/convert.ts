@@ -145,9 +145,17 @@ function pow2floor(n: number): number {
   return 2 ** Math.floor(Math.log2(n));
 }
 
-/** Whether the sector at `i` (in sectors) of `buf` holds only zeroes. */
-function sectorIsZero(buf: Uint8Array, i: number): boolean {
-  return isZero(buf.subarray(i * SECTOR, (i + 1) * SECTOR));
+/** Whether sector `i` of a buffer (viewed as 32-bit words) holds only zeroes. */
+function sectorIsZero(words: Uint32Array, i: number): boolean {
+  for (let j = i * (SECTOR / 4), end = j + SECTOR / 4; j < end; j++) {
+    if (words[j] !== 0) return false;
+  }
+  return true;
+}
+
+/** A buffer of whole sectors viewed as 32-bit words (buffers here start 4-byte aligned). */
+function wordsOf(buf: Uint8Array): Uint32Array {
+  return new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
 }
 
 /**
@@ -156,7 +164,7 @@ function sectorIsZero(buf: Uint8Array, i: number): boolean {
  * writes aligned (short zero tails count as data).
  */
 function sameRun(
-  buf: Uint8Array,
+  buf: Uint32Array,
   start: number,
   n: number,
   sector: number,
@@ -180,7 +188,7 @@ function sameRun(
  * than `min` sectors swallowed; or a zero run.
  */
 function dataRun(
-  buf: Uint8Array,
+  buf: Uint32Array,
   start: number,
   n: number,
   min: number,
@@ -511,6 +519,7 @@ class Converter {
     status: Status,
   ): Promise<void> {
     let pos = 0;
+    const words = buf && status === Status.Data ? wordsOf(buf) : undefined;
     while (count > 0) {
       let n = count;
       if (status !== Status.Backing) {
@@ -519,7 +528,7 @@ class Converter {
           if (this.#minSparse === 0 || this.#o.copyRange) {
             data = true;
           } else if (!this.#o.compressed) {
-            const r = dataRun(buf!, pos, n, this.#minSparse, sector, this.#alignment);
+            const r = dataRun(words!, pos, n, this.#minSparse, sector, this.#alignment);
             n = r.count;
             data = r.data;
           } else {
