@@ -3,9 +3,11 @@
 import type { FormatDriver } from "./driver.ts";
 import { rawDriver } from "./raw.ts";
 import { qcow2Driver } from "./qcow2.ts";
+import { vdiDriver } from "./vdi.ts";
+import { vpcDriver } from "./vpc.ts";
 
 /** Every format qimg knows. */
-export const FORMATS: FormatDriver[] = [rawDriver, qcow2Driver];
+export const FORMATS: FormatDriver[] = [rawDriver, qcow2Driver, vdiDriver, vpcDriver];
 
 /** Finds a driver by qemu's name. */
 export function findFormat(name: string): FormatDriver | undefined {
