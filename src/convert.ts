@@ -447,9 +447,7 @@ class Converter {
           await this.#read(sector, count, buf!);
         } catch (err) {
           this.#fail(
-            err instanceof QimgError
-              ? err
-              : new QimgError(`error while reading at byte ${sector * SECTOR}: ${strerror(err)}`),
+            new QimgError(`error while reading at byte ${sector * SECTOR}: ${strerror(err)}`),
           );
         }
       } else if (this.#minSparse === 0 && status === Status.Zero) {
