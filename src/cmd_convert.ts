@@ -397,6 +397,9 @@ export async function run(args: string[], io: Io): Promise<number> {
     });
     const top = target.chain[0].image as { writeCompressed?: unknown };
     if (compressed && typeof top.writeCompressed !== "function") {
+      if (canCompress(target.chain[0].driver)) {
+        throw notSupportedYet(`compressed ${target.format} writes`);
+      }
       throw new QimgError("Compression not supported for this file format");
     }
     if (skipCreate && target.size < total) {

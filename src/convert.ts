@@ -218,7 +218,7 @@ export function imageTarget(image: Image): CopyTarget {
     writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
   };
   const write = top.write;
-  if (!write) throw new QimgError(`Format '${image.format}' does not support writing`);
+  if (!write) throw new QimgError(`writing ${image.format} images: not supported yet`);
   return {
     get size() {
       return top.size;
