@@ -6,7 +6,7 @@ import { getopt } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { resolveRelative } from "./file.ts";
 import { findFormat } from "./formats.ts";
-import { openImageChain } from "./image.ts";
+import { Image, openImageChain } from "./image.ts";
 import { Progress } from "./progress.ts";
 import {
   checkCacheMode,
@@ -101,17 +101,21 @@ export async function run(args: string[], io: Io): Promise<number> {
       if (backingFormat !== undefined && !findFormat(backingFormat)) {
         throw new QimgError(`Invalid format name: '${backingFormat}'`);
       }
+      // Safe mode reads the new backing file: it must open, unless it is
+      // already in the chain.
+      let newBacking: Image | undefined;
+      let opened: Image | undefined;
       if (!unsafe && backing) {
-        // The new backing file must open (unless it is already in the chain).
         const path = resolveRelative(image.chain[0].image.file.name, backing);
-        const inChain = image.chain.slice(1).some((l) => l.filename === path);
-        if (!inChain) {
+        const at = image.chain.findIndex((l, i) => i > 0 && l.filename === path);
+        if (at > 0) {
+          newBacking = new Image(image.chain.slice(at));
+        } else {
           try {
-            const b = await openImageChain(path, {
+            opened = newBacking = await openImageChain(path, {
               format: backingFormat,
               openFile: (p, w) => io.openFile(p, { write: w }),
             });
-            await b.close();
           } catch (e) {
             if (!(e instanceof QimgError)) throw e;
             throw new QimgError(
@@ -120,7 +124,20 @@ export async function run(args: string[], io: Io): Promise<number> {
           }
         }
       }
-      if (BACKING_FORMATS.has(image.format)) throw notSupportedYet("rebase");
+      try {
+        if (BACKING_FORMATS.has(image.format)) {
+          // qemu copies what differs between the old and the new backing
+          // file into the image, then changes the reference: both need the
+          // driver, except when nothing differs and the change is refused
+          // for want of a backing format.
+          const refused = !!backing && backingFormat === undefined;
+          if (!refused || (newBacking && await differs(image, newBacking, meter))) {
+            throw notSupportedYet("rebase");
+          }
+        }
+      } finally {
+        await opened?.close();
+      }
       // The image cannot have a backing file, so there is nothing to copy:
       // what remains is changing the reference, which its driver refuses.
       meter.print(100, 0);
@@ -143,4 +160,80 @@ function changeBackingError(backing: string | undefined, format: string | undefi
   // An empty name removes the backing file (qemu then passes no format either).
   if (backing && format === undefined) return "backing format must be specified";
   return "Operation not supported";
+}
+
+/** qemu-img rebase's IO_BUF_SIZE: the most it compares at a time. */
+const IO_BUF_SIZE = 2 * 1024 * 1024;
+
+/** A run of the image: whether the image itself holds it, and whether layers above the new backing file do. */
+interface Run {
+  end: number;
+  own: boolean;
+  above: boolean;
+}
+
+/**
+ * Whether the guest would change where `image` does not hold its own data
+ * if `newBacking` replaced its backing chain. Walks the ranges as qemu's
+ * safe rebase does (at most IO_BUF_SIZE, split where allocation changes
+ * and at L2 slice boundaries), printing its progress for each range it
+ * compares.
+ */
+async function differs(image: Image, newBacking: Image, meter: Progress): Promise<boolean> {
+  const size = image.size;
+  if (size === 0) return false;
+  // The new backing file may be a layer of the old chain (qemu's prefix_chain_bs).
+  const prefix = image.chain.indexOf(newBacking.chain[0]);
+  const runs: (Run & { start: number })[] = [];
+  for await (const e of image.extents()) {
+    const own = e.present && e.depth === 0;
+    const above = e.present && e.depth > 0 && (prefix < 0 || e.depth < prefix);
+    const last = runs.at(-1);
+    if (last && last.own === own && last.above === above) last.end = e.offset + e.length;
+    else runs.push({ start: e.offset, end: e.offset + e.length, own, above });
+  }
+  const info = await image.formatInfo();
+  const cluster = info.clusterSize ?? 65536;
+  const extendedL2 = (info.formatSpecific?.data as { "extended-l2"?: boolean } | undefined)?.[
+    "extended-l2"
+  ];
+  const slice = cluster * (cluster / (extendedL2 ? 16 : 8));
+  const step = Math.fround(100 / Math.trunc(size / Math.min(size, IO_BUF_SIZE)));
+  const oldBacking = new Image(image.chain.slice(1));
+  const oldSize = oldBacking.chain.length > 0 ? oldBacking.size : 0;
+  let r = 0;
+  for (let offset = 0; offset < size;) {
+    while (runs[r].end <= offset) r++;
+    const run = runs[r];
+    const sliceEnd = (Math.floor(offset / slice) + 1) * slice;
+    // qemu asks whether the image holds the range, then (with a prefix of
+    // the chain as new backing file) whether the layers above it do: each
+    // answer covers a stretch of the same status.
+    const stretch = (same: (x: Run) => boolean) => {
+      let k = r;
+      while (k + 1 < runs.length && same(runs[k + 1])) k++;
+      return runs[k].end;
+    };
+    let n = Math.min(IO_BUF_SIZE, size - offset, sliceEnd - offset);
+    n = Math.min(n, stretch((x) => x.own === run.own) - offset);
+    if (!run.own && prefix > 0) {
+      n = Math.min(n, stretch((x) => !x.own && x.above === run.above) - offset);
+    }
+    if (!run.own && (prefix < 0 || run.above)) {
+      // Reads stop at the end of the shorter backing file.
+      for (const end of [oldSize, newBacking.size]) {
+        if (offset < end && offset + n > end) n = end - offset;
+      }
+    }
+    const start = offset;
+    offset += n;
+    if (run.own || (prefix > 0 && !run.above)) continue;
+    const x = new Uint8Array(n);
+    const y = new Uint8Array(n);
+    if (oldBacking.chain.length > 0) await oldBacking.read(start, x);
+    await newBacking.read(start, y);
+    for (let i = 0; i < n; i++) if (x[i] !== y[i]) return true;
+    meter.print(step, 100);
+  }
+  return false;
 }

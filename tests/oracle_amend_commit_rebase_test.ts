@@ -179,14 +179,82 @@ Deno.test("rebase parses its options and handles raw images as qemu-img 7.2", as
   assertEquals(await hashFile(`${dir.path}/a.raw`), before);
 });
 
-Deno.test("rebase of a qcow2 image says it is not supported yet, in one line", async () => {
+Deno.test("rebase of a qcow2 image fails as qemu-img 7.2 where qemu writes nothing", async () => {
   await using dir = await tempDir();
   await sh(
-    "qemu-img create -q -f raw base.raw 1M && qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2",
+    "qemu-img create -q -f raw base.raw 1M && qemu-io -f raw -c 'write -P 7 0 64k' base.raw >/dev/null && " +
+      "cp base.raw same.raw && qemu-img create -q -f raw zero.raw 1M && " +
+      "qemu-img create -q -f qcow2 -b base.raw -F raw ov.qcow2 && " +
+      "qemu-io -c 'write -P 9 0 64k' ov.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -b base.raw -F raw empty.qcow2 && " +
+      "qemu-img create -q -f qcow2 alone.qcow2 1M && " +
+      // Larger images, for the progress of the comparison (2 MiB at a time).
+      "qemu-img create -q -f raw z8.raw 8M && qemu-img create -q -f raw z3.raw 3M && " +
+      "qemu-img create -q -f qcow2 -b z8.raw -F raw e8.qcow2 && " +
+      "qemu-img create -q -f qcow2 -b z8.raw -F raw p8.qcow2 && " +
+      "qemu-io -c 'write -z 0 2M' -c 'write 5M 64k' p8.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -b z3.raw -F raw e3.qcow2 && " +
+      "qemu-img create -q -f qcow2 -o cluster_size=512 -b z8.raw -F raw s512.qcow2 && " +
+      "qemu-io -c 'write 100k 4k' s512.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -b z8.raw -F raw mid.qcow2 && " +
+      "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && " +
+      "qemu-io -c 'write 4M 64k' top.qcow2 >/dev/null",
+    dir.path,
+  );
+  for (
+    const [args, image] of [
+      [["-u", "-b", "x"], "ov.qcow2"],
+      [["-u", "-b", "base.raw"], "ov.qcow2"],
+      [["-b", "base.raw"], "ov.qcow2"],
+      // Where ov.qcow2 has its own data, the backing files may differ.
+      [["-b", "zero.raw"], "ov.qcow2"],
+      [["-b", "same.raw"], "empty.qcow2"],
+      [["-b", "zero.raw"], "alone.qcow2"],
+      [["-b", "x"], "ov.qcow2"],
+      [["-b", "zero.raw", "-F", "qcow2"], "ov.qcow2"],
+      [["-b", "zero.raw", "-F", "nosuch"], "ov.qcow2"],
+      [["-p", "-b", "same.raw"], "empty.qcow2"],
+      [["-p", "-b", "zero.raw"], "ov.qcow2"],
+      [["-p", "-b", "zero.raw"], "alone.qcow2"],
+      [["-p", "-b", "z3.raw"], "e8.qcow2"],
+      [["-p", "-b", "z3.raw"], "p8.qcow2"],
+      [["-p", "-b", "z8.raw"], "e3.qcow2"],
+      [["-p", "-b", "z8.raw"], "s512.qcow2"],
+      [["-p", "-b", "z8.raw"], "top.qcow2"],
+      [["-p", "-b", "mid.qcow2"], "top.qcow2"],
+    ] as [string[], string][]
+  ) {
+    // Each tool works on its own copy: qemu may write before it fails.
+    await sh(`cp ${image} q_${image} && cp ${image} m_${image}`, dir.path);
+    const theirs = await qemuImg(["rebase", ...args, `q_${image}`], dir.path);
+    const ours = await qimg(["rebase", ...args, `m_${image}`], dir.path);
+    assertEquals(
+      { ...ours, stderr: ours.stderr.replaceAll("m_", "q_") },
+      theirs,
+      `rebase ${args.join(" ")} ${image}`,
+    );
+    assertEquals(await hashFile(`${dir.path}/m_${image}`), await hashFile(`${dir.path}/${image}`));
+  }
+});
+
+Deno.test("rebase of a qcow2 image says it is not supported yet where qemu would write", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f raw base.raw 1M && qemu-io -f raw -c 'write -P 7 0 64k' base.raw >/dev/null && " +
+      "qemu-img create -q -f raw zero.raw 1M && qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2",
     dir.path,
   );
   const before = await hashFile(`${dir.path}/top.qcow2`);
-  for (const args of [["-u", "-b", "x", "-F", "raw"], ["-b", "base.raw", "-F", "raw"]]) {
+  for (
+    const args of [
+      ["-u", "-b", "x", "-F", "raw"],
+      ["-b", "base.raw", "-F", "raw"],
+      ["-u"],
+      ["-b", ""],
+      // Safe mode would copy base.raw's data first (then fail for want of -F).
+      ["-b", "zero.raw"],
+    ]
+  ) {
     const r = await qimg(["rebase", ...args, "top.qcow2"], dir.path);
     assertEquals(r, { stdout: "", stderr: "qimg: rebase: not supported yet\n", code: 1 });
   }
