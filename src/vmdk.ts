@@ -1,0 +1,1114 @@
+/**
+ * The vmdk format driver (VMware Virtual Disk Format 1.1): hosted sparse
+ * extents (KDMV, also streamOptimized with compressed grains and markers),
+ * ESX sparse extents (COWD), flat extents, and text descriptors tying
+ * extents together. Behaviour where the format leaves choices (limits,
+ * messages, allocation order, the descriptor written) follows qemu-img 7.2.
+ */
+
+import type {
+  BackingReader,
+  BackingRef,
+  BlockStatus,
+  CheckResult,
+  CreateOptions,
+  FormatDriver,
+  FormatImage,
+  FormatInfo,
+  OpenOptions,
+} from "./driver.ts";
+import type { BlockFile } from "./file.ts";
+import type { JsonValue } from "./output.ts";
+import { QimgError, strerror } from "./errors.ts";
+import { alignUp, be32, isZero, le16, le32, putLe32 } from "./bytes.ts";
+import { type OptionDesc, SIZE_OPTION } from "./options.ts";
+import {
+  buildDescriptor,
+  cString,
+  parentFileNameHint,
+  parseCreateType,
+  parseExtentLines,
+  readCid,
+  replaceCid,
+} from "./vmdk_descriptor.ts";
+import * as zlib from "node:zlib";
+
+const SECTOR = 512;
+const VMDK3_MAGIC = 0x434f5744; // "COWD"
+const VMDK4_MAGIC = 0x4b444d56; // "KDMV"
+const FLAG_NL_DETECT = 1 << 0;
+const FLAG_RGD = 1 << 1;
+const FLAG_ZERO_GRAIN = 1 << 2;
+const FLAG_COMPRESS = 1 << 16;
+const FLAG_MARKER = 1 << 17;
+const COMPRESSION_DEFLATE = 1;
+const MARKER_END_OF_STREAM = 0;
+const MARKER_FOOTER = 3;
+/** A grain table entry meaning "reads as zeroes" (zeroed-grain feature). */
+const GTE_ZEROED = 1;
+/** The descriptor area qemu reads and rewrites (20 sectors). */
+const DESC_SIZE = 20 * SECTOR;
+/** qemu reads at most this much of a descriptor (avoids unbounded allocation). */
+const MAX_DESC = (1 << 20) - 1;
+/** qemu's limit on grain directory entries. */
+const MAX_L1_SIZE = 32 * 1024 * 1024;
+/** qemu's limit on the grain size: 1 GiB. */
+const MAX_GRAIN_SECTORS = 0x200000;
+/** Grain offsets are 32-bit sector numbers. */
+const EXTENT_MAX_SECTORS = 2 ** 32;
+/** Descriptors nested through sparse extents with capacity 0. */
+const MAX_NESTING = 8;
+const U64 = (1n << 64n) - 1n;
+
+/** One extent: a flat range of a file, or a sparse extent with its grain tables. */
+interface Extent {
+  file: BlockFile;
+  flat: boolean;
+  /** The extent line's type; "" for a monolithic sparse file opened directly. */
+  type: string;
+  sectors: number;
+  startSector: number;
+  endSector: number;
+  flatStartOffset: number;
+  compressed: boolean;
+  hasMarker: boolean;
+  hasZeroGrain: boolean;
+  l1Offset: number;
+  l1BackupOffset: number;
+  /** The grain directory as read (entries past the end of the file read as zero). */
+  l1: Uint32Array;
+  l1Backup?: Uint32Array;
+  l1Size: number;
+  l1EntrySectors: number;
+  l2Size: number;
+  clusterSectors: number;
+  nextClusterSector: number;
+  l2Cache: Map<number, Uint32Array>;
+}
+
+/** Where a guest offset lives. */
+type Lookup =
+  | { kind: "error" }
+  | { kind: "unalloc" | "zeroed"; l2Offset?: number; l2Index?: number; l1Index?: number }
+  | { kind: "ok"; hostOffset: number; l2Offset?: number; l2Index?: number; l1Index?: number };
+
+function latin1(b: Uint8Array): string {
+  let s = "";
+  for (let i = 0; i < b.length; i += 8192) {
+    s += String.fromCharCode(...b.subarray(i, Math.min(b.length, i + 8192)));
+  }
+  return s;
+}
+
+function fromLatin1(s: string): Uint8Array {
+  const b = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) b[i] = s.charCodeAt(i) & 0xff;
+  return b;
+}
+
+function le64n(b: Uint8Array, off: number): bigint {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength).getBigUint64(off, true);
+}
+
+/** Reads `length` bytes at `offset`; bytes past the end of the file read as zeroes (qemu's file layer). */
+async function readAt(file: BlockFile, offset: number, length: number): Promise<Uint8Array> {
+  const buf = new Uint8Array(length);
+  if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > 2 ** 63) {
+    throw new QimgError("Invalid argument");
+  }
+  const size = await file.size();
+  if (offset < size) await file.read(offset, buf.subarray(0, Math.min(length, size - offset)));
+  return buf;
+}
+
+/** qemu's vmdk_read_desc: up to 1 MiB of text at `offset`. */
+async function readDescText(file: BlockFile, offset: number): Promise<Uint8Array> {
+  const size = await file.size();
+  if (size < 4) throw new QimgError("File is too small, not a valid image");
+  try {
+    return await readAt(file, offset, Math.min(size, MAX_DESC));
+  } catch (e) {
+    throw new QimgError(`Could not read from file: ${strerror(e)}`);
+  }
+}
+
+/** State gathered while opening: what vmdk_open fills in. */
+interface OpenState {
+  top: BlockFile;
+  options: OpenOptions;
+  extents: Extent[];
+  createType?: string;
+  /** Files opened for extents (closed with the image, or on failure). */
+  opened: BlockFile[];
+}
+
+function addExtent(
+  st: OpenState,
+  e: Omit<Extent, "startSector" | "endSector" | "l2Cache" | "nextClusterSector" | "l1" | "l1EntrySectors">,
+  fileSectors: number,
+): Extent {
+  if (e.clusterSectors > MAX_GRAIN_SECTORS) {
+    throw new QimgError("Invalid granularity, image may be corrupt");
+  }
+  if (e.l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
+  const prev = st.extents[st.extents.length - 1];
+  const startSector = prev ? prev.endSector : 0;
+  const cs = e.flat ? e.sectors : e.clusterSectors;
+  const granule = e.clusterSectors || 1;
+  const extent: Extent = {
+    ...e,
+    clusterSectors: cs,
+    l1EntrySectors: e.l2Size * e.clusterSectors,
+    startSector,
+    endSector: startSector + e.sectors,
+    nextClusterSector: Math.ceil(fileSectors / granule) * granule,
+    l1: new Uint32Array(0),
+    l2Cache: new Map(),
+  };
+  if (!Number.isSafeInteger(extent.endSector * SECTOR)) {
+    throw new QimgError("Image size too large");
+  }
+  st.extents.push(extent);
+  return extent;
+}
+
+/** Reads a grain directory; entries past the end of the file are zero, as qemu reads them. */
+async function readDirectory(file: BlockFile, offset: number, entries: number): Promise<Uint32Array> {
+  const size = await file.size();
+  if (!Number.isSafeInteger(offset) || offset < 0 || offset >= 2 ** 63) {
+    throw new QimgError("Invalid argument");
+  }
+  const inFile = Math.max(0, Math.min(entries, Math.floor((size - offset) / 4) + 1));
+  const buf = await readAt(file, offset, inFile * 4);
+  const out = new Uint32Array(inFile);
+  for (let i = 0; i < inFile; i++) out[i] = le32(buf, i * 4);
+  return out;
+}
+
+async function initTables(extent: Extent): Promise<void> {
+  const name = extent.file.name;
+  try {
+    extent.l1 = await readDirectory(extent.file, extent.l1Offset, extent.l1Size);
+  } catch (e) {
+    throw new QimgError(`Could not read l1 table from extent '${name}': ${strerror(e)}`);
+  }
+  if (extent.l1BackupOffset) {
+    try {
+      extent.l1Backup = await readDirectory(extent.file, extent.l1BackupOffset, extent.l1Size);
+    } catch (e) {
+      throw new QimgError(`Could not read l1 backup table from extent '${name}': ${strerror(e)}`);
+    }
+  }
+}
+
+/** Sector count of a file as qemu's block layer sees it (whole sectors, rounded up). */
+async function fileSectors(file: BlockFile): Promise<number> {
+  return Math.ceil(await file.size() / SECTOR);
+}
+
+/** Signed 64-bit shift left by 9, as qemu's `(int64_t)x << 9` on a u64 field. */
+function sectorsToBytes(v: bigint): number {
+  const b = BigInt.asIntN(64, v << 9n);
+  return b < 0n || b > BigInt(Number.MAX_SAFE_INTEGER) ? -1 : Number(b);
+}
+
+async function openVmfsSparse(st: OpenState, file: BlockFile): Promise<void> {
+  const h = await readAt(file, 4, 40);
+  const granularity = le32(h, 12);
+  const l1Size = le32(h, 20);
+  const e = addExtent(st, {
+    file,
+    flat: false,
+    type: "",
+    sectors: le32(h, 8),
+    flatStartOffset: 0,
+    compressed: false,
+    hasMarker: false,
+    hasZeroGrain: false,
+    l1Offset: le32(h, 16) * SECTOR,
+    l1BackupOffset: 0,
+    l1Size,
+    l2Size: 4096,
+    clusterSectors: granularity,
+  }, await fileSectors(file));
+  // qemu divides by the grain size (and crashes on zero); refuse it instead.
+  if (granularity === 0) throw new QimgError("L1 entry size is invalid");
+  await initTables(e);
+}
+
+async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise<void> {
+  let h = await readAt(file, 4, 75);
+  const capacity0 = le64n(h, 8);
+  const descOffset = le64n(h, 24);
+  if (capacity0 === 0n && descOffset !== 0n) {
+    // A sparse extent holding only a descriptor: the extents are listed there.
+    if (depth >= MAX_NESTING) throw new QimgError("Too many levels of nested descriptors");
+    const at = sectorsToBytes(descOffset);
+    if (at < 0) throw new QimgError("Could not read from file: Invalid argument");
+    const buf = await readDescText(file, at);
+    await openDescriptor(st, cString(latin1(buf)), depth + 1);
+    return;
+  }
+  st.createType ??= "monolithicSparse";
+  if (le64n(h, 52) === U64) {
+    // streamOptimized written as a stream: the footer's header holds the grain directory.
+    const footerAt = (await fileSectors(st.top)) * SECTOR - 1536;
+    if (footerAt < 0) throw new QimgError("Failed to read footer: Invalid argument");
+    const f = await readAt(file, footerAt, 1536);
+    if (
+      be32(f, 512) !== VMDK4_MAGIC || le32(f, 8) !== 0 || le32(f, 12) !== MARKER_FOOTER ||
+      le64n(f, 1024) !== 0n || le32(f, 1032) !== 0 || le32(f, 1036) !== MARKER_END_OF_STREAM
+    ) {
+      throw new QimgError("Invalid footer");
+    }
+    h = f.subarray(516, 516 + 75);
+  }
+  const version = le32(h, 0);
+  const flags = le32(h, 4);
+  const capacity = le64n(h, 8);
+  const granularity = le64n(h, 16);
+  const gtes = le32(h, 40);
+  const rgdOffset = le64n(h, 44);
+  const gdOffset = le64n(h, 52);
+  const grainOffset = le64n(h, 60);
+  const compressed = le16(h, 73) === COMPRESSION_DEFLATE;
+  if (version > 3) throw new QimgError(`Unsupported VMDK version ${version}`);
+  if (version === 3 && st.options.write && !compressed) {
+    throw new QimgError("VMDK version 3 must be read only");
+  }
+  if (gtes > 512) throw new QimgError("L2 table size too big");
+  const l1EntrySectors = BigInt.asUintN(32, BigInt(gtes) * granularity);
+  if (l1EntrySectors === 0n) throw new QimgError("L1 entry size is invalid");
+  const l1Size = Number(BigInt.asUintN(32, BigInt.asUintN(64, capacity + l1EntrySectors - 1n) / l1EntrySectors));
+  const l1BackupOffset = flags & FLAG_RGD ? sectorsToBytes(rgdOffset) : 0;
+  const sectors = await fileSectors(file);
+  if (BigInt(sectors) < grainOffset) {
+    const bytes = BigInt.asIntN(64, grainOffset * 512n);
+    throw new QimgError(`File truncated, expecting at least ${bytes} bytes`);
+  }
+  if (granularity > BigInt(MAX_GRAIN_SECTORS)) {
+    throw new QimgError("Invalid granularity, image may be corrupt");
+  }
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) throw new QimgError("Image size too large");
+  const e = addExtent(st, {
+    file,
+    flat: false,
+    type: "",
+    sectors: Number(capacity),
+    flatStartOffset: 0,
+    compressed,
+    hasMarker: (flags & FLAG_MARKER) !== 0,
+    hasZeroGrain: (flags & FLAG_ZERO_GRAIN) !== 0,
+    l1Offset: sectorsToBytes(gdOffset),
+    l1BackupOffset: l1BackupOffset < 0 ? Number.MAX_SAFE_INTEGER : l1BackupOffset,
+    l1Size,
+    l2Size: gtes,
+    clusterSectors: Number(granularity),
+  }, sectors);
+  if (compressed) st.createType = "streamOptimized";
+  await initTables(e);
+}
+
+async function openSparse(st: OpenState, file: BlockFile, depth: number): Promise<void> {
+  const head = new Uint8Array(4);
+  await file.read(0, head);
+  const magic = be32(head, 0);
+  if (magic === VMDK3_MAGIC) return await openVmfsSparse(st, file);
+  if (magic === VMDK4_MAGIC) return await openVmdk4(st, file, depth);
+  throw new QimgError("Image not in VMDK format");
+}
+
+async function openDescriptor(st: OpenState, desc: string, depth: number): Promise<void> {
+  st.createType = parseCreateType(desc);
+  const lines = parseExtentLines(desc);
+  for (const line of lines) {
+    const path = st.top.resolve(line.fileName);
+    if (!st.options.openFile) throw new QimgError(`Could not open '${path}': no file access`);
+    let file: BlockFile;
+    try {
+      file = await st.options.openFile(path, st.options.write ?? false);
+    } catch (e) {
+      throw new QimgError(`Could not open '${path}': ${strerror(e)}`);
+    }
+    st.opened.push(file);
+    const flat = line.type === "FLAT" || line.type === "VMFS";
+    if (flat) {
+      addExtent(st, {
+        file,
+        flat: true,
+        type: line.type,
+        sectors: line.sectors,
+        flatStartOffset: line.flatOffset * SECTOR,
+        compressed: false,
+        hasMarker: false,
+        hasZeroGrain: false,
+        l1Offset: 0,
+        l1BackupOffset: 0,
+        l1Size: 0,
+        l2Size: 0,
+        clusterSectors: 0,
+      }, await fileSectors(file));
+    } else if (line.type === "SPARSE" || line.type === "VMFSSPARSE") {
+      await readDescText(file, 0);
+      await openSparse(st, file, depth);
+    } else {
+      throw new QimgError(`Unsupported extent type '${line.type}'`);
+    }
+    st.extents[st.extents.length - 1].type = line.type;
+  }
+}
+
+/** A BlockFile standing for the whole image: the descriptor file, sized with all extent files. */
+function imageFile(top: BlockFile, extents: Extent[]): BlockFile {
+  return {
+    get name() {
+      return top.name;
+    },
+    get writable() {
+      return top.writable;
+    },
+    size: () => top.size(),
+    async allocated() {
+      let total = await top.allocated();
+      const seen = new Set<BlockFile>([top]);
+      for (const e of extents) {
+        if (seen.has(e.file)) continue;
+        seen.add(e.file);
+        total += await e.file.allocated();
+      }
+      return total;
+    },
+    read: (o, b) => top.read(o, b),
+    write: (o, d) => top.write(o, d),
+    truncate: (s) => top.truncate(s),
+    flush: () => top.flush(),
+    close: () => top.close(),
+    resolve: (n) => top.resolve(n),
+    extent: (o, l) => top.extent(o, l),
+  };
+}
+
+/** An open vmdk image. */
+export class VmdkImage implements FormatImage {
+  readonly file: BlockFile;
+  readonly backing?: BackingRef;
+  readonly extents: Extent[];
+  readonly createType: string;
+  readonly cid: number;
+  readonly parentCid: number;
+  #top: BlockFile;
+  #opened: BlockFile[];
+  #descOffset: number;
+  #cidUpdated = false;
+  #grain?: { offset: number; data: Uint8Array };
+
+  constructor(
+    top: BlockFile,
+    st: OpenState,
+    fields: { descOffset: number; cid: number; parentCid: number; backing?: string },
+  ) {
+    this.#top = top;
+    this.#opened = st.opened;
+    this.extents = st.extents;
+    this.createType = st.createType ?? "monolithicSparse";
+    this.#descOffset = fields.descOffset;
+    this.cid = fields.cid;
+    this.parentCid = fields.parentCid;
+    if (fields.backing !== undefined) this.backing = { name: fields.backing, format: "vmdk" };
+    this.file = imageFile(top, this.extents);
+  }
+
+  get size(): number {
+    const last = this.extents[this.extents.length - 1];
+    return last ? last.endSector * SECTOR : 0;
+  }
+
+  #find(sector: number): Extent | undefined {
+    // Extents are few; a linear scan is what qemu does too.
+    return this.extents.find((e) => sector < e.endSector);
+  }
+
+  async #l2(e: Extent, l2Offset: number): Promise<Uint32Array> {
+    let t = e.l2Cache.get(l2Offset);
+    if (t) return t;
+    const buf = await readAt(e.file, l2Offset * SECTOR, e.l2Size * 4);
+    t = new Uint32Array(e.l2Size);
+    for (let i = 0; i < e.l2Size; i++) t[i] = le32(buf, i * 4);
+    if (e.l2Cache.size >= 64) e.l2Cache.delete(e.l2Cache.keys().next().value!);
+    e.l2Cache.set(l2Offset, t);
+    return t;
+  }
+
+  /** qemu's get_cluster_offset without allocation; `offset` is a guest byte offset. */
+  async #lookup(e: Extent, offset: number): Promise<Lookup> {
+    if (e.flat) return { kind: "ok", hostOffset: e.flatStartOffset };
+    const rel = offset - e.startSector * SECTOR;
+    const l1Index = Math.floor(Math.floor(rel / SECTOR) / e.l1EntrySectors);
+    if (l1Index >= e.l1Size) return { kind: "error" };
+    const l2Offset = l1Index < e.l1.length ? e.l1[l1Index] : 0;
+    if (!l2Offset) return { kind: "unalloc" };
+    let table: Uint32Array;
+    try {
+      table = await this.#l2(e, l2Offset);
+    } catch {
+      return { kind: "error" };
+    }
+    const l2Index = Math.floor(Math.floor(rel / SECTOR) / e.clusterSectors) % e.l2Size;
+    const gte = table[l2Index];
+    const where = { l1Index, l2Offset, l2Index };
+    if (e.hasZeroGrain && gte === GTE_ZEROED) return { kind: "zeroed", ...where };
+    if (!gte) return { kind: "unalloc", ...where };
+    return { kind: "ok", hostOffset: gte * SECTOR, ...where };
+  }
+
+  async read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const guest = offset + done;
+      const e = this.#find(Math.floor(guest / SECTOR));
+      if (!e) throw new QimgError("Input/output error");
+      const l = await this.#lookup(e, guest);
+      const cb = e.clusterSectors * SECTOR;
+      const inCluster = (guest - e.startSector * SECTOR) % cb;
+      const n = Math.min(buf.length - done, cb - inCluster);
+      const dst = buf.subarray(done, done + n);
+      if (l.kind === "ok") {
+        await this.#readExtent(e, l.hostOffset, inCluster, dst);
+      } else if (l.kind === "error") {
+        throw new QimgError("Input/output error");
+      } else if (backingRead && l.kind !== "zeroed") {
+        await backingRead(guest, dst);
+      } else {
+        dst.fill(0);
+      }
+      done += n;
+    }
+  }
+
+  async #readExtent(e: Extent, hostOffset: number, inCluster: number, dst: Uint8Array) {
+    if (!e.compressed) {
+      dst.set(await readAt(e.file, hostOffset + inCluster, dst.length));
+      return;
+    }
+    const data = await this.#readGrain(e, hostOffset);
+    if (inCluster + dst.length > data.length) throw new QimgError("Invalid argument");
+    dst.set(data.subarray(inCluster, inCluster + dst.length));
+  }
+
+  /** One compressed grain, inflated (zlib stream, after a grain marker when the extent has them). */
+  async #readGrain(e: Extent, hostOffset: number): Promise<Uint8Array> {
+    if (this.#grain?.offset === hostOffset) return this.#grain.data;
+    const cb = e.clusterSectors * SECTOR;
+    const raw = await readAt(e.file, hostOffset, cb * 2);
+    let input = raw.subarray(0, cb);
+    if (e.hasMarker) {
+      const size = le32(raw, 8);
+      if (!size || size > cb * 2) throw new QimgError("Invalid argument");
+      input = raw.subarray(12, Math.min(raw.length, 12 + size));
+    }
+    let out: Uint8Array;
+    try {
+      out = zlib.inflateSync(input, { maxOutputLength: cb });
+    } catch {
+      throw new QimgError("Invalid argument");
+    }
+    this.#grain = { offset: hostOffset, data: out };
+    return out;
+  }
+
+  async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    const e = this.#find(Math.floor(offset / SECTOR));
+    if (!e) throw new QimgError("Input/output error");
+    const cb = e.clusterSectors * SECTOR;
+    const rel = offset - e.startSector * SECTOR;
+    const inCluster = rel % cb;
+    const first = await this.#lookup(e, offset);
+    let n = Math.min(length, cb - inCluster);
+    if (first.kind === "error") throw new QimgError("Input/output error");
+    if (e.flat && first.kind === "ok") {
+      return await this.#flatStatus(e, first.hostOffset + inCluster, n);
+    }
+    // Extend over following grains of the same kind (one grain table at most).
+    const l1End = Math.min(
+      e.endSector * SECTOR,
+      e.startSector * SECTOR + (Math.floor(rel / SECTOR / e.l1EntrySectors) + 1) * e.l1EntrySectors * SECTOR,
+    );
+    while (n < length && offset + n < l1End) {
+      const next = await this.#lookup(e, offset + n);
+      if (next.kind !== first.kind) break;
+      if (next.kind === "ok" && first.kind === "ok") {
+        if (e.compressed || next.hostOffset !== first.hostOffset + inCluster + n) break;
+      }
+      n = Math.min(length, n + cb);
+    }
+    switch (first.kind) {
+      case "unalloc":
+        return { length: n, data: false, zero: false };
+      case "zeroed":
+        return { length: n, data: false, zero: true };
+      default:
+        if (e.compressed) return { length: n, data: true, zero: false, compressed: true };
+        return {
+          length: n,
+          data: true,
+          zero: false,
+          hostOffset: first.hostOffset + inCluster,
+          file: e.file.name,
+        };
+    }
+  }
+
+  /** A flat extent's status comes from its file (qemu's BDRV_BLOCK_RECURSE): holes read as zeroes. */
+  async #flatStatus(e: Extent, hostOffset: number, n: number): Promise<BlockStatus> {
+    const where = { hostOffset, file: e.file.name };
+    const end = await e.file.size();
+    if (hostOffset >= end) return { length: n, data: true, zero: true, ...where };
+    const h = await e.file.extent(hostOffset, n);
+    if (h.data) return { length: Math.min(n, h.length), data: true, zero: false, ...where };
+    // A hole running to the end of the file answers for the rest (qemu's EOF rule).
+    const len = hostOffset + h.length >= end ? n : Math.min(n, h.length);
+    return { length: len, data: true, zero: true, ...where };
+  }
+
+  info(): Promise<FormatInfo> {
+    const extents: JsonValue[] = this.extents.map((e) => {
+      const x: Record<string, JsonValue> = {
+        filename: e.file.name,
+        format: e.type,
+        "virtual-size": e.sectors * SECTOR,
+      };
+      if (e.compressed) x.compressed = true;
+      if (!e.flat) x["cluster-size"] = e.clusterSectors * SECTOR;
+      return x;
+    });
+    const first = this.extents[0];
+    // qemu reports a cluster size only when all extents are alike and sparse.
+    const alike = this.extents.every((e) =>
+      e.flat === first.flat && e.compressed === first.compressed &&
+      (e.flat || e.clusterSectors === first.clusterSectors)
+    );
+    return Promise.resolve({
+      clusterSize: alike && !first.flat ? first.clusterSectors * SECTOR : undefined,
+      formatSpecific: {
+        type: "vmdk",
+        data: {
+          cid: this.cid,
+          "parent-cid": this.parentCid,
+          "create-type": this.createType,
+          extents,
+        },
+      },
+    });
+  }
+
+  /** qemu's vmdk_co_check: every allocated grain must start inside its file. */
+  async check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
+    if (options.repair) throw new QimgError("Operation not supported");
+    const result: CheckResult = {
+      corruptions: 0,
+      leaks: 0,
+      checkErrors: 0,
+      corruptionsFixed: 0,
+      leaksFixed: 0,
+      messages: [],
+    };
+    const total = this.size / SECTOR;
+    const fail = (message: string, error: string) => {
+      result.messages.push(message);
+      result.corruptions++;
+      const err = new QimgError(error) as QimgError & { messages: string[] };
+      err.messages = result.messages;
+      throw err;
+    };
+    for (const e of this.extents) {
+      let sector = e.startSector;
+      while (sector < e.endSector && sector < total) {
+        if (!e.flat) {
+          // Whole unallocated grain tables are skipped at once: qemu finds nothing there.
+          const rel = sector - e.startSector;
+          const l1Index = Math.floor(rel / e.l1EntrySectors);
+          if (l1Index < e.l1Size && !(l1Index < e.l1.length ? e.l1[l1Index] : 0)) {
+            const next = e.startSector + (l1Index + 1) * e.l1EntrySectors;
+            sector = e.startSector + alignUp(next - e.startSector, e.clusterSectors);
+            continue;
+          }
+        }
+        const l = await this.#lookup(e, sector * SECTOR);
+        if (l.kind === "error") {
+          fail(`ERROR: could not get cluster_offset for sector ${sector}`, "Operation not permitted");
+        }
+        if (l.kind === "ok" && l.hostOffset >= await e.file.size()) {
+          fail(`ERROR: cluster offset for sector ${sector} points after EOF`, "Invalid argument");
+        }
+        sector += e.clusterSectors;
+      }
+    }
+    return result;
+  }
+
+  /** Writes guest bytes, allocating grains at the end of their extent file as qemu does. */
+  async write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    if (Math.ceil(offset / SECTOR) > this.size / SECTOR) {
+      throw new QimgError("Input/output error");
+    }
+    let done = 0;
+    while (done < data.length) {
+      const guest = offset + done;
+      const e = this.#find(Math.floor(guest / SECTOR));
+      if (!e) throw new QimgError("Input/output error");
+      const cb = e.clusterSectors * SECTOR;
+      const inCluster = (guest - e.startSector * SECTOR) % cb;
+      const n = Math.min(data.length - done, cb - inCluster);
+      const piece = data.subarray(done, done + n);
+      const l = await this.#lookup(e, guest);
+      if (l.kind === "error") throw new QimgError("Invalid argument");
+      if (e.flat && l.kind === "ok") {
+        await e.file.write(l.hostOffset + inCluster, piece);
+      } else if (e.compressed) {
+        if (l.kind === "ok") throw new QimgError("Input/output error");
+        await this.#writeGrain(e, l, guest, inCluster, piece);
+      } else if (l.kind === "ok") {
+        await e.file.write(l.hostOffset + inCluster, piece);
+      } else {
+        await this.#allocate(e, l, guest, inCluster, piece, backingRead);
+      }
+      done += n;
+      await this.#updateCid();
+    }
+  }
+
+  /** A new grain: the rest of the cluster from the backing file (or zeroes), then the data. */
+  async #allocate(
+    e: Extent,
+    l: Lookup,
+    guest: number,
+    inCluster: number,
+    piece: Uint8Array,
+    backingRead?: BackingReader,
+  ): Promise<void> {
+    if (l.kind === "error" || l.kind === "ok" || l.l2Offset === undefined) {
+      // No grain table for this range (qemu leaves that undefined).
+      throw new QimgError("Invalid argument");
+    }
+    if (e.nextClusterSector >= EXTENT_MAX_SECTORS) throw new QimgError("Invalid argument");
+    const cb = e.clusterSectors * SECTOR;
+    const sector = e.nextClusterSector;
+    e.nextClusterSector += e.clusterSectors;
+    const whole = new Uint8Array(cb);
+    const clusterGuest = guest - inCluster;
+    if (backingRead && l.kind !== "zeroed") {
+      if (inCluster > 0) await backingRead(clusterGuest, whole.subarray(0, inCluster));
+      const end = inCluster + piece.length;
+      if (end < cb) await backingRead(clusterGuest + end, whole.subarray(end));
+    }
+    whole.set(piece, inCluster);
+    await e.file.write(sector * SECTOR, whole);
+    await this.#setGte(e, l, sector);
+  }
+
+  /** streamOptimized: a whole grain, deflated behind a grain marker, appended. */
+  async #writeGrain(
+    e: Extent,
+    l: Lookup,
+    guest: number,
+    inCluster: number,
+    piece: Uint8Array,
+  ): Promise<void> {
+    const cb = e.clusterSectors * SECTOR;
+    if (l.kind === "error" || l.kind === "ok" || l.l2Offset === undefined) {
+      throw new QimgError("Invalid argument");
+    }
+    if (
+      inCluster || piece.length > cb ||
+      (piece.length < cb && guest + piece.length !== e.endSector * SECTOR) || !e.hasMarker
+    ) {
+      throw new QimgError("Invalid argument");
+    }
+    if (e.nextClusterSector >= EXTENT_MAX_SECTORS) throw new QimgError("Invalid argument");
+    const sector = e.nextClusterSector;
+    const deflated = zlib.deflateSync(piece);
+    // qemu first zero-fills the whole cluster it allocated, then writes the grain over it.
+    const out = new Uint8Array(Math.max(cb, 12 + deflated.length));
+    new DataView(out.buffer).setBigUint64(0, BigInt(Math.floor(guest / SECTOR)), true);
+    putLe32(out, 8, deflated.length);
+    out.set(deflated, 12);
+    await e.file.write(sector * SECTOR, out);
+    e.nextClusterSector = Math.ceil((sector * SECTOR + 12 + deflated.length) / SECTOR);
+    await this.#setGte(e, l, sector);
+  }
+
+  async #setGte(e: Extent, l: Lookup, value: number): Promise<void> {
+    if (l.kind === "error" || l.l2Offset === undefined) return;
+    const entry = new Uint8Array(4);
+    putLe32(entry, 0, value);
+    await e.file.write(l.l2Offset * SECTOR + l.l2Index! * 4, entry);
+    const backup = e.l1Backup?.[l.l1Index!];
+    if (e.l1BackupOffset && backup !== undefined) {
+      await e.file.write(backup * SECTOR + l.l2Index! * 4, entry);
+    }
+    e.l2Cache.get(l.l2Offset)?.set([value], l.l2Index!);
+  }
+
+  /** qemu rewrites the CID (a random one) on the first write after opening. */
+  async #updateCid(): Promise<void> {
+    if (this.#cidUpdated) return;
+    this.#cidUpdated = true;
+    const top = this.#top;
+    const buf = await readAt(top, this.#descOffset, DESC_SIZE);
+    buf[DESC_SIZE - 1] = 0;
+    const desc = cString(latin1(buf));
+    const updated = replaceCid(desc, randomCid());
+    if (updated === undefined) throw new QimgError("Invalid argument");
+    const bytes = fromLatin1(updated).subarray(0, DESC_SIZE - 1);
+    buf.set(bytes, 0);
+    buf[bytes.length] = 0;
+    // The block layer cuts writes at its sector-rounded size of the file.
+    const limit = alignUp(await top.size(), SECTOR) - this.#descOffset;
+    if (limit > 0) await top.write(this.#descOffset, buf.subarray(0, Math.min(DESC_SIZE, limit)));
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    // Whole grains of zeroed-grain extents become GTE 1; anything else is written as zeroes.
+    const zeroGrains = await this.#zeroGrainPlan(offset, length);
+    if (zeroGrains) {
+      for (const { e, l } of zeroGrains) {
+        if (l.kind !== "zeroed") await this.#setGte(e, l, GTE_ZEROED);
+      }
+      if (zeroGrains.length) await this.#updateCid();
+      return;
+    }
+    const chunk = new Uint8Array(Math.min(length, 1 << 20));
+    for (let done = 0; done < length; done += chunk.length) {
+      await this.write(offset + done, chunk.subarray(0, Math.min(chunk.length, length - done)));
+    }
+  }
+
+  async #zeroGrainPlan(offset: number, length: number) {
+    const plan: { e: Extent; l: Lookup }[] = [];
+    for (let at = offset; at < offset + length;) {
+      const e = this.#find(Math.floor(at / SECTOR));
+      if (!e || e.flat || !e.hasZeroGrain) return undefined;
+      const cb = e.clusterSectors * SECTOR;
+      if ((at - e.startSector * SECTOR) % cb || offset + length - at < cb) return undefined;
+      const l = await this.#lookup(e, at);
+      if (l.kind === "error" || l.l2Offset === undefined) return undefined;
+      if (e.compressed && l.kind === "ok") return undefined;
+      plan.push({ e, l });
+      at += cb;
+    }
+    return plan;
+  }
+
+  /** The compressed-cluster entry point of convert -c; an empty write ends the stream. */
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    if (data.length === 0) {
+      for (const f of new Set(this.extents.map((e) => e.file))) {
+        const size = await f.size();
+        if (size % SECTOR) await f.truncate(alignUp(size, SECTOR));
+      }
+      return;
+    }
+    await this.write(offset, data);
+  }
+
+  flush(): Promise<void> {
+    return this.#top.flush();
+  }
+
+  async close(): Promise<void> {
+    for (const f of this.#opened) await f.close();
+    await this.#top.close();
+  }
+}
+
+function randomCid(): number {
+  return crypto.getRandomValues(new Uint32Array(1))[0];
+}
+
+/** qemu's vmdk_probe: a sparse magic, or a descriptor whose first non-comment line is `version=1..3`. */
+export function probeVmdk(head: Uint8Array): number {
+  if (head.length < 4) return 0;
+  const magic = be32(head, 0);
+  if (magic === VMDK3_MAGIC || magic === VMDK4_MAGIC) return 100;
+  const s = latin1(head);
+  let p = 0;
+  const end = s.length;
+  while (p < end) {
+    if (s[p] === "#") {
+      while (p < end && s[p] !== "\n") p++;
+      p++;
+      continue;
+    }
+    if (s[p] === " ") {
+      while (p < end && s[p] === " ") p++;
+      if (p < end && s[p] === "\r") p++;
+      if (p === end || s[p] !== "\n") return 0;
+      p++;
+      continue;
+    }
+    for (const v of ["1", "2", "3"]) {
+      if (s.startsWith(`version=${v}\n`, p) || s.startsWith(`version=${v}\r\n`, p)) return 100;
+    }
+    return 0;
+  }
+  return 0;
+}
+
+/** Opens a vmdk image on `file`: a sparse file, or a descriptor naming its extents. */
+export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Promise<VmdkImage> {
+  const st: OpenState = { top: file, options, extents: [], opened: [] };
+  try {
+    const buf = await readDescText(file, 0);
+    const magic = be32(buf, 0);
+    let descOffset = 0;
+    if (magic === VMDK3_MAGIC || magic === VMDK4_MAGIC) {
+      await openSparse(st, file, 0);
+      descOffset = 0x200;
+    } else {
+      await openDescriptor(st, cString(latin1(buf)), 0);
+    }
+    if (st.extents.length === 0) {
+      // qemu goes on with no extent and fails later; an image needs at least one.
+      throw new QimgError("Invalid argument");
+    }
+    // parentFileNameHint and the CIDs come from the descriptor area at descOffset.
+    const area = await readAt(file, descOffset, DESC_SIZE);
+    const hintText = cString(latin1(area));
+    const hint = parentFileNameHint(hintText);
+    const invalid = () => new QimgError(`Could not open '${file.name}': Invalid argument`);
+    if (hint === null) throw invalid();
+    area[DESC_SIZE - 1] = 0;
+    const cidText = cString(latin1(area));
+    const cid = readCid(cidText, false);
+    const parentCid = readCid(cidText, true);
+    if (cid === undefined || parentCid === undefined) throw invalid();
+    return new VmdkImage(file, st, { descOffset, cid, parentCid, backing: hint || undefined });
+  } catch (e) {
+    for (const f of st.opened) await f.close().catch(() => {});
+    throw e;
+  }
+}
+
+/** vmdk's create options in qemu 7.2's table order. */
+export const VMDK_CREATE_OPTIONS: OptionDesc[] = [
+  SIZE_OPTION,
+  {
+    name: "adapter_type",
+    type: "string",
+    help: "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX",
+  },
+  { name: "backing_file", type: "string", help: "File name of a base image" },
+  { name: "backing_fmt", type: "string", help: "Must be 'vmdk' if present" },
+  { name: "compat6", type: "bool", help: "VMDK version 6 image", default: "off" },
+  { name: "hwversion", type: "string", help: "VMDK hardware version", default: "undefined" },
+  { name: "toolsversion", type: "string", help: "VMware guest tools version" },
+  {
+    name: "subformat",
+    type: "string",
+    help:
+      "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} ",
+  },
+  {
+    name: "zeroed_grain",
+    type: "bool",
+    help: "Enable efficient zero writes using the zeroed-grain GTE feature",
+  },
+];
+
+const SUBFORMATS = [
+  "monolithicSparse",
+  "monolithicFlat",
+  "twoGbMaxExtentSparse",
+  "twoGbMaxExtentFlat",
+  "streamOptimized",
+];
+const ADAPTER_TYPES = ["ide", "buslogic", "lsilogic", "legacyESX"];
+/** VMDK's constant split size for twoGbMaxExtent* subformats. */
+const SPLIT_SIZE = 0x80000000;
+
+/** The header and empty tables of a new hosted sparse extent, as qemu's vmdk_init_extent. */
+function sparseExtentLayout(size: number, compress: boolean, zeroedGrain: boolean) {
+  const capacity = Math.floor(size / SECTOR);
+  const granularity = 128;
+  const gtes = 512;
+  const grains = Math.ceil(capacity / granularity);
+  const gtSize = Math.ceil((gtes * 4) / SECTOR);
+  const gtCount = Math.ceil(grains / gtes);
+  const gdSectors = Math.ceil((gtCount * 4) / SECTOR);
+  const descOffset = 1;
+  const descSize = 20;
+  const rgdOffset = descOffset + descSize;
+  const gdOffset = rgdOffset + gdSectors + gtSize * gtCount;
+  const grainOffset = alignUp(gdOffset + gdSectors + gtSize * gtCount, granularity);
+  const h = new Uint8Array(SECTOR);
+  const v = new DataView(h.buffer);
+  v.setUint32(0, VMDK4_MAGIC, false);
+  v.setUint32(4, compress ? 3 : zeroedGrain ? 2 : 1, true);
+  v.setUint32(
+    8,
+    FLAG_RGD | FLAG_NL_DETECT | (compress ? FLAG_COMPRESS | FLAG_MARKER : 0) |
+      (zeroedGrain ? FLAG_ZERO_GRAIN : 0),
+    true,
+  );
+  v.setBigUint64(12, BigInt(capacity), true);
+  v.setBigUint64(20, BigInt(granularity), true);
+  v.setBigUint64(28, BigInt(descOffset), true);
+  v.setBigUint64(36, BigInt(descSize), true);
+  v.setUint32(44, gtes, true);
+  v.setBigUint64(48, BigInt(rgdOffset), true);
+  v.setBigUint64(56, BigInt(gdOffset), true);
+  v.setBigUint64(64, BigInt(grainOffset), true);
+  h.set([0x0a, 0x20, 0x0d, 0x0a], 73);
+  v.setUint16(77, compress ? COMPRESSION_DEFLATE : 0, true);
+  return { header: h, gdSectors, gtSize, gtCount, rgdOffset, gdOffset, grainOffset };
+}
+
+async function initSparseExtent(
+  file: BlockFile,
+  size: number,
+  compress: boolean,
+  zeroedGrain: boolean,
+): Promise<void> {
+  const l = sparseExtentLayout(size, compress, zeroedGrain);
+  // Only the header's 79 bytes are written; the rest of sector 0 stays a hole.
+  await file.write(0, l.header.subarray(0, 79));
+  await file.truncate(l.grainOffset * SECTOR);
+  const gd = new Uint8Array(l.gdSectors * SECTOR);
+  for (const [at, first] of [[l.rgdOffset, l.rgdOffset + l.gdSectors], [l.gdOffset, l.gdOffset + l.gdSectors]]) {
+    for (let i = 0; i < l.gtCount; i++) putLe32(gd, i * 4, first + i * l.gtSize);
+    await file.write(at * SECTOR, gd);
+  }
+}
+
+function decompose(filename: string): { path: string; prefix: string; postfix: string } {
+  let cut = filename.lastIndexOf("/");
+  if (cut < 0) cut = filename.lastIndexOf("\\");
+  if (cut < 0) cut = filename.lastIndexOf(":");
+  const path = cut < 0 ? "" : filename.slice(0, cut + 1);
+  const base = filename.slice(cut + 1);
+  const dot = base.lastIndexOf(".");
+  return dot < 0
+    ? { path, prefix: base, postfix: "" }
+    : { path, prefix: base.slice(0, dot), postfix: base.slice(dot) };
+}
+
+function basename(path: string): string {
+  const trimmed = path.replace(/\/+$/, "");
+  return trimmed.slice(trimmed.lastIndexOf("/") + 1) || path;
+}
+
+/** Creates a vmdk image: qemu's vmdk_co_create_opts and its descriptor. */
+async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void> {
+  const o = options.options;
+  const backingFmt = o.backing_fmt as string | undefined;
+  if (backingFmt !== undefined && backingFmt !== "vmdk") {
+    throw new QimgError("backing_file must be a vmdk image");
+  }
+  if (file.name === "") throw new QimgError("No filename provided");
+  const { path, prefix, postfix } = decompose(file.name);
+  const size = alignUp(options.size, SECTOR);
+  const adapter = (o.adapter_type as string | undefined) ?? "ide";
+  if (!ADAPTER_TYPES.includes(adapter)) {
+    throw new QimgError(`Parameter 'adapter_type' does not accept value '${adapter}'`);
+  }
+  const subformat = (o.subformat as string | undefined) ?? "monolithicSparse";
+  if (!SUBFORMATS.includes(subformat)) {
+    throw new QimgError(`Parameter 'subformat' does not accept value '${subformat}'`);
+  }
+  let hwVersion = o.hwversion as string | undefined;
+  if (hwVersion === "undefined") hwVersion = undefined;
+  const backing = o.backing_file as string | undefined;
+  const zeroedGrain = o.zeroed_grain === true;
+  if (o.compat6 === true) {
+    if (hwVersion !== undefined) throw new QimgError("compat6 cannot be enabled with hwversion set");
+    hwVersion = "6";
+  }
+  hwVersion ??= "4";
+  const toolsVersion = (o.toolsversion as string | undefined) ?? "2147483647";
+  const heads = adapter === "ide" ? 16 : 255;
+  const split = subformat.startsWith("twoGbMaxExtent");
+  const flat = subformat === "monolithicFlat" || subformat === "twoGbMaxExtentFlat";
+  const compress = subformat === "streamOptimized";
+  if (flat && backing !== undefined) throw new QimgError("Flat image can't have backing file");
+  if (flat && zeroedGrain) throw new QimgError("Flat image can't enable zeroed grain");
+
+  const lineFor = (sectors: number, name: string) =>
+    flat ? `RW ${sectors} FLAT "${basename(name)}" 0\n` : `RW ${sectors} SPARSE "${basename(name)}"\n`;
+  let lines = "";
+  const extentSize = split ? SPLIT_SIZE : size;
+  let created = !split && !flat ? extentSize : 0;
+  if (!split && !flat) {
+    await initSparseExtent(file, created, compress, zeroedGrain);
+    lines += lineFor(Math.ceil(created / SECTOR), file.name);
+  }
+  let parentCid = 0xffffffff;
+  let parentHint = "";
+  if (backing !== undefined) {
+    parentCid = await backingCid(file, backing, options);
+    parentHint = `parentFileNameHint="${backing}"`;
+  }
+  if (!options.openFile) throw new QimgError("Could not create extent files");
+  for (let idx = 1; created < size; idx++) {
+    const cur = Math.min(size - created, extentSize);
+    const rel = split
+      ? `${prefix}-${flat ? "f" : "s"}${String(idx).padStart(3, "0")}${postfix}`
+      : `${prefix}-flat${postfix}`;
+    const name = path + rel;
+    const ext = await options.openFile(name, { create: true, write: true });
+    try {
+      if (flat) await ext.truncate(cur);
+      else await initSparseExtent(ext, cur, compress, zeroedGrain);
+    } finally {
+      await ext.close();
+    }
+    lines += lineFor(Math.ceil(cur / SECTOR), name);
+    created += cur;
+  }
+  const desc = buildDescriptor({
+    cid: randomCid(),
+    parentCid,
+    createType: subformat,
+    parentHint,
+    extentLines: lines,
+    hwVersion,
+    cylinders: Math.floor(size / (63 * heads * SECTOR)),
+    heads,
+    adapterType: adapter,
+    toolsVersion,
+  });
+  const bytes = new TextEncoder().encode(desc);
+  const descOffset = !split && !flat ? 0x200 : 0;
+  await file.write(descOffset, bytes);
+  if (descOffset === 0) await file.truncate(bytes.length);
+}
+
+/** The CID of the vmdk image `backing` names (create's parentCID). */
+async function backingCid(file: BlockFile, backing: string, options: CreateOptions): Promise<number> {
+  const path = file.resolve(backing);
+  const bf = await options.openFile!(path, { write: false });
+  const head = new Uint8Array(2048);
+  const n = await bf.read(0, head).catch(() => 0);
+  if (!probeVmdk(head.subarray(0, n))) {
+    await bf.close();
+    throw new QimgError("Invalid backing file format: raw. Must be vmdk");
+  }
+  let image: VmdkImage;
+  try {
+    image = await openVmdk(bf, { openFile: (p, w) => options.openFile!(p, { write: w }) });
+  } catch (e) {
+    await bf.close();
+    throw e;
+  }
+  await image.close();
+  return image.cid;
+}
+
+/** The vmdk format driver. */
+export const vmdkDriver: FormatDriver = {
+  name: "vmdk",
+  probe: (head) => probeVmdk(head),
+  open: openVmdk,
+  create: createVmdk,
+  createOptions: VMDK_CREATE_OPTIONS,
+  supportsBacking: true,
+};
