@@ -139,6 +139,7 @@ async function openLayer(
       openFile,
       noIo: options.noIo,
       check: options.check,
+      warn: options.warn,
     });
     return { image, driver, filename };
   } catch (e) {

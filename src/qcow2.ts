@@ -40,8 +40,10 @@ import {
 import {
   ClusterMapper,
   type ClusterMapper as ClusterMapperType,
+  type ClusterRun,
   type CompressedDescriptor,
   entryOffset,
+  Qcow2CorruptionError,
   readL1Table,
 } from "./qcow2_cluster.ts";
 import { checkQcow2 } from "./qcow2_refcount.ts";
@@ -72,6 +74,9 @@ export class Qcow2Image implements FormatImage {
   snapshotList: Qcow2Snapshot[] = [];
   #cached?: { offset: number; data: Uint8Array };
   #preallocated?: Promise<boolean>;
+  #corruptionReported = false;
+  /** Receives qemu's warnings (corruption events); set by openQcow2 from OpenOptions.warn. */
+  warn?: (message: string) => void;
 
   constructor(
     file: BlockFile,
@@ -107,7 +112,7 @@ export class Qcow2Image implements FormatImage {
     let done = 0;
     while (done < buf.length) {
       const guest = offset + done;
-      const run = await this.mapper.lookup(guest, buf.length - done);
+      const run = await this.#lookup(guest, buf.length - done);
       const dst = buf.subarray(done, done + run.length);
       switch (run.type) {
         case "normal": {
@@ -133,6 +138,23 @@ export class Qcow2Image implements FormatImage {
     }
   }
 
+  /** Looks up guest bytes, reporting the first corruption as qemu's corruption event does. */
+  async #lookup(offset: number, length: number): Promise<ClusterRun> {
+    try {
+      return await this.mapper.lookup(offset, length);
+    } catch (e) {
+      if (e instanceof Qcow2CorruptionError && !this.#corruptionReported) {
+        this.#corruptionReported = true;
+        this.warn?.(
+          this.file.writable
+            ? `qcow2: Marking image as corrupt: ${e.detail}; further corruption events will be suppressed`
+            : `qcow2: Image is corrupt: ${e.detail}; further non-fatal corruption events will be suppressed`,
+        );
+      }
+      throw e;
+    }
+  }
+
   /** Reads and decompresses one compressed cluster (the last one is kept for sequential reads). */
   async readCompressed(desc: CompressedDescriptor): Promise<Uint8Array> {
     if (this.#cached?.offset === desc.hostOffset) return this.#cached.data;
@@ -147,7 +169,7 @@ export class Qcow2Image implements FormatImage {
   }
 
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
-    const run = await this.mapper.lookup(offset, length);
+    const run = await this.#lookup(offset, length);
     const where = run.hostOffset !== undefined && this.header.cryptMethod === CRYPT_NONE
       ? { hostOffset: run.hostOffset, file: this.#data().name }
       : {};
@@ -377,6 +399,7 @@ export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Pro
   const image = new Qcow2Image(file, header, mapper, dataFile);
   image.luks = luks;
   image.bitmapDirectory = bitmapDirectory;
+  image.warn = o.warn;
   image.snapshotList = snapshots;
   return image;
 }

@@ -54,8 +54,9 @@ export function entryOffset(hi: number, lo: number): number {
   return (hi & 0x00ffffff) * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
 }
 
+/** C's "%#x": no prefix for zero. */
 function hex(n: number): string {
-  return "0x" + n.toString(16);
+  return n === 0 ? "0" : "0x" + n.toString(16);
 }
 
 /** Decodes a compressed L2 entry (bits 0-61). */
@@ -182,10 +183,10 @@ export class ClusterMapper {
       const alloc = (bitmapLo >>> s) & 1;
       const allocated = hostBase !== 0 || (this.hasDataFile && (hi & OFLAG_COPIED_HI) !== 0);
       if (allocated) {
-        if (zero && alloc) throw invalidEntry(hi, lo, l2Offset, i);
+        if (zero && alloc) throw invalidEntry(l2Offset, i);
         return zero ? "zero-alloc" : alloc ? "normal" : "unallocated-alloc";
       }
-      if (alloc) throw invalidEntry(hi, lo, l2Offset, i);
+      if (alloc) throw invalidEntry(l2Offset, i);
       return zero ? "zero-plain" : "unallocated-plain";
     };
 
@@ -232,16 +233,9 @@ export class ClusterMapper {
   }
 }
 
-function invalidEntry(
-  hi: number,
-  lo: number,
-  l2Offset: number,
-  index: number,
-): Qcow2CorruptionError {
-  const entry = (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0);
+function invalidEntry(l2Offset: number, index: number): Qcow2CorruptionError {
+  // qemu's text, two spaces and all.
   return new Qcow2CorruptionError(
-    `Invalid cluster entry 0x${entry.toString(16)} (L2 offset: ${hex(l2Offset)}, L2 index: ${
-      hex(index)
-    })`,
+    `Invalid cluster entry found  (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`,
   );
 }

@@ -291,3 +291,36 @@ Deno.test("qcow2Driver fails undecodable compressed clusters with EIO, as qemu-i
   await Deno.writeFile(`${dir.path}/c.qcow2`, b);
   await assertSameAsQemu(["convert", "-O", "raw", "c.qcow2", "out.raw"], dir.path);
 });
+
+Deno.test("qcow2Driver reports corrupt L2 metadata as qemu's corruption event, then EIO", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 -o extended_l2=on e.qcow2 1M && " +
+      "qemu-io -c 'write -P 1 0 64k' -c 'write -P 2 128k 64k' e.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 p.qcow2 1M && qemu-io -c 'write -P 1 0 64k' p.qcow2 >/dev/null",
+    dir.path,
+  );
+  const variants: [string, string, (v: DataView, l1: number, l2: number) => void][] = [
+    ["p.qcow2", "unaligned L2 table", (v, l1) => v.setBigUint64(l1, v.getBigUint64(l1) | 0x200n)],
+    ["e.qcow2", "subcluster both allocated and zero", (v, _l1, l2) => {
+      v.setBigUint64(l2 + 8, v.getBigUint64(l2 + 8) | (1n << 32n));
+    }],
+    ["e.qcow2", "unaligned data cluster", (v, _l1, l2) => {
+      v.setBigUint64(l2 + 32, v.getBigUint64(l2 + 32) + 0x200n);
+    }],
+    ["e.qcow2", "allocation bit in an unallocated cluster", (v, _l1, l2) => {
+      v.setBigUint64(l2 + 24, 1n);
+    }],
+  ];
+  for (const [base, what, mutate] of variants) {
+    const b = await Deno.readFile(`${dir.path}/${base}`);
+    const v = new DataView(b.buffer);
+    const l1 = Number(v.getBigUint64(40));
+    const l2 = Number(v.getBigUint64(l1) & 0x00fffffffffffe00n);
+    mutate(v, l1, l2);
+    await Deno.writeFile(`${dir.path}/x.qcow2`, b);
+    await assertSameAsQemu(["convert", "-O", "raw", "x.qcow2", "out.raw"], dir.path).catch((e) => {
+      throw new Error(`${what}: ${e.message}`);
+    });
+  }
+});
