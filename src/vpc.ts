@@ -336,7 +336,8 @@ export class VpcImage implements FormatImage {
 
 /** Opens a vpc image on `file`, with qemu-img 7.2's checks and messages. */
 export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Promise<VpcImage> {
-  const fileSize = await file.size();
+  // qemu's block layer counts whole sectors: a file's length rounds up to 512.
+  const fileSize = Math.ceil(await file.size() / SECTOR) * SECTOR;
   let raw = new Uint8Array(FOOTER_SIZE);
   await readPadded(file, 0, raw);
   let dynamic = true;
@@ -361,7 +362,8 @@ export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Prom
   if (CURRENT_SIZE_CREATORS.includes(footer.creatorApp) || sectors === MAX_GEOMETRY) {
     sectors = Math.floor(footer.currentSize / SECTOR);
   }
-  if (sectors > MAX_SECTORS) throw new QimgError("File too large");
+  // qemu fails with EFBIG and no message of its own: the block layer adds the file name.
+  if (sectors > MAX_SECTORS) throw new QimgError(`Could not open '${file.name}': File too large`);
   const size = sectors * SECTOR;
   if (!dynamic) return new VpcImage(file, footer, size);
 
