@@ -53,6 +53,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     format,
     noIo: true, // as qemu-img info: metadata only (encrypted images, missing data files)
     backing: chain, // without --backing-chain qemu-img info never opens the backing file
+    warn: (m) => io.stderr(m + "\n"),
     openFile: (p, w) => io.openFile(p, { write: w }),
   });
   try {

@@ -314,7 +314,7 @@ function readExtensions(
               (h.version < 3
                 ? "qimg: warning: This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
                 : "qimg: warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent") +
-                "\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix.",
+                "\nSome clusters may be leaked, run 'qimg check -r' on the image file to fix.",
             );
           }
           break;

@@ -5,7 +5,7 @@
  */
 
 import { assertEquals, assertTrue } from "./_assert.ts";
-import { assertSameAsQemu, sh, tempDir } from "./_util.ts";
+import { assertSameAsQemu, qemuImg, qimg, sh, tempDir } from "./_util.ts";
 
 /** One poke: big-endian `value` of `type` (B, H, I, Q) at `offset`. */
 type Poke = [offset: number, type: "B" | "I" | "Q", value: bigint | number];
@@ -322,5 +322,25 @@ Deno.test("qcow2Driver reports corrupt L2 metadata as qemu's corruption event, t
     await assertSameAsQemu(["convert", "-O", "raw", "x.qcow2", "out.raw"], dir.path).catch((e) => {
       throw new Error(`${what}: ${e.message}`);
     });
+  }
+});
+
+Deno.test("qcow2Driver warns about bitmaps left stale by a program without bitmap support", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img bitmap --add a.qcow2 b1",
+    dir.path,
+  );
+  const b = await Deno.readFile(`${dir.path}/a.qcow2`);
+  poke(b, [88, "Q", 0]); // autoclear bitmaps bit cleared
+  await Deno.writeFile(`${dir.path}/a.qcow2`, b);
+  for (const args of [["info", "a.qcow2"], ["convert", "-O", "raw", "a.qcow2", "o.raw"]]) {
+    const ours = await qimg(args, dir.path);
+    const theirs = await qemuImg(args, dir.path);
+    // qemu ends the warning without a newline; qimg's warnings are whole lines.
+    assertEquals(
+      { ...ours, stderr: ours.stderr.trimEnd() },
+      { ...theirs, stderr: theirs.stderr.trimEnd() },
+    );
   }
 });
