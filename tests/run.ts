@@ -3,7 +3,7 @@
  * runs the whole suite with `deno test`, and ends with the plain line
  * `N passed, M failed` that CI reads.
  *
- * Tests run with `--no-check` so that one file's type error costs one
+ * Test files run in parallel. Tests run with `--no-check` so that one file's type error costs one
  * failure, not the whole run: tests/project_test.ts runs `deno check`
  * (and fmt, lint, doc lint) as tests of their own.
  */
@@ -72,6 +72,11 @@ async function main(): Promise<number> {
       "--allow-ffi",
       "--allow-sys",
       "--doc",
+      // Test files in parallel (DENO_JOBS, default: the core count): most of a test's time is
+      // spent waiting on qemu-img and qimg subprocesses. QIMG_TEST_SERIAL=1 turns it off.
+      ...(Deno.env.get("QIMG_TEST_SERIAL") === "1" || Deno.args.includes("--parallel")
+        ? []
+        : ["--parallel"]),
       ...Deno.args,
     ],
     env: { NO_COLOR: "1" },
