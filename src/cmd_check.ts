@@ -131,6 +131,8 @@ async function runCheck(pass: () => Promise<CheckResult>, io: Io): Promise<Check
     // A check that stops early still printed its lines so far (qcow2's CheckFailedError).
     const lines = (e as { messages?: string[] }).messages;
     if (lines?.length) io.stderr(lines.map((m) => m + "\n").join(""));
+    // A driver refusing the check (qemu's -ENOTSUP, e.g. vdi's repair) keeps its own message and code.
+    if (e instanceof QimgError && e.exitCode === EXIT.CHECK_UNSUPPORTED) throw e;
     if (e instanceof QimgError) throw new QimgError(`Check failed: ${e.message}`);
     throw e;
   }
