@@ -23,10 +23,15 @@ const KEYS = ["enable", "events", "file"];
 /** Parses one `-T` argument; warnings go to stderr as qemu prints them. */
 export async function parseTraceOption(text: string, io: Io): Promise<TraceSettings> {
   const values = new Map<string, string>();
-  splitOptionString(text).forEach(([key, value], i) => {
+  for (let [key, value, i] of splitOptionString(text).map(([k, v], i) => [k, v, i] as const)) {
     if (value === undefined && i === 0 && key !== "") {
       values.set("enable", key);
-      return;
+      continue;
+    }
+    if (value === undefined && (key === "help" || key === "?")) {
+      // Asking for help among the options lists them, and fails.
+      io.stdout("trace options:\n" + KEYS.map((k) => `  ${k}=<str>\n`).join(""));
+      return { exit: 1 };
     }
     if (value === undefined) {
       const off = key.startsWith("no");
@@ -40,7 +45,7 @@ export async function parseTraceOption(text: string, io: Io): Promise<TraceSetti
     }
     if (!KEYS.includes(key)) throw new QimgError(`Invalid parameter '${key}'`);
     values.set(key, value);
-  });
+  }
   const enable = values.get("enable");
   if (enable !== undefined) {
     if (enable === "help" || enable === "?") return { list: true };

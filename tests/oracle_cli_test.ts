@@ -127,6 +127,11 @@ Deno.test("main() parses -T/--trace as qemu-img, with no trace events of its own
         ["-T", "file=nodir/x"],
         ["-T", "file=nodir/x", "nosuchcommand"],
         ["-T", "foo", "-x"],
+        ["-T", "foo,help", "info", "a.raw"],
+        ["-T", "foo,?", "info", "a.raw"],
+        ["-T", "help,foo", "info", "a.raw"],
+        ["-T", "foo,bar,help", "info", "a.raw"],
+        ["-T", "help=on", "info", "a.raw"],
       ]
     ) await assertSameAsQemu(args, dir);
   });
