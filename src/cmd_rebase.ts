@@ -125,21 +125,19 @@ export async function run(args: string[], io: Io): Promise<number> {
         }
       }
       try {
-        if (BACKING_FORMATS.has(image.format)) {
-          // qemu copies what differs between the old and the new backing
-          // file into the image, then changes the reference: both need the
-          // driver, except when nothing differs and the change is refused
-          // for want of a backing format.
-          const refused = !!backing && backingFormat === undefined;
-          if (!refused || (newBacking && await differs(image, newBacking, meter))) {
-            throw notSupportedYet("rebase");
-          }
+        // qemu copies what differs between the old and the new backing file
+        // into the image, then changes the reference. qimg's drivers can do
+        // neither yet: where qemu would write, qimg stops; where it would
+        // not (nothing differs, the change is refused), it fails as qemu.
+        const refused = !!backing && backingFormat === undefined;
+        if (BACKING_FORMATS.has(image.format) && !refused) throw notSupportedYet("rebase");
+        if (newBacking && await differs(image, newBacking, meter)) {
+          throw notSupportedYet("rebase");
         }
       } finally {
         await opened?.close();
       }
-      // The image cannot have a backing file, so there is nothing to copy:
-      // what remains is changing the reference, which its driver refuses.
+      // Nothing to copy: what remains is changing the reference, refused.
       meter.print(100, 0);
       refusal = new QimgError(
         `Could not change the backing file to '${backing ?? "(null)"}': ${

@@ -198,7 +198,7 @@ Deno.test("rebase of a qcow2 image fails as qemu-img 7.2 where qemu writes nothi
       "qemu-io -c 'write 100k 4k' s512.qcow2 >/dev/null && " +
       "qemu-img create -q -f qcow2 -b z8.raw -F raw mid.qcow2 && " +
       "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && " +
-      "qemu-io -c 'write 4M 64k' top.qcow2 >/dev/null",
+      "qemu-io -c 'write 4M 64k' top.qcow2 >/dev/null && qemu-img create -q -f vmdk v.vmdk 1M",
     dir.path,
   );
   for (
@@ -222,6 +222,9 @@ Deno.test("rebase of a qcow2 image fails as qemu-img 7.2 where qemu writes nothi
       [["-p", "-b", "z8.raw"], "s512.qcow2"],
       [["-p", "-b", "z8.raw"], "top.qcow2"],
       [["-p", "-b", "mid.qcow2"], "top.qcow2"],
+      // vmdk cannot change its backing file in qemu either.
+      [["-b", "zero.raw", "-F", "raw"], "v.vmdk"],
+      [["-p", "-u", "-b", "zero.raw", "-F", "raw"], "v.vmdk"],
     ] as [string[], string][]
   ) {
     // Each tool works on its own copy: qemu may write before it fails.
@@ -259,6 +262,12 @@ Deno.test("rebase of a qcow2 image says it is not supported yet where qemu would
     assertEquals(r, { stdout: "", stderr: "qimg: rebase: not supported yet\n", code: 1 });
   }
   assertEquals(await hashFile(`${dir.path}/top.qcow2`), before);
+  // qemu would copy base.raw's data into the vmdk before failing.
+  await sh("qemu-img create -q -f vmdk v.vmdk 1M", dir.path);
+  const vmdk = await hashFile(`${dir.path}/v.vmdk`);
+  const r = await qimg(["rebase", "-b", "base.raw", "-F", "raw", "v.vmdk"], dir.path);
+  assertEquals(r, { stdout: "", stderr: "qimg: rebase: not supported yet\n", code: 1 });
+  assertEquals(await hashFile(`${dir.path}/v.vmdk`), vmdk);
 });
 
 Deno.test("amend of a qcow2 image lists and checks its options as qemu-img 7.2", async () => {
