@@ -127,3 +127,29 @@ Deno.test("snapshot changes to qcow2 say they are not supported yet, in one line
   }
   assertEquals(await hashFile(`${dir.path}/q.qcow2`), before);
 });
+
+Deno.test("snapshot, amend, commit and rebase on vpc, vdi and vmdk answer as qemu-img 7.2", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f vpc v.vpc 1M && qemu-img create -q -f vdi v.vdi 1M && " +
+      "qemu-img create -q -f vmdk v.vmdk 1M",
+    dir.path,
+  );
+  for (const f of ["v.vpc", "v.vdi", "v.vmdk"]) {
+    const before = await hashFile(`${dir.path}/${f}`);
+    for (
+      const args of [
+        ["snapshot", "-l"],
+        ["snapshot", "-c", "s"],
+        ["snapshot", "-a", "s"],
+        ["snapshot", "-d", "s"],
+        ["amend", "-o", "size=2M"],
+        ["amend", "-o", "help"],
+        ["commit"],
+        ["commit", "-d"],
+        ["rebase", "-u", "-b", "x", "-F", "raw"],
+      ]
+    ) await assertSameAsQemu([...args, f], dir.path);
+    assertEquals(await hashFile(`${dir.path}/${f}`), before, f);
+  }
+});
