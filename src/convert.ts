@@ -396,7 +396,16 @@ class Converter {
     this.#nextStatus = 0;
     const workers = [];
     const parallel = Math.max(1, Math.min(MAX_PARALLEL, this.#o.parallel ?? 8));
-    for (let i = 0; i < parallel; i++) workers.push(this.#worker());
+    // As qemu's coroutines, every worker claims its first request before any
+    // I/O completes (so the progress printed before an early error matches).
+    let firstClaims = 0;
+    let release = () => {};
+    const firstRound = new Promise<void>((resolve) => (release = resolve));
+    const claimed = () => {
+      if (++firstClaims === parallel) release();
+      return firstRound;
+    };
+    for (let i = 0; i < parallel; i++) workers.push(this.#worker(claimed));
     await Promise.all(workers);
     if (this.#error !== undefined) throw this.#error;
     if (this.#o.compressed && this.#target.writeCompressed) {
@@ -422,17 +431,23 @@ class Converter {
     this.#waiters.clear();
   }
 
-  async #worker(): Promise<void> {
+  async #worker(firstClaimed: () => Promise<void>): Promise<void> {
     let buf: Uint8Array | undefined;
+    let first = true;
     for (;;) {
-      let claim: Claim | null;
+      let claim: Claim | null = null;
+      let failed = false;
       try {
         claim = await this.#claim();
       } catch (err) {
         this.#fail(err);
-        return;
+        failed = true;
       }
-      if (!claim) return;
+      if (first) {
+        first = false;
+        await firstClaimed();
+      }
+      if (!claim || failed) return;
       let { status } = claim;
       const { sector, count } = claim;
       if (this.#counts(status)) {
