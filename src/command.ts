@@ -84,7 +84,7 @@ export async function main(argv: string[], io: Io): Promise<number> {
   if (operands.length === 0) return 0;
   if (traceFile !== undefined) await openTraceFile(traceFile, io);
   const [name, ...rest] = operands;
-  const load = COMMANDS[name];
+  const load = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
   if (!load) throw usageError(`Command not found: ${name}`);
   const command = await load();
   return await command(rest, io);
