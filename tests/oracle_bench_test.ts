@@ -9,6 +9,9 @@ function maskTime(text: string): string {
 
 const INPUTS = [
   "qemu-img create -q -f raw a.raw 5M",
+  "qemu-img create -q -f qcow2 base.qcow2 5M",
+  "qemu-io -f qcow2 -c 'write -P 1 0 1M' base.qcow2",
+  "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
   "qemu-io -f raw -c 'write -P 0xab 1M 3M' a.raw",
   "mkdir dir",
 ].join(" >/dev/null && ") + " >/dev/null";
@@ -30,6 +33,8 @@ Deno.test("bench read runs print qemu-img's lines and leave the image untouched"
     ["-c", "10", "-n", "-t", "none", "../a.raw"],
     ["-c", "10", "--pattern=0x12", "../a.raw"],
     ["-c", "2000", "-S", "1M", "../a.raw"],
+    ["-c", "3000", "-s", "2k", "../top.qcow2"],
+    ["-c", "30", "-s", "1M", "-S", "3M", "-f", "qcow2", "../base.qcow2"],
     ["-c", "5", "-s", "0x1k", "../a.raw"],
     ["-c", "5", "--image-opts", "driver=raw,file.filename=../a.raw"],
   ];
