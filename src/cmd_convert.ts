@@ -341,7 +341,9 @@ export async function run(args: string[], io: Io): Promise<number> {
       io.stderr(
         "qimg: Cannot use --target-is-zero when the destination image has a backing file\n",
       );
-      exitCode = 0; // qemu-img 7.2 reports this but exits 0
+      // qemu-img 7.2 reports this but exits 0, as after a successful copy.
+      meter.print(100, 0);
+      exitCode = 0;
       return exitCode;
     }
     if (sources.length > 1 && outBase !== undefined) {
