@@ -346,7 +346,10 @@ export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Prom
     // A fixed disk has its footer only at the end.
     raw = new Uint8Array(FOOTER_SIZE);
     await readPadded(file, fileSize - FOOTER_SIZE, raw);
-    if (ascii(raw, 0, 8) !== "conectix") throw new QimgError("invalid VPC image");
+    // Only a fixed disk may have its footer at the end alone.
+    if (ascii(raw, 0, 8) !== "conectix" || be32(raw, 60) !== TYPE_FIXED) {
+      throw new QimgError("invalid VPC image");
+    }
     dynamic = false;
   }
   const stored = be32(raw, 64);

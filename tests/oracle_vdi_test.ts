@@ -158,6 +158,10 @@ Deno.test("VdiImage.write() allocates blocks as qemu: convert -O vdi output qemu
     await assertReadsLikeQemu(dir.path, "mine.vdi");
     await sh("rm -f mine.vdi theirs.vdi", dir.path);
   }
+  // Out-of-order parallel writes (-W) allocate in another order but read the same.
+  const r = await qimg(["convert", "-W", "-m", "8", "-O", "vdi", "src.qcow2", "w.vdi"], dir.path);
+  assertEquals(r.code, 0, r.stderr);
+  await sh("qemu-img compare -F qcow2 w.vdi src.qcow2", dir.path);
 });
 
 Deno.test("VdiImage.check() reports qemu's block map errors and exit codes", async () => {

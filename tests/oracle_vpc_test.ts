@@ -207,6 +207,10 @@ Deno.test("VpcImage.write() allocates blocks as qemu: convert -O vpc output qemu
     await assertReadsLikeQemu(dir.path, "mine.vhd", fmt ? ["-f", "vpc"] : []);
     await sh("rm -f mine.vhd theirs.vhd", dir.path);
   }
+  // Out-of-order parallel writes (-W) allocate in another order but read the same.
+  const r = await qimg(["convert", "-W", "-m", "8", "-O", "vpc", "src.qcow2", "w.vhd"], dir.path);
+  assertEquals(r.code, 0, r.stderr);
+  await sh("qemu-img compare -F qcow2 w.vhd src.qcow2", dir.path);
 });
 
 Deno.test("openVpc() ends hostile footers and headers with qemu-img's message", async () => {
@@ -236,9 +240,24 @@ Deno.test("openVpc() ends hostile footers and headers with qemu-img's message", 
     ["type-fixed-at-start", (p) => poke(p, 60, be32(2), { footer: 0 })],
     ["type-differencing", (p) => poke(p, 60, be32(4), { footer: 0 })],
   ];
-  for (const [name, mutate] of cases) {
+  await sh("qemu-img create -q -f vpc -o subformat=fixed fixed.vhd 1M", dir.path);
+  const end = (await Deno.stat(`${dir.path}/fixed.vhd`)).size - 512;
+  const fixedCases: [string, (p: string) => Promise<void>][] = [
+    ["fixed-type-dynamic", (p) => poke(p, end + 60, be32(3), { footer: end })],
+    ["fixed-type-differencing", (p) => poke(p, end + 60, be32(4), { footer: end })],
+    ["fixed-checksum", (p) => poke(p, end + 64, [0, 0, 0, 0])],
+    ["fixed-too-large", async (p) => {
+      await poke(p, end + 28, [...new TextEncoder().encode("tap\0")]);
+      await poke(p, end + 48, be64(0x1fe0000001n * 512n), { footer: end });
+    }],
+    ["fixed-past-eof", async (p) => {
+      await poke(p, end + 28, [...new TextEncoder().encode("d2v ")]);
+      await poke(p, end + 48, be64(64n << 20n), { footer: end });
+    }],
+  ];
+  for (const [name, mutate] of [...cases, ...fixedCases]) {
     const file = `${name}.vhd`;
-    await sh(`cp base.vhd ${file}`, dir.path);
+    await sh(`cp ${name.startsWith("fixed-") ? "fixed" : "base"}.vhd ${file}`, dir.path);
     await mutate(`${dir.path}/${file}`);
     for (
       const args of [
