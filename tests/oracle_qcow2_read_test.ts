@@ -43,7 +43,11 @@ async function qimgGuestHash(cwd: string, name: string): Promise<string> {
 }
 
 /** Asserts info (human, json, chain), map (human, json) and data (library read, CLI convert) are as qemu-img has them. */
-async function assertReadsLikeQemu(cwd: string, name: string): Promise<void> {
+async function assertReadsLikeQemu(
+  cwd: string,
+  name: string,
+  options: { cliConvert?: boolean } = {},
+): Promise<void> {
   for (
     const args of [
       ["info", name],
@@ -57,11 +61,12 @@ async function assertReadsLikeQemu(cwd: string, name: string): Promise<void> {
   await sh(`qemu-img convert -O raw '${name}' '${name}.guest'`, cwd);
   const expected = await hashFile(`${cwd}/${name}.guest`);
   assertEquals(await qimgGuestHash(cwd, name), expected, `data ${name}`);
+  await Deno.remove(`${cwd}/${name}.guest`);
+  if (options.cliConvert === false) return;
   // And through the CLI: convert from qcow2.
   const r = await qimg(["convert", "-O", "raw", name, `${name}.qimg`], cwd);
   assertEquals(r.code, 0, r.stderr);
   assertEquals(await hashFile(`${cwd}/${name}.qimg`), expected, `convert ${name}`);
-  await Deno.remove(`${cwd}/${name}.guest`);
   await Deno.remove(`${cwd}/${name}.qimg`);
 }
 
@@ -213,7 +218,8 @@ Deno.test({
     await using dir = await tempDir();
     for (const name of ["image.qcow2", "vsstest.qcow2"]) {
       await Deno.copyFile(`${SHARED_IMAGES}qcow2/plaso/${name}`, `${dir.path}/${name}`);
-      await assertReadsLikeQemu(dir.path, name);
+      // vsstest is 1 GiB of guest: its data is compared once, in-process.
+      await assertReadsLikeQemu(dir.path, name, { cliConvert: name !== "vsstest.qcow2" });
     }
   },
 });
