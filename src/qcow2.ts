@@ -2,6 +2,11 @@
  * The qcow2 format driver: open, read through the cluster mapping (with
  * backing fallthrough), block status and info. Header parsing lives in
  * qcow2_header.ts, address translation in qcow2_cluster.ts.
+ *
+ * For check, snapshots and the write side, an open Qcow2Image exposes its
+ * parsed `header`, its `mapper` (L1 table, cached L2 tables, `lookup`) and
+ * `readCompressed`; qcow2_cluster.ts's ClusterMapper also walks any other
+ * L1 table (a snapshot's) over the same file.
  */
 
 import type {
@@ -39,7 +44,6 @@ import {
 } from "./qcow2_header.ts";
 import {
   ClusterMapper,
-  type ClusterMapper as ClusterMapperType,
   type ClusterRun,
   type CompressedDescriptor,
   entryOffset,
@@ -64,7 +68,7 @@ export class Qcow2Image implements FormatImage {
   readonly header: Qcow2Header;
   /** Where guest data lives: the external data file, or `file`. */
   readonly dataFile: BlockFile | undefined;
-  readonly mapper: ClusterMapperType;
+  readonly mapper: ClusterMapper;
   readonly backing?: BackingRef;
   /** The LUKS header as `info` shows it, for LUKS-encrypted images. */
   luks?: LuksInfo;
@@ -81,7 +85,7 @@ export class Qcow2Image implements FormatImage {
   constructor(
     file: BlockFile,
     header: Qcow2Header,
-    mapper: ClusterMapperType,
+    mapper: ClusterMapper,
     dataFile: BlockFile | undefined,
   ) {
     this.file = file;
