@@ -136,7 +136,7 @@ Deno.test("convert -n writes into an existing target: holes punched, or kept wit
   });
   await assertSameRun(
     pair,
-    ["convert", "-n", "--target-is-zero", "-B", "x", "../a.raw", "t1.raw"],
+    ["convert", "-pn", "--target-is-zero", "-B", "x", "../a.raw", "t1.raw"],
     {
       outputs: ["t1.raw"],
     },
