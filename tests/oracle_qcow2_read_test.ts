@@ -165,6 +165,8 @@ Deno.test("qcow2Driver reads images with an external data file as qemu-img", asy
   await sh("mv d.raw gone.raw", dir.path);
   await assertSameAsQemu(["info", "df.qcow2"], dir.path);
   await assertSameAsQemu(["info", "--output=json", "df.qcow2"], dir.path);
+  await assertSameAsQemu(["map", "df.qcow2"], dir.path);
+  await assertSameAsQemu(["convert", "-O", "raw", "df.qcow2", "out.raw"], dir.path);
 });
 
 Deno.test("qcow2Driver info shows bitmaps, encryption, lazy refcounts and refcount widths as qemu-img", async () => {
