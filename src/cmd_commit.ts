@@ -120,7 +120,12 @@ async function commitInto(image: Image, depth: number, drop: boolean, io: Io): P
   });
   try {
     const out = target.chain[0].image;
-    if (!out.write || image.size > out.size) throw notSupportedYet("commit");
+    if (!out.write) throw notSupportedYet("commit");
+    if (image.size > out.size) {
+      // qemu grows the backing file to the image's size first.
+      if (!out.resize) throw new QimgError("Block job failed: Operation not supported");
+      await out.resize(image.size, {});
+    }
     for await (const e of image.extents()) {
       if (e.depth !== 0 || !e.present) continue;
       for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {

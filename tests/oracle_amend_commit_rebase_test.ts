@@ -139,6 +139,27 @@ Deno.test("commit -d writes a qcow2 overlay's data into vmdk, vpc and vdi backin
   }
 });
 
+Deno.test("commit -d grows a smaller raw backing file, and fails for formats that cannot grow, as qemu-img", async () => {
+  await using dir = await tempDir();
+  const setup = "qemu-img create -q -f raw base.raw 1M && " +
+    "qemu-io -f raw -c 'write -P 0x11 0 1M' base.raw >/dev/null && " +
+    "qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2 3M && " +
+    "qemu-io -c 'write -P 0x22 1536k 64k' top.qcow2 >/dev/null && " +
+    "qemu-img create -q -f vmdk base.vmdk 1M && " +
+    "qemu-img create -q -f qcow2 -b base.vmdk -F vmdk topv.qcow2 3M && " +
+    "qemu-io -c 'write -P 0x22 64k 64k' topv.qcow2 >/dev/null";
+  // One setup copied: vmdk files carry a random CID.
+  await sh(`mkdir q && (cd q && ${setup}) && cp -r q m`, dir.path);
+  for (const top of ["top.qcow2", "topv.qcow2"]) {
+    const theirs = await qemuImg(["commit", "-d", top], `${dir.path}/q`);
+    const ours = await qimg(["commit", "-d", top], `${dir.path}/m`);
+    assertEquals(ours, theirs, top);
+  }
+  for (const f of ["base.raw", "base.vmdk"]) {
+    assertEquals(await hashFile(`${dir.path}/m/${f}`), await hashFile(`${dir.path}/q/${f}`), f);
+  }
+});
+
 Deno.test("commit without -d on a qcow2 overlay says it is not supported yet, in one line", async () => {
   await using dir = await tempDir();
   await sh(
