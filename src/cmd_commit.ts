@@ -106,12 +106,19 @@ function findInChain(image: Image, name: string): number {
 }
 
 /**
+ * Formats whose qemu driver empties an image after commit (make_empty);
+ * for the others qemu keeps the overlay as it is, as with `-d`.
+ */
+const MAKE_EMPTY_FORMATS = new Set(["qcow2", "qed"]);
+
+/**
  * Copies what the layers above `depth` hold into that layer. qimg can do
  * it for one overlay over its immediate backing file when the overlay is
- * kept as it is (`-d`); emptying the overlay needs a driver feature.
+ * kept as it is; emptying a qcow2 overlay needs a driver feature.
  */
 async function commitInto(image: Image, depth: number, drop: boolean, io: Io): Promise<void> {
-  if (depth !== 1 || !drop) throw notSupportedYet("commit");
+  const keep = drop || !MAKE_EMPTY_FORMATS.has(image.format);
+  if (depth !== 1 || !keep) throw notSupportedYet("commit");
   const layer = image.chain[1];
   const target = await openForCommand(layer.filename, io, {
     format: layer.driver.name,

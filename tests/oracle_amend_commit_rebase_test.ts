@@ -160,6 +160,22 @@ Deno.test("commit -d grows a smaller raw backing file, and fails for formats tha
   }
 });
 
+Deno.test("commit of a vmdk overlay keeps it as qemu-img does (vmdk cannot be emptied)", async () => {
+  await using dir = await tempDir();
+  const setup = "qemu-img create -q -f vmdk base.vmdk 4M && " +
+    "qemu-io -f vmdk -c 'write -P 0x11 0 1M' base.vmdk >/dev/null && " +
+    "qemu-img create -q -f vmdk -b base.vmdk -F vmdk top.vmdk && " +
+    "qemu-io -f vmdk -c 'write -P 0x22 64k 128k' -c 'write -P 0x33 2M 64k' top.vmdk >/dev/null";
+  await sh(`mkdir q && (cd q && ${setup}) && cp -r q m`, dir.path);
+  const theirs = await qemuImg(["commit", "top.vmdk"], `${dir.path}/q`);
+  const ours = await qimg(["commit", "top.vmdk"], `${dir.path}/m`);
+  assertEquals(ours, theirs);
+  assertEquals(ours.stdout, "Image committed.\n");
+  await sh("qemu-img compare -f vmdk -F vmdk q/base.vmdk m/base.vmdk", dir.path);
+  await sh("qemu-img check -q -f vmdk m/base.vmdk", dir.path);
+  assertEquals(await hashFile(`${dir.path}/m/top.vmdk`), await hashFile(`${dir.path}/q/top.vmdk`));
+});
+
 Deno.test("commit without -d on a qcow2 overlay says it is not supported yet, in one line", async () => {
   await using dir = await tempDir();
   await sh(
