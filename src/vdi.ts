@@ -227,7 +227,14 @@ export class VdiImage implements FormatImage {
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
     const n = Math.min(length, BLOCK_SIZE - offset % BLOCK_SIZE);
     const host = this.#host(offset);
-    if (host < 0) return { length: n, data: false, zero: true };
+    if (host < 0) {
+      // One answer for the whole run of unallocated blocks (bounded by `length`).
+      let run = n;
+      while (run < length && this.#host(offset + run) < 0) {
+        run += Math.min(length - run, BLOCK_SIZE);
+      }
+      return { length: run, data: false, zero: true };
+    }
     const where = { hostOffset: host, file: this.file.name };
     if (this.header.imageType !== TYPE_STATIC) {
       return { length: n, data: true, zero: false, ...where };

@@ -119,6 +119,7 @@ Deno.test("createVdi() writes qemu-img's files (masking the UUIDs) and options",
     const args of [
       ["create", "-f", "vdi", "-o", "help"],
       ["create", "-f", "vdi", "x.vdi", "600T"],
+      ["create", "-f", "vdi", "-o", "static=on", "s.vdi", "20T"],
       ["create", "-f", "vdi", "-o", "static=maybe", "x.vdi", "1M"],
       ["create", "-f", "vdi", "-o", "cluster_size=2M", "x.vdi", "1M"],
       ["create", "-f", "vdi", "-b", "base.vdi", "-F", "vdi", "x.vdi", "1M"],
