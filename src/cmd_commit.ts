@@ -135,6 +135,11 @@ async function commitInto(image: Image, depth: number, drop: boolean, io: Io): P
     }
     for await (const e of image.extents()) {
       if (e.depth !== 0 || !e.present) continue;
+      if (e.zero && out.writeZeroes) {
+        // As qemu's commit job: zeroes may become holes.
+        await out.writeZeroes(e.offset, e.length, { mayUnmap: true });
+        continue;
+      }
       for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {
         const buf = new Uint8Array(Math.min(CHUNK, e.offset + e.length - off));
         if (!e.zero) await image.read(off, buf);

@@ -103,7 +103,8 @@ Deno.test("commit -d writes a qcow2 overlay's data into its raw backing file as 
   const setup = "qemu-img create -q -f raw base.raw 4M && " +
     "qemu-io -f raw -c 'write -P 0x11 0 4M' base.raw >/dev/null && " +
     "qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2 4M && " +
-    "qemu-io -c 'write -P 0x22 64k 128k' -c 'write -z 1M 64k' -c 'write -P 0x33 3M 4k' top.qcow2 >/dev/null";
+    "qemu-io -c 'write -P 0x22 64k 128k' -c 'write -z 1M 64k' -c 'write -z 2M 1M' " +
+    "-c 'write -P 0x33 3M 4k' top.qcow2 >/dev/null";
   await sh(`mkdir q m && (cd q && ${setup}) && (cd m && ${setup})`, dir.path);
   const theirs = await qemuImg(["commit", "-d", "top.qcow2"], `${dir.path}/q`);
   const ours = await qimg(["commit", "-d", "top.qcow2"], `${dir.path}/m`);
@@ -112,6 +113,9 @@ Deno.test("commit -d writes a qcow2 overlay's data into its raw backing file as 
   for (const f of ["base.raw", "top.qcow2"]) {
     assertEquals(await hashFile(`${dir.path}/m/${f}`), await hashFile(`${dir.path}/q/${f}`), f);
   }
+  // Zeroes in the overlay become holes in the backing file, as with qemu.
+  const map = (d: string) => sh(`qemu-img map --output=json -f raw ${d}/base.raw`, dir.path);
+  assertEquals(await map("m"), await map("q"));
   const q = await qemuImg(["commit", "-q", "-d", "-b", "base.raw", "top.qcow2"], `${dir.path}/q`);
   const m = await qimg(["commit", "-q", "-d", "-b", "base.raw", "top.qcow2"], `${dir.path}/m`);
   assertEquals(m, q);
