@@ -159,6 +159,18 @@ Deno.test("VdiImage.write() allocates blocks as qemu: convert -O vdi output qemu
     await assertReadsLikeQemu(dir.path, "mine.vdi");
     await sh("rm -f mine.vdi theirs.vdi", dir.path);
   }
+  // convert -n writes zero runs too (no zero-init target): blocks get allocated as qemu's do.
+  await sh(
+    `qemu-img create -q -f vdi n1.vdi 20M && cp n1.vdi n2.vdi && qemu-img convert -n -O vdi src.qcow2 n1.vdi`,
+    dir.path,
+  );
+  const n = await qimg(["convert", "-n", "-O", "vdi", "src.qcow2", "n2.vdi"], dir.path);
+  assertEquals(n.code, 0, n.stderr);
+  assertEquals(
+    await Deno.readFile(`${dir.path}/n2.vdi`),
+    await Deno.readFile(`${dir.path}/n1.vdi`),
+    "convert -n",
+  );
   // Out-of-order parallel writes (-W) allocate in another order but read the same.
   const r = await qimg(["convert", "-W", "-m", "8", "-O", "vdi", "src.qcow2", "w.vdi"], dir.path);
   assertEquals(r.code, 0, r.stderr);

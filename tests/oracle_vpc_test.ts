@@ -207,6 +207,18 @@ Deno.test("VpcImage.write() allocates blocks as qemu: convert -O vpc output qemu
     await assertReadsLikeQemu(dir.path, "mine.vhd", fmt ? ["-f", "vpc"] : []);
     await sh("rm -f mine.vhd theirs.vhd", dir.path);
   }
+  // convert -n writes zero runs too (no zero-init target): blocks get allocated as qemu's do.
+  await sh(
+    `qemu-img create -q -f vpc n1.vhd 20M && cp n1.vhd n2.vhd && qemu-img convert -n -O vpc src.qcow2 n1.vhd`,
+    dir.path,
+  );
+  const n = await qimg(["convert", "-n", "-O", "vpc", "src.qcow2", "n2.vhd"], dir.path);
+  assertEquals(n.code, 0, n.stderr);
+  assertEquals(
+    await Deno.readFile(`${dir.path}/n2.vhd`),
+    await Deno.readFile(`${dir.path}/n1.vhd`),
+    "convert -n",
+  );
   // Out-of-order parallel writes (-W) allocate in another order but read the same.
   const r = await qimg(["convert", "-W", "-m", "8", "-O", "vpc", "src.qcow2", "w.vhd"], dir.path);
   assertEquals(r.code, 0, r.stderr);
