@@ -266,3 +266,23 @@ Deno.test("qcow2Driver info leaves a missing backing file alone unless --backing
     ]
   ) await assertSameAsQemu(args, dir.path);
 });
+
+Deno.test("qcow2Driver reads extended L2 at 16k and 2M clusters and compressed v2 images as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    `qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=16k e16k.qcow2 16M && qemu-io -f qcow2 ${WRITES} e16k.qcow2 >/dev/null && ` +
+      `qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=2M e2m.qcow2 16M && qemu-io -f qcow2 ${WRITES} e2m.qcow2 >/dev/null && ` +
+      "seq 1 200000 > s.raw && truncate -s 4M s.raw && qemu-img convert -c -O qcow2 -o compat=0.10 s.raw cv2.qcow2 && " +
+      // an extended-L2 overlay over a plain v2 base, and the other way round
+      "qemu-img create -q -f qcow2 -o extended_l2=on -b cv2.qcow2 -F qcow2 ext-over-v2.qcow2 && " +
+      "qemu-io -c 'write -P 0x7e 6k 2k' -c 'write -z 1M 2k' ext-over-v2.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -o cluster_size=4k -b e2m.qcow2 -F qcow2 v3-over-ext.qcow2 && " +
+      "qemu-io -c 'write -P 0x6d 1M 4k' v3-over-ext.qcow2 >/dev/null",
+    dir.path,
+  );
+  for (
+    const name of ["e16k.qcow2", "e2m.qcow2", "cv2.qcow2", "ext-over-v2.qcow2", "v3-over-ext.qcow2"]
+  ) {
+    await assertReadsLikeQemu(dir.path, name);
+  }
+});
