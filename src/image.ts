@@ -111,6 +111,9 @@ async function openLayer(
   if (options.format !== undefined && !findFormat(options.format)) {
     throw new QimgError(`Could not open '${filename}': Unknown driver '${options.format}'`);
   }
+  if (filename === "") {
+    throw new QimgError("Could not open '': The 'file' block driver requires a file name");
+  }
   let file: BlockFile;
   try {
     file = await openFile(filename, write);

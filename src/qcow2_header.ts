@@ -447,16 +447,14 @@ export async function readQcow2Header(
   validateTable(l1TableOffset, l1Size, 8, MAX_L1_BYTES, clusterSize, "Active L1 table");
 
   const size64 = u64(b, 24);
-  if (size64 > INT64_MAX) {
-    throw new QimgError("Could not refresh total sector count: File too large");
-  }
   const l2EntrySize = extendedL2 ? 16 : 8;
   const l2Size = clusterSize / l2EntrySize;
   const bytesPerL1 = BigInt(clusterSize) * BigInt(l2Size);
-  const l1Needed = (size64 + bytesPerL1 - 1n) / bytesPerL1;
+  // qemu's size_to_l1 rounds up in uint64 arithmetic, which wraps for sizes near 2^64.
+  const l1Needed = BigInt.asUintN(64, size64 + bytesPerL1 - 1n) / bytesPerL1;
   if (l1Needed > BigInt(INT_MAX)) throw new QimgError("Image is too big");
   if (BigInt(l1Size) < l1Needed) throw new QimgError("L1 table is too small");
-  if (cryptMethod > CRYPT_LUKS) throw new QimgError(`Unsupported encryption method ${cryptMethod}`);
+  if (cryptMethod > CRYPT_LUKS) throw new QimgError(`Unsupported encryption method ${cryptMethod | 0}`);
 
   const ext = readExtensions(
     cluster,
@@ -474,6 +472,10 @@ export async function readQcow2Header(
       throw new QimgError("Backing file name too long");
     }
     backingFile = cString(cluster.subarray(backingFileOffset, backingFileOffset + len));
+  }
+  // The block layer refreshes the size after the driver opened: this comes last.
+  if (size64 > INT64_MAX) {
+    throw new QimgError("Could not refresh total sector count: File too large");
   }
 
   return {
@@ -524,6 +526,8 @@ const LUKS_HEADER_SIZE = 592;
 const LUKS_SLOTS = 8;
 const LUKS_SLOT_ACTIVE = 0x00ac71f3;
 const LUKS_SECTOR = 512;
+const LUKS_STRIPES = 4000;
+const LUKS_HASHES = ["md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160"];
 
 /** Cipher names by LUKS name and key size in bytes, as qemu maps them. */
 const LUKS_CIPHERS: Record<string, Record<number, string>> = {
@@ -560,11 +564,22 @@ export async function readLuksInfo(file: BlockFile, header: Qcow2Header): Promis
   const mode = dash < 0 ? cipherMode : cipherMode.slice(0, dash);
   const ivgen = dash < 0 ? "plain" : cipherMode.slice(dash + 1);
   const colon = ivgen.indexOf(":");
-  const alg = LUKS_CIPHERS[cipherName]?.[mode === "xts" ? keyBytes / 2 : keyBytes];
+  for (let i = 0; i < LUKS_SLOTS; i++) {
+    const stripes = be32(b, 208 + i * 48 + 44);
+    if (stripes !== LUKS_STRIPES) {
+      throw new QimgError(`Keyslot ${i} is corrupted (stripes ${stripes} != ${LUKS_STRIPES})`);
+    }
+  }
+  // XTS keys hold two cipher keys.
+  const cipherKey = mode === "xts" ? Math.floor(keyBytes / 2) : keyBytes;
+  const alg = LUKS_CIPHERS[cipherName]?.[cipherKey];
   if (!alg) {
     throw new QimgError(
-      `Algorithm '${cipherName}' with key size ${keyBytes} bytes not supported`,
+      `Algorithm '${cipherName}' with key size ${cipherKey} bytes not supported`,
     );
+  }
+  if (!LUKS_HASHES.includes(hashSpec)) {
+    throw new QimgError(`Hash algorithm '${hashSpec}' not supported`);
   }
   const slots: Record<string, number | boolean>[] = [];
   for (let i = 0; i < LUKS_SLOTS; i++) {
