@@ -85,6 +85,7 @@ Deno.test("snapshot --image-opts opens what qemu-img opens, named as given", asy
       "driver=nosuch,file.filename=a.raw",
       "driver=raw,file.filename=nonexist",
       "driver=raw,file.filename=sub",
+      "driver=raw,file.filename=",
     ]
   ) await assertSameAsQemu(["snapshot", "-l", "--image-opts", spec], dir.path);
 });
