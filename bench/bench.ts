@@ -239,6 +239,10 @@ function median(xs: number[]): number {
 const fmtRss = (kib?: number) => kib === undefined ? "?" : `${(kib / 1024).toFixed(0)} MiB`;
 
 async function main(): Promise<number> {
+  if (!(GIB > 0) || !(RUNS >= 1)) {
+    console.error("QIMG_BENCH_GIB must be a positive number of GiB, QIMG_BENCH_RUNS at least 1");
+    return 2;
+  }
   gnuTime = await ensureGnuTime();
   const dir = await Deno.makeTempDir({ prefix: "qimg-bench-" });
   try {
