@@ -2,6 +2,7 @@ import * as zlib from "node:zlib";
 import {
   decompressCluster,
   inflateRawCluster,
+  inflateRawClusterPako,
   zstdDecompressCluster,
   zstdFrameLength,
 } from "../src/codec.ts";
@@ -89,4 +90,18 @@ Deno.test("decompressCluster() decodes 64 KiB clusters at a usable speed", async
   const zstdMs = performance.now() - t;
   // 200 clusters = 12.5 MiB; well under a second each on any machine we run on.
   assertTrue(zlibMs < 2000 && zstdMs < 2000, `zlib ${zlibMs} ms, zstd ${zstdMs} ms`);
+});
+
+Deno.test("inflateRawClusterPako() follows the node:zlib path: padding ignored, short streams EIO", async () => {
+  const data = sample(65536);
+  const c = zlib.deflateRawSync(data, { windowBits: 12 });
+  assertEquals(await inflateRawClusterPako(padded(c, 300, 0x55), 65536), data);
+  assertEquals(
+    await inflateRawClusterPako(zlib.deflateRawSync(sample(1 << 20)), 65536),
+    sample(1 << 20).subarray(0, 65536),
+  );
+  await assertRejects(
+    () => inflateRawClusterPako(zlib.deflateRawSync(sample(4096)), 65536),
+    /Input\/output error/,
+  );
 });
