@@ -454,7 +454,9 @@ export async function readQcow2Header(
   const l1Needed = BigInt.asUintN(64, size64 + bytesPerL1 - 1n) / bytesPerL1;
   if (l1Needed > BigInt(INT_MAX)) throw new QimgError("Image is too big");
   if (BigInt(l1Size) < l1Needed) throw new QimgError("L1 table is too small");
-  if (cryptMethod > CRYPT_LUKS) throw new QimgError(`Unsupported encryption method ${cryptMethod | 0}`);
+  if (cryptMethod > CRYPT_LUKS) {
+    throw new QimgError(`Unsupported encryption method ${cryptMethod | 0}`);
+  }
 
   const ext = readExtensions(
     cluster,
