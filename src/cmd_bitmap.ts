@@ -5,7 +5,7 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError } from "./errors.ts";
 import type { Image } from "./image.ts";
-import { openForCommand, printHelp, processObject } from "./cmd_util.ts";
+import { bitmapNames, openForCommand, printHelp, processObject } from "./cmd_util.ts";
 import { cvtnum } from "./size.ts";
 
 const LONG = [
@@ -132,8 +132,7 @@ async function bitmapsOf(image: Image): Promise<BitmapState> {
     };
   }
   const data = (await image.formatInfo()).formatSpecific?.data ?? {};
-  const list = Array.isArray(data.bitmaps) ? data.bitmaps : [];
-  const names = list.map((b) => String((b as { name?: unknown }).name));
+  const names = await bitmapNames(image);
   const persistent = (why: string) => (name: string, node: string) =>
     `Can't make bitmap '${name}' persistent in '${node}': ${why}`;
   if (data.compat === "0.10") {

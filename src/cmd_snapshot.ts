@@ -5,7 +5,13 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { renderSnapshotList } from "./qcow2_snapshot.ts";
 import { QimgError, usageError } from "./errors.ts";
-import { expectOneImage, openForCommand, printHelp, processObject } from "./cmd_util.ts";
+import {
+  bitmapNames,
+  expectOneImage,
+  openForCommand,
+  printHelp,
+  processObject,
+} from "./cmd_util.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -80,6 +86,9 @@ export async function run(args: string[], io: Io): Promise<number> {
       if (action === "delete" && !list.some((s) => s.name === name)) {
         // qemu-img looks the snapshot to delete up by name only.
         throw new QimgError(`Could not delete snapshot '${name}': snapshot not found`);
+      }
+      if (action === "apply" && (await bitmapNames(image)).length > 0) {
+        throw new QimgError(`Could not apply snapshot '${name}': Device has active dirty bitmaps`);
       }
       if (action === "apply" && !list.some((s) => s.id === name || s.name === name)) {
         throw new QimgError(

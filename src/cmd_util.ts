@@ -246,3 +246,10 @@ export function expectOneImage(): QimgError {
 export function progressText(percent: 0 | 100): string {
   return percent === 0 ? "    (0.00/100%)\r" : "    (100.00/100%)\r";
 }
+
+/** The names of an image's persistent dirty bitmaps, from its format's `info` data. */
+export async function bitmapNames(image: Image): Promise<string[]> {
+  const data = (await image.formatInfo()).formatSpecific?.data ?? {};
+  const list = Array.isArray(data.bitmaps) ? data.bitmaps : [];
+  return list.map((b) => String((b as { name?: unknown }).name));
+}

@@ -94,7 +94,8 @@ Deno.test("snapshot on qcow2 lists, and fails for missing snapshots, as qemu-img
   await using dir = await tempDir();
   await sh(
     "qemu-img create -q -f qcow2 q.qcow2 1M && qemu-img snapshot -c first q.qcow2 && " +
-      "qemu-img snapshot -c second q.qcow2 && qemu-img create -q -f qcow2 empty.qcow2 1M",
+      "qemu-img snapshot -c second q.qcow2 && qemu-img create -q -f qcow2 empty.qcow2 1M && " +
+      "cp q.qcow2 bm.qcow2 && qemu-img bitmap --add bm.qcow2 b0",
     dir.path,
   );
   const before = await hashFile(`${dir.path}/q.qcow2`);
@@ -110,6 +111,9 @@ Deno.test("snapshot on qcow2 lists, and fails for missing snapshots, as qemu-img
       ["snapshot", "-q", "-d", "3", "q.qcow2"],
       ["snapshot", "-a", "3", "empty.qcow2"],
       ["snapshot", "q.qcow2"],
+      // With dirty bitmaps, qemu refuses to apply any snapshot.
+      ["snapshot", "-a", "first", "bm.qcow2"],
+      ["snapshot", "-a", "nosuch", "bm.qcow2"],
     ]
   ) await assertSameAsQemu(args, dir.path);
   assertEquals(await hashFile(`${dir.path}/q.qcow2`), before);
