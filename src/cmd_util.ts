@@ -4,7 +4,7 @@ import type { Io } from "./command.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { notSupportedYet } from "./command.ts";
 import { helpText } from "./help.ts";
-import { findFormat, FORMATS } from "./formats.ts";
+import { FORMATS } from "./formats.ts";
 import { type Image, openImageChain } from "./image.ts";
 import { splitOptionString } from "./options.ts";
 
@@ -226,11 +226,6 @@ export async function openForCommand(
   }
 }
 
-/** Whether qimg knows a format by this name (`-F`, `-O` checks). */
-export function knownFormat(name: string): boolean {
-  return findFormat(name) !== undefined;
-}
-
 /** Strips the `Could not open '<path>': ` qimg's image opener puts before a driver's message. */
 export function innerOpenMessage(err: QimgError, path: string): string {
   const prefix = `Could not open '${path}': `;
@@ -240,11 +235,6 @@ export function innerOpenMessage(err: QimgError, path: string): string {
 /** qemu-img's "Expecting one image file name" usage error. */
 export function expectOneImage(): QimgError {
   return usageError("Expecting one image file name");
-}
-
-/** `    (xx.xx/100%)` as qemu-img's -p prints it, for the start and the end of a job. */
-export function progressText(percent: 0 | 100): string {
-  return percent === 0 ? "    (0.00/100%)\r" : "    (100.00/100%)\r";
 }
 
 /** The names of an image's persistent dirty bitmaps, from its format's `info` data. */
