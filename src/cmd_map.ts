@@ -6,7 +6,7 @@
 import type { Io } from "./command.ts";
 import { optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
-import { QimgError, usageError } from "./errors.ts";
+import { IoError, QimgError, strerror, usageError } from "./errors.ts";
 import type { Image } from "./image.ts";
 import { openForCommand, parseOutputFormat, printHelp, processObject } from "./cmd_util.ts";
 import { cvtnum } from "./size.ts";
@@ -135,7 +135,16 @@ export async function* mapEntries(
   end: number,
 ): AsyncGenerator<MapEntry> {
   for (let offset = start; offset < end;) {
-    const e = await image.blockStatus(offset, end - offset);
+    let e;
+    try {
+      e = await image.blockStatus(offset, end - offset);
+    } catch (err) {
+      // qemu-img map's words for a failed block status query.
+      if (err instanceof IoError || err instanceof QimgError) {
+        throw new QimgError(`Could not read file metadata: ${strerror(err)}`);
+      }
+      throw err;
+    }
     if (e.length <= 0) throw new Error(`blockStatus returned an empty run at ${offset}`);
     const entry: MapEntry = {
       start: offset,

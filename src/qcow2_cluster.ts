@@ -191,6 +191,14 @@ export class ClusterMapper {
     };
 
     const first = typeAt(l2Index, sc);
+    // Zero flags are a v3 feature: qemu calls one in a v2 image corruption.
+    if (h.version < 3 && (first === "zero-plain" || first === "zero-alloc")) {
+      throw new Qcow2CorruptionError(
+        `Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${
+          hex(l2Index)
+        })`,
+      );
+    }
     const withHost = first === "normal" || first === "zero-alloc" || first === "unallocated-alloc";
     if (withHost && hostBase % cs) {
       throw new Qcow2CorruptionError(
