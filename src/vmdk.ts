@@ -22,6 +22,7 @@ import type { JsonValue } from "./output.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { alignUp, be32, isZero, le16, le32, putLe32 } from "./bytes.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
+import { createFile, truncateFile } from "./protocol.ts";
 import {
   buildDescriptor,
   cString,
@@ -113,20 +114,20 @@ function le64n(b: Uint8Array, off: number): bigint {
 /** Reads `length` bytes at `offset`; bytes past the end of the file read as zeroes (qemu's file layer). */
 async function readAt(file: BlockFile, offset: number, length: number): Promise<Uint8Array> {
   const buf = new Uint8Array(length);
+  // qemu's block layer refuses requests outside int64 with EIO.
   if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > 2 ** 63) {
-    throw new QimgError("Invalid argument");
+    throw new QimgError("Input/output error");
   }
   const size = await file.size();
   if (offset < size) await file.read(offset, buf.subarray(0, Math.min(length, size - offset)));
   return buf;
 }
 
-/** qemu's vmdk_read_desc: up to 1 MiB of text at `offset`. */
+/** qemu's vmdk_read_desc: up to 1 MiB of text at `offset` (at least 4 bytes, zero-padded, for the magic). */
 async function readDescText(file: BlockFile, offset: number): Promise<Uint8Array> {
   const size = await file.size();
-  if (size < 4) throw new QimgError("File is too small, not a valid image");
   try {
-    return await readAt(file, offset, Math.min(size, MAX_DESC));
+    return await readAt(file, offset, Math.max(4, Math.min(size, MAX_DESC)));
   } catch (e) {
     throw new QimgError(`Could not read from file: ${strerror(e)}`);
   }
@@ -144,7 +145,10 @@ interface OpenState {
 
 function addExtent(
   st: OpenState,
-  e: Omit<Extent, "startSector" | "endSector" | "l2Cache" | "nextClusterSector" | "l1" | "l1EntrySectors">,
+  e: Omit<
+    Extent,
+    "startSector" | "endSector" | "l2Cache" | "nextClusterSector" | "l1" | "l1EntrySectors"
+  >,
   fileSectors: number,
 ): Extent {
   if (e.clusterSectors > MAX_GRAIN_SECTORS) {
@@ -173,10 +177,14 @@ function addExtent(
 }
 
 /** Reads a grain directory; entries past the end of the file are zero, as qemu reads them. */
-async function readDirectory(file: BlockFile, offset: number, entries: number): Promise<Uint32Array> {
+async function readDirectory(
+  file: BlockFile,
+  offset: number,
+  entries: number,
+): Promise<Uint32Array> {
   const size = await file.size();
   if (!Number.isSafeInteger(offset) || offset < 0 || offset >= 2 ** 63) {
-    throw new QimgError("Invalid argument");
+    throw new QimgError("Input/output error");
   }
   const inFile = Math.max(0, Math.min(entries, Math.floor((size - offset) / 4) + 1));
   const buf = await readAt(file, offset, inFile * 4);
@@ -206,10 +214,13 @@ async function fileSectors(file: BlockFile): Promise<number> {
   return Math.ceil(await file.size() / SECTOR);
 }
 
-/** Signed 64-bit shift left by 9, as qemu's `(int64_t)x << 9` on a u64 field. */
+/** Past any file qimg can read: offsets above 2^53 read as zeroes there anyway. */
+const FAR = 2 ** 62;
+
+/** Signed 64-bit shift left by 9, as qemu's `x << 9` on a u64 field: -1 when negative. */
 function sectorsToBytes(v: bigint): number {
   const b = BigInt.asIntN(64, v << 9n);
-  return b < 0n || b > BigInt(Number.MAX_SAFE_INTEGER) ? -1 : Number(b);
+  return b < 0n ? -1 : b > BigInt(Number.MAX_SAFE_INTEGER) ? FAR : Number(b);
 }
 
 async function openVmfsSparse(st: OpenState, file: BlockFile): Promise<void> {
@@ -279,7 +290,9 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
   if (gtes > 512) throw new QimgError("L2 table size too big");
   const l1EntrySectors = BigInt.asUintN(32, BigInt(gtes) * granularity);
   if (l1EntrySectors === 0n) throw new QimgError("L1 entry size is invalid");
-  const l1Size = Number(BigInt.asUintN(32, BigInt.asUintN(64, capacity + l1EntrySectors - 1n) / l1EntrySectors));
+  const l1Size = Number(
+    BigInt.asUintN(32, BigInt.asUintN(64, capacity + l1EntrySectors - 1n) / l1EntrySectors),
+  );
   const l1BackupOffset = flags & FLAG_RGD ? sectorsToBytes(rgdOffset) : 0;
   const sectors = await fileSectors(file);
   if (BigInt(sectors) < grainOffset) {
@@ -289,7 +302,11 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
   if (granularity > BigInt(MAX_GRAIN_SECTORS)) {
     throw new QimgError("Invalid granularity, image may be corrupt");
   }
-  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) throw new QimgError("Image size too large");
+  if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
+  // qemu's int64 sector counts wrap past here; qimg refuses such sizes.
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) {
+    throw new QimgError("Image size too large");
+  }
   const e = addExtent(st, {
     file,
     flat: false,
@@ -300,7 +317,7 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
     hasMarker: (flags & FLAG_MARKER) !== 0,
     hasZeroGrain: (flags & FLAG_ZERO_GRAIN) !== 0,
     l1Offset: sectorsToBytes(gdOffset),
-    l1BackupOffset: l1BackupOffset < 0 ? Number.MAX_SAFE_INTEGER : l1BackupOffset,
+    l1BackupOffset,
     l1Size,
     l2Size: gtes,
     clusterSectors: Number(granularity),
@@ -349,7 +366,6 @@ async function openDescriptor(st: OpenState, desc: string, depth: number): Promi
         clusterSectors: 0,
       }, await fileSectors(file));
     } else if (line.type === "SPARSE" || line.type === "VMFSSPARSE") {
-      await readDescText(file, 0);
       await openSparse(st, file, depth);
     } else {
       throw new QimgError(`Unsupported extent type '${line.type}'`);
@@ -401,6 +417,7 @@ export class VmdkImage implements FormatImage {
   #descOffset: number;
   #cidUpdated = false;
   #grain?: { offset: number; data: Uint8Array };
+  #pending?: { e: Extent; clusterGuest: number; buf: Uint8Array; filled: number };
 
   constructor(
     top: BlockFile,
@@ -462,6 +479,7 @@ export class VmdkImage implements FormatImage {
   }
 
   async read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    await this.#flushPending();
     let done = 0;
     while (done < buf.length) {
       const guest = offset + done;
@@ -517,6 +535,7 @@ export class VmdkImage implements FormatImage {
   }
 
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    await this.#flushPending();
     const e = this.#find(Math.floor(offset / SECTOR));
     if (!e) throw new QimgError("Input/output error");
     const cb = e.clusterSectors * SECTOR;
@@ -531,7 +550,8 @@ export class VmdkImage implements FormatImage {
     // Extend over following grains of the same kind (one grain table at most).
     const l1End = Math.min(
       e.endSector * SECTOR,
-      e.startSector * SECTOR + (Math.floor(rel / SECTOR / e.l1EntrySectors) + 1) * e.l1EntrySectors * SECTOR,
+      e.startSector * SECTOR +
+        (Math.floor(rel / SECTOR / e.l1EntrySectors) + 1) * e.l1EntrySectors * SECTOR,
     );
     while (n < length && offset + n < l1End) {
       const next = await this.#lookup(e, offset + n);
@@ -583,10 +603,11 @@ export class VmdkImage implements FormatImage {
     });
     const first = this.extents[0];
     // qemu reports a cluster size only when all extents are alike and sparse.
-    const alike = this.extents.every((e) =>
-      e.flat === first.flat && e.compressed === first.compressed &&
-      (e.flat || e.clusterSectors === first.clusterSectors)
-    );
+    const alike = first !== undefined &&
+      this.extents.every((e) =>
+        e.flat === first.flat && e.compressed === first.compressed &&
+        (e.flat || e.clusterSectors === first.clusterSectors)
+      );
     return Promise.resolve({
       clusterSize: alike && !first.flat ? first.clusterSectors * SECTOR : undefined,
       formatSpecific: {
@@ -635,7 +656,10 @@ export class VmdkImage implements FormatImage {
         }
         const l = await this.#lookup(e, sector * SECTOR);
         if (l.kind === "error") {
-          fail(`ERROR: could not get cluster_offset for sector ${sector}`, "Operation not permitted");
+          fail(
+            `ERROR: could not get cluster_offset for sector ${sector}`,
+            "Operation not permitted",
+          );
         }
         if (l.kind === "ok" && l.hostOffset >= await e.file.size()) {
           fail(`ERROR: cluster offset for sector ${sector} points after EOF`, "Invalid argument");
@@ -666,7 +690,7 @@ export class VmdkImage implements FormatImage {
         await e.file.write(l.hostOffset + inCluster, piece);
       } else if (e.compressed) {
         if (l.kind === "ok") throw new QimgError("Input/output error");
-        await this.#writeGrain(e, l, guest, inCluster, piece);
+        await this.#writeStream(e, guest, inCluster, piece);
       } else if (l.kind === "ok") {
         await e.file.write(l.hostOffset + inCluster, piece);
       } else {
@@ -675,6 +699,38 @@ export class VmdkImage implements FormatImage {
       done += n;
       await this.#updateCid();
     }
+  }
+
+  /**
+   * streamOptimized takes whole grains only. qemu-img always sends those
+   * (compressed writes); other writers may send a grain in pieces, so a
+   * partial grain waits here, zero-filled, until it is whole or another
+   * grain is written (appends stay in guest order).
+   */
+  async #writeStream(e: Extent, guest: number, inCluster: number, piece: Uint8Array) {
+    const cb = e.clusterSectors * SECTOR;
+    const clusterGuest = guest - inCluster;
+    const grainLength = Math.min(cb, e.endSector * SECTOR - clusterGuest);
+    const p = this.#pending;
+    if (p && p.clusterGuest !== clusterGuest) await this.#flushPending();
+    if (!this.#pending && inCluster === 0 && piece.length === grainLength) {
+      const l = await this.#lookup(e, guest);
+      return await this.#writeGrain(e, l, guest, 0, piece);
+    }
+    this.#pending ??= { e, clusterGuest, buf: new Uint8Array(grainLength), filled: 0 };
+    const q = this.#pending;
+    q.buf.set(piece, inCluster);
+    q.filled += piece.length;
+    if (q.filled >= grainLength) await this.#flushPending();
+  }
+
+  async #flushPending(): Promise<void> {
+    const q = this.#pending;
+    if (!q) return;
+    this.#pending = undefined;
+    const l = await this.#lookup(q.e, q.clusterGuest);
+    if (l.kind === "ok") throw new QimgError("Input/output error");
+    await this.#writeGrain(q.e, l, q.clusterGuest, 0, q.buf);
   }
 
   /** A new grain: the rest of the cluster from the backing file (or zeroes), then the data. */
@@ -802,6 +858,7 @@ export class VmdkImage implements FormatImage {
   /** The compressed-cluster entry point of convert -c; an empty write ends the stream. */
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     if (data.length === 0) {
+      await this.#flushPending();
       for (const f of new Set(this.extents.map((e) => e.file))) {
         const size = await f.size();
         if (size % SECTOR) await f.truncate(alignUp(size, SECTOR));
@@ -811,13 +868,18 @@ export class VmdkImage implements FormatImage {
     await this.write(offset, data);
   }
 
-  flush(): Promise<void> {
-    return this.#top.flush();
+  async flush(): Promise<void> {
+    await this.#flushPending();
+    for (const f of new Set([this.#top, ...this.extents.map((e) => e.file)])) await f.flush();
   }
 
   async close(): Promise<void> {
-    for (const f of this.#opened) await f.close();
-    await this.#top.close();
+    try {
+      await this.#flushPending();
+    } finally {
+      for (const f of this.#opened) await f.close();
+      await this.#top.close();
+    }
   }
 }
 
@@ -866,10 +928,6 @@ export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Prom
       descOffset = 0x200;
     } else {
       await openDescriptor(st, cString(latin1(buf)), 0);
-    }
-    if (st.extents.length === 0) {
-      // qemu goes on with no extent and fails later; an image needs at least one.
-      throw new QimgError("Invalid argument");
     }
     // parentFileNameHint and the CIDs come from the descriptor area at descOffset.
     const area = await readAt(file, descOffset, DESC_SIZE);
@@ -974,7 +1032,12 @@ async function initSparseExtent(
   await file.write(0, l.header.subarray(0, 79));
   await file.truncate(l.grainOffset * SECTOR);
   const gd = new Uint8Array(l.gdSectors * SECTOR);
-  for (const [at, first] of [[l.rgdOffset, l.rgdOffset + l.gdSectors], [l.gdOffset, l.gdOffset + l.gdSectors]]) {
+  for (
+    const [at, first] of [[l.rgdOffset, l.rgdOffset + l.gdSectors], [
+      l.gdOffset,
+      l.gdOffset + l.gdSectors,
+    ]]
+  ) {
     for (let i = 0; i < l.gtCount; i++) putLe32(gd, i * 4, first + i * l.gtSize);
     await file.write(at * SECTOR, gd);
   }
@@ -1009,18 +1072,20 @@ async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void
   const size = alignUp(options.size, SECTOR);
   const adapter = (o.adapter_type as string | undefined) ?? "ide";
   if (!ADAPTER_TYPES.includes(adapter)) {
-    throw new QimgError(`Parameter 'adapter_type' does not accept value '${adapter}'`);
+    throw new QimgError(`invalid parameter value: ${adapter}`);
   }
   const subformat = (o.subformat as string | undefined) ?? "monolithicSparse";
   if (!SUBFORMATS.includes(subformat)) {
-    throw new QimgError(`Parameter 'subformat' does not accept value '${subformat}'`);
+    throw new QimgError(`invalid parameter value: ${subformat}`);
   }
   let hwVersion = o.hwversion as string | undefined;
   if (hwVersion === "undefined") hwVersion = undefined;
   const backing = o.backing_file as string | undefined;
   const zeroedGrain = o.zeroed_grain === true;
   if (o.compat6 === true) {
-    if (hwVersion !== undefined) throw new QimgError("compat6 cannot be enabled with hwversion set");
+    if (hwVersion !== undefined) {
+      throw new QimgError("compat6 cannot be enabled with hwversion set");
+    }
     hwVersion = "6";
   }
   hwVersion ??= "4";
@@ -1033,7 +1098,9 @@ async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void
   if (flat && zeroedGrain) throw new QimgError("Flat image can't enable zeroed grain");
 
   const lineFor = (sectors: number, name: string) =>
-    flat ? `RW ${sectors} FLAT "${basename(name)}" 0\n` : `RW ${sectors} SPARSE "${basename(name)}"\n`;
+    flat
+      ? `RW ${sectors} FLAT "${basename(name)}" 0\n`
+      : `RW ${sectors} SPARSE "${basename(name)}"\n`;
   let lines = "";
   const extentSize = split ? SPLIT_SIZE : size;
   let created = !split && !flat ? extentSize : 0;
@@ -1056,7 +1123,9 @@ async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void
     const name = path + rel;
     const ext = await options.openFile(name, { create: true, write: true });
     try {
-      if (flat) await ext.truncate(cur);
+      // Each extent file is made as qemu's file protocol makes a file (first block allocated).
+      await createFile(ext, 0);
+      if (flat) await truncateFile(ext, cur);
       else await initSparseExtent(ext, cur, compress, zeroedGrain);
     } finally {
       await ext.close();
@@ -1083,7 +1152,11 @@ async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void
 }
 
 /** The CID of the vmdk image `backing` names (create's parentCID). */
-async function backingCid(file: BlockFile, backing: string, options: CreateOptions): Promise<number> {
+async function backingCid(
+  file: BlockFile,
+  backing: string,
+  options: CreateOptions,
+): Promise<number> {
   const path = file.resolve(backing);
   const bf = await options.openFile!(path, { write: false });
   const head = new Uint8Array(2048);

@@ -108,7 +108,7 @@ class Scanner {
     const start = this.pos;
     while (
       this.pos < this.s.length && this.pos - start < max &&
-      !"\n\r\"".includes(this.s[this.pos])
+      !'\n\r"'.includes(this.s[this.pos])
     ) this.pos++;
     return this.pos > start ? this.s.slice(start, this.pos) : undefined;
   }
@@ -117,7 +117,14 @@ class Scanner {
 /** One line's sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld"): matches and fields. */
 function scanExtentLine(desc: string, p: number) {
   const sc = new Scanner(desc, p);
-  const r: { matches: number; access?: string; sectors?: bigint; type?: string; fname?: string; offset?: bigint } = {
+  const r: {
+    matches: number;
+    access?: string;
+    sectors?: bigint;
+    type?: string;
+    fname?: string;
+    offset?: bigint;
+  } = {
     matches: 0,
   };
   r.access = sc.word(10);
