@@ -313,6 +313,8 @@ export class Qcow2Image implements FormatImage {
     const mapper = new ClusterMapper(this.file, header, l1, { hasDataFile: this.hasDataFile });
     const view = new Qcow2Image(this.file, header, mapper, this.dataFile);
     view.close = () => Promise.resolve();
+    view.warn = this.warn;
+    view.luks = this.luks;
     return view;
   }
 

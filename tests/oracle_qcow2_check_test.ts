@@ -110,6 +110,8 @@ Deno.test("Qcow2Image.check() reports clean images as qemu-img check", async () 
       "qemu-img bitmap --add bm.qcow2 b0 && qemu-img bitmap --add -g 128k bm.qcow2 b1",
       "qemu-img create -q -f qcow2 -b v2.qcow2 -F qcow2 over.qcow2",
       "qemu-io -f qcow2 -c 'write -P 9 64k 64k' over.qcow2",
+      "qemu-img create -q -f qcow2 -o data_file=df.raw df.qcow2 4M",
+      "qemu-io -f qcow2 -c 'write -P 3 0 128k' -c 'write -z 1M 64k' df.qcow2",
     ].join(" >/dev/null && ") + " >/dev/null",
     dir.path,
   );
@@ -126,6 +128,7 @@ Deno.test("Qcow2Image.check() reports clean images as qemu-img check", async () 
       "snap",
       "bm",
       "over",
+      "df",
     ]
   ) {
     await assertSameAsQemu(["check", `${name}.qcow2`], dir.path);
@@ -208,6 +211,24 @@ Deno.test("Qcow2Image.check() finds refcount overflow and misplaced tables as qe
     ["compressed cluster with a bitmap", (b, g) => {
       set64(b, g.l2(0) + 16 * 6, (1n << 62n) | BigInt(g.l2(0)));
       set32(b, g.l2(0) + 16 * 6 + 12, 1);
+    }],
+  ]);
+});
+
+Deno.test("Qcow2Image.check() on images with an external data file matches qemu-img check", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 -o data_file=d.raw df.qcow2 4M && " +
+      "qemu-io -f qcow2 -c 'write -P 3 0 128k' df.qcow2 >/dev/null",
+    dir.path,
+  );
+  await assertChecksLikeQemu(dir.path, "df.qcow2", [
+    ["compressed entry", (b, g) => set64(b, g.l2(0) + 8, (1n << 62n) | 0x10000n)],
+    ["offset 0 with COPIED", (b, g) => set64(b, g.l2(0) + 16, 1n << 63n)],
+    ["data entry without COPIED", (b, g) => set64(b, g.l2(0), get64(b, g.l2(0)) & ~(1n << 63n))],
+    ["a snapshot", (b, g) => {
+      set32(b, 60, 1);
+      set64(b, 64, g.cs * 2);
     }],
   ]);
 });
