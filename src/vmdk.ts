@@ -20,7 +20,7 @@ import type {
 import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
 import { QimgError, strerror } from "./errors.ts";
-import { alignUp, be32, isZero, le16, le32, putLe32 } from "./bytes.ts";
+import { alignUp, be32, le16, le32, putLe32 } from "./bytes.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
 import { createFile, truncateFile } from "./protocol.ts";
 import {

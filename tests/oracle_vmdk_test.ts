@@ -252,22 +252,23 @@ Deno.test("VmdkImage.write() allocates grains as qemu-img convert does", async (
   await using d = await tempDir();
   await sh(
     "qemu-img create -q -f raw src.raw 9M && " +
-      "qemu-io -f raw -c 'write -P 0x11 0 100k' -c 'write -P 0x22 3M 1M' -c 'write -P 9 8M 4k' src.raw >/dev/null && " +
-      "mkdir ours theirs && qemu-img convert -O vmdk src.raw theirs/o.vmdk && " +
-      "qemu-img convert -c -O vmdk src.raw theirs/c.vmdk",
+      "qemu-io -f raw -c 'write -P 0x11 0 100k' -c 'write -P 0x22 3M 1M' -c 'write -P 7 5M 1k' " +
+      "-c 'write -P 9 8M 4k' src.raw >/dev/null && mkdir ours theirs",
     d.path,
   );
-  for (
-    const args of [["-O", "vmdk", "src.raw", "ours/o.vmdk"], [
-      "-c",
-      "-O",
-      "vmdk",
-      "src.raw",
-      "ours/c.vmdk",
-    ]]
-  ) {
-    const r = await qimg(["convert", ...args], d.path);
-    assertEquals(r.code, 0, r.stderr);
+  const runs = [
+    ["-O", "vmdk", "src.raw", "o.vmdk"],
+    ["-c", "-O", "vmdk", "src.raw", "c.vmdk"],
+    ["-O", "vmdk", "-o", "subformat=streamOptimized", "src.raw", "s.vmdk"],
+    ["-c", "-O", "vmdk", "-o", "subformat=streamOptimized", "src.raw", "sc.vmdk"],
+    ["-O", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "src.raw", "t.vmdk"],
+  ];
+  for (const args of runs) {
+    const out = args[args.length - 1];
+    const a = [...args.slice(0, -2), "../src.raw", out];
+    await sh(`qemu-img convert ${a.join(" ")}`, `${d.path}/theirs`);
+    const r = await qimg(["convert", ...a], `${d.path}/ours`);
+    assertEquals([r.code, r.stderr], [0, ""]);
   }
   await assertSameFiles(`${d.path}/ours`, `${d.path}/theirs`);
 });
