@@ -228,7 +228,10 @@ class Checker {
   imrt!: Imrt;
   refs!: RefcountReader;
   snapshots: Qcow2Snapshot[] = [];
-  snapshotsOffset = 0;
+  snapshotsOffset = 0n;
+  /** Table offsets exactly as stored (the parsed header holds them as numbers). */
+  l1Offset = 0n;
+  reftableOffset = 0n;
   snapshotsSize = 0;
   signaled = false;
 
@@ -287,7 +290,10 @@ class Checker {
 
   /** The snapshot table, re-read and validated as qemu's check does (open skips it). */
   async readSnapshots(): Promise<void> {
-    const b = await readPadded(this.file, 60, 12);
+    const head = await readPadded(this.file, 0, 72);
+    this.l1Offset = u64(head, 40);
+    this.reftableOffset = u64(head, 48);
+    const b = head.subarray(60);
     let nb = be32(b, 0);
     const offset = u64(b, 4);
     if (
@@ -317,11 +323,11 @@ class Checker {
         this.fail("Input/output error");
       }
     }
-    this.snapshotsOffset = Number(offset);
+    this.snapshotsOffset = offset;
     try {
       const t = await readSnapshotTable(this.file, this.h, {
         nbSnapshots: nb,
-        offset: this.snapshotsOffset,
+        offset: Number(offset),
       });
       this.snapshots = t.snapshots;
       this.snapshotsSize = t.size;
@@ -391,7 +397,7 @@ class Checker {
   async calculate(): Promise<void> {
     const h = this.h;
     this.inc(0n, this.cs);
-    await this.checkL1(BigInt(h.l1TableOffset), h.l1Size, true);
+    await this.checkL1(this.l1Offset, h.l1Size, true);
     if (this.opts.hasDataFile && this.snapshots.length) {
       this.say(`ERROR ${this.snapshots.length} snapshots in image with data file`);
       this.res.corruptions++;
@@ -415,10 +421,11 @@ class Checker {
       }
       await this.checkL1(sn.l1TableOffset, sn.l1Size, false);
     }
-    this.inc(BigInt(this.snapshotsOffset), this.snapshotsSize);
-    this.inc(BigInt(h.refcountTableOffset), h.refcountTableClusters * this.cs);
-    if (h.cryptoHeader && h.cryptoHeader.length) {
-      this.inc(BigInt(h.cryptoHeader.offset), h.cryptoHeader.length);
+    this.inc(this.snapshotsOffset, this.snapshotsSize);
+    this.inc(this.reftableOffset, h.refcountTableClusters * this.cs);
+    const crypto = h.cryptoHeader;
+    if (crypto && crypto.length && Number.isSafeInteger(crypto.offset)) {
+      this.inc(BigInt(crypto.offset), Math.min(crypto.length, Number.MAX_SAFE_INTEGER));
     }
     await this.bitmaps();
     this.checkRefblocks();
@@ -692,7 +699,7 @@ class Checker {
   /** OFLAG_COPIED of the active L1 and L2 entries against the stored refcounts. */
   async checkCopied(): Promise<void> {
     const h = this.h;
-    const l1 = await this.read(BigInt(h.l1TableOffset), h.l1Size * 8);
+    const l1 = await this.read(this.l1Offset, h.l1Size * 8);
     const cs = BigInt(this.cs);
     const l1v = dataView(l1);
     for (let i = 0; i < h.l1Size; i++) {
