@@ -12,7 +12,8 @@
  * @module
  */
 
-import { type Image as ChainImage, openImageChain } from "./src/image.ts";
+import { type Image as ChainImage, openHostFile, openImageChain } from "./src/image.ts";
+import type { BlockFile } from "./src/file.ts";
 import type { Extent, ImageInfo } from "./src/image.ts";
 import type { CheckResult } from "./src/driver.ts";
 import { imageInfo } from "./src/cmd_info.ts";
@@ -130,13 +131,56 @@ function withoutUndefined(v: unknown): unknown {
   return out;
 }
 
+/** `path` without `.` and `x/..` segments, keeping it absolute or relative. */
+function normalizePath(path: string): string {
+  const out: string[] = [];
+  for (const part of path.split("/")) {
+    if (part === "" || part === ".") continue;
+    if (part === ".." && out.length && out[out.length - 1] !== "..") out.pop();
+    else if (part !== ".." || !path.startsWith("/")) out.push(part);
+  }
+  return (path.startsWith("/") ? "/" : "") + out.join("/");
+}
+
+/** Whether `path` lies inside directory `root` (lexically; both absolute or both relative). */
+function isInside(path: string, root: string): boolean {
+  const p = normalizePath(path);
+  const r = normalizePath(root);
+  if (r === "") return !p.startsWith("/") && p !== ".." && !p.startsWith("../");
+  return p === r || p.startsWith(r.endsWith("/") ? r : r + "/");
+}
+
+/**
+ * Opens host files for one image: the image itself, and backing or data
+ * files only inside `roots`, so that an untrusted image cannot make the
+ * library read files elsewhere (the CLI follows qemu and opens any path).
+ */
+function gatedOpener(
+  image: string,
+  roots: string[],
+): (path: string, write: boolean) => Promise<BlockFile> {
+  return (path, write) => {
+    if (path !== image && !roots.some((r) => isInside(path, r))) {
+      return Promise.reject(
+        new QimgError(
+          `'${path}' is outside the directories image files may refer to ` +
+            `(${roots.map((r) => `'${r}'`).join(", ")}; see options.roots)`,
+        ),
+      );
+    }
+    return openHostFile(path, write);
+  };
+}
+
 /**
  * Opens a disk image and its backing chain, probing the format unless
- * `options.format` is given.
+ * `options.format` is given. Backing and data files named by the image
+ * open only from inside `options.roots` (default: the image's directory).
  *
  * @param path The image file.
  * @param options `format` (default: probed), `write` (default false),
- *   `backing` (open the backing chain, default true).
+ *   `backing` (open the backing chain, default true), `roots` (directories
+ *   backing and data files may come from; give them absolute when `path` is).
  * @returns The open image; close it (or use `await using`).
  * @example Usage
  * ```ts
@@ -153,7 +197,12 @@ function withoutUndefined(v: unknown): unknown {
  */
 export async function openImage(
   path: string,
-  options: { format?: string; write?: boolean; backing?: boolean } = {},
+  options: { format?: string; write?: boolean; backing?: boolean; roots?: string[] } = {},
 ): Promise<Image> {
-  return new OpenedImage(await openImageChain(path, options));
+  const slash = path.lastIndexOf("/");
+  const roots = options.roots ?? [slash < 0 ? "." : path.slice(0, slash + 1) || "/"];
+  const { format, write, backing } = options;
+  return new OpenedImage(
+    await openImageChain(path, { format, write, backing, openFile: gatedOpener(path, roots) }),
+  );
 }

@@ -121,6 +121,42 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name:
+    "openImage() opens backing files only inside options.roots (default: the image's directory)",
+  ignore: !findFormat("qcow2"),
+  async fn() {
+    await using dir = await tempDir();
+    await sh(
+      "mkdir vm && qemu-img create -q -f raw secret.raw 1M && " +
+        "qemu-io -f raw -c 'write -P 0x5e 0 4k' secret.raw >/dev/null && " +
+        "qemu-img create -q -f qcow2 -b ../secret.raw -F raw vm/rel.qcow2 && " +
+        `qemu-img create -q -f qcow2 -b ${dir.path}/secret.raw -F raw vm/abs.qcow2 && ` +
+        "qemu-img create -q -f raw vm/base.raw 1M && " +
+        "qemu-img create -q -f qcow2 -b base.raw -F raw vm/ok.qcow2",
+      dir.path,
+    );
+    for (const name of ["rel", "abs"]) {
+      const e = await openImage(`${dir.path}/vm/${name}.qcow2`).then(() => null, (e) => e);
+      assertTrue(e instanceof QimgError, `${name}: ${e}`);
+      assertTrue(/outside the directories/.test(e.message), e.message);
+      // qemu-img itself follows it: the gate is the library's.
+      assertEquals((await qemuImg(["info", `vm/${name}.qcow2`], dir.path)).code, 0);
+    }
+    {
+      await using ok = await openImage(`${dir.path}/vm/ok.qcow2`);
+      assertEquals(ok.size, 1 << 20);
+    }
+    await using allowed = await openImage(`${dir.path}/vm/rel.qcow2`, { roots: [dir.path] });
+    const buf = new Uint8Array(1);
+    await allowed.read(0, buf);
+    assertEquals(buf[0], 0x5e);
+    // Without the backing chain nothing else is opened, so nothing is refused.
+    await using top = await openImage(`${dir.path}/vm/abs.qcow2`, { backing: false });
+    assertEquals(top.format, "qcow2");
+  },
+});
+
 const haveQcow2Check = await Deno.stat(new URL("../src/qcow2_refcount.ts", import.meta.url)).then(
   () => !!findFormat("qcow2"),
   () => false,
