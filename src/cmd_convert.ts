@@ -312,7 +312,7 @@ export async function run(args: string[], io: Io): Promise<number> {
       );
       const parsed = emptyOptions();
       if (createOptions !== undefined) {
-        parseOptionList(createOptions, descs, parsed, (m) => io.stderr(`qimg: warning: ${m}\n`));
+        parseOptionList(createOptions, descs, parsed, warn);
       }
       values = parsed.values;
       given = { ...parsed.given };
@@ -384,7 +384,7 @@ export async function run(args: string[], io: Io): Promise<number> {
           backingFormat: values.backing_fmt as string | undefined,
           // qemu's bdrv_create does not open the backing file (opening the target does).
           unsafeBacking: true,
-          warn: (m) => io.stderr(`qimg: warning: ${m}\n`),
+          warn,
         }, (p, o) => io.openFile(p, o));
       } catch (e) {
         throw new QimgError(`${outName}: error while converting ${outFmt}: ${strerror(e)}`);

@@ -237,6 +237,7 @@ Deno.test("convert accepts qemu-img's other options and long forms", async () =>
       ["--image-opts", "driver=raw,file.filename=../a.raw", "o5.raw"],
       ["-qp", "-fraw", "-Oraw", "../a.raw", "o6.raw"],
       ["-S", "0x1k", "--object", "secret,id=s0,data=x", "../a.raw", "o7.raw"],
+      ["-o", "size=0x1k", "../a.raw", "o8.raw"],
     ]
   ) {
     const out = args[args.length - 1];
