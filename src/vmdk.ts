@@ -433,6 +433,7 @@ export class VmdkImage implements FormatImage {
     this.parentCid = fields.parentCid;
     if (fields.backing !== undefined) this.backing = { name: fields.backing, format: "vmdk" };
     this.file = imageFile(top, this.extents);
+    if (!(st.options.check && st.options.write)) this.check = () => this.#check();
   }
 
   get size(): number {
@@ -622,9 +623,14 @@ export class VmdkImage implements FormatImage {
     });
   }
 
+  /**
+   * Checks the metadata. Absent when opened to repair (check -r): qemu's
+   * vmdk check cannot repair and qemu-img then says checks are unsupported.
+   */
+  check?: (options: { repair?: "leaks" | "all" }) => Promise<CheckResult>;
+
   /** qemu's vmdk_co_check: every allocated grain must start inside its file. */
-  async check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
-    if (options.repair) throw new QimgError("Operation not supported");
+  async #check(): Promise<CheckResult> {
     const result: CheckResult = {
       corruptions: 0,
       leaks: 0,

@@ -112,6 +112,8 @@ for (const sub of SUBFORMATS) {
       await sh(`qemu-io -f vmdk -c 'write -P 0x44 100k 3k' img.vmdk >/dev/null`, d.path);
     }
     await assertReadsLikeQemu(d.path, "img.vmdk");
+    // qemu's vmdk check cannot repair: -r is "does not support checks" (63).
+    await assertSameAsQemu(["check", "-r", "all", "img.vmdk"], d.path);
   });
 }
 
