@@ -5,10 +5,18 @@ import { rawDriver } from "./raw.ts";
 import { qcow2Driver } from "./qcow2.ts";
 import { vdiDriver } from "./vdi.ts";
 import { vpcDriver } from "./vpc.ts";
+import { vhdxDriver } from "./vhdx.ts";
 import { vmdkDriver } from "./vmdk.ts";
 
 /** Every format qimg knows. */
-export const FORMATS: FormatDriver[] = [rawDriver, qcow2Driver, vdiDriver, vpcDriver, vmdkDriver];
+export const FORMATS: FormatDriver[] = [
+  rawDriver,
+  qcow2Driver,
+  vdiDriver,
+  vpcDriver,
+  vhdxDriver,
+  vmdkDriver,
+];
 
 /** Finds a driver by qemu's name. */
 export function findFormat(name: string): FormatDriver | undefined {
