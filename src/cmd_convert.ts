@@ -397,8 +397,7 @@ export async function run(args: string[], io: Io): Promise<number> {
       imageOpts: targetImageOpts,
       write: true,
     });
-    const top = target.chain[0].image as { writeCompressed?: unknown };
-    if (compressed && typeof top.writeCompressed !== "function") {
+    if (compressed && !target.chain[0].image.writeCompressed) {
       if (canCompress(target.chain[0].driver)) {
         throw notSupportedYet(`compressed ${target.format} writes`);
       }

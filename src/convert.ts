@@ -214,9 +214,6 @@ export function imageTarget(image: Image): CopyTarget {
   const top: FormatImage = image.chain[0].image;
   const below = image.chain.length > 1 ? new Image(image.chain.slice(1)) : undefined;
   const backingRead = below ? (o: number, b: Uint8Array) => below.read(o, b) : undefined;
-  const extra = top as FormatImage & {
-    writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
-  };
   const write = top.write;
   if (!write) throw new QimgError(`writing ${image.format} images: not supported yet`);
   return {
@@ -225,12 +222,10 @@ export function imageTarget(image: Image): CopyTarget {
     },
     write: (offset, data) => write.call(top, offset, data, backingRead),
     writeZeroes: top.writeZeroes
-      ? (offset, length, options) =>
-        (top.writeZeroes as (o: number, l: number, opt?: { mayUnmap?: boolean }) => Promise<void>)
-          .call(top, offset, length, options)
+      ? (offset, length, options) => top.writeZeroes!(offset, length, options)
       : undefined,
-    writeCompressed: extra.writeCompressed
-      ? (offset, data) => extra.writeCompressed!.call(top, offset, data)
+    writeCompressed: top.writeCompressed
+      ? (offset, data) => top.writeCompressed!(offset, data)
       : undefined,
   };
 }

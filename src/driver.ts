@@ -151,6 +151,12 @@ export interface FormatImage {
   write?(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void>;
   /** Makes a range read as zeroes; `mayUnmap` lets it deallocate (qemu's BDRV_REQ_MAY_UNMAP). */
   writeZeroes?(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
+  /**
+   * Writes one cluster compressed (`convert -c`): `offset` is cluster-aligned
+   * and `data` a whole cluster (shorter only at the end of the image). A
+   * zero-length write at offset 0 ends the stream (qemu aligns the file end).
+   */
+  writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
   /** Checks metadata consistency; repairs when `repair` is set. */
   check?(options: { repair?: "leaks" | "all" }): Promise<CheckResult>;
   /** The internal snapshots, in table order. */
