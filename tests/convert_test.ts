@@ -244,3 +244,90 @@ Deno.test("convert() rejects a compressed copy without a cluster size", async ()
     /^QimgError: invalid cluster size$/,
   );
 });
+
+/** A two-layer source: runs the top holds (data or zero) and runs left to its backing file. */
+class LayeredSource implements SourceImage {
+  readonly size: number;
+  readonly chain = [0, 1];
+  bytesRead = 0;
+  #runs: { start: number; end: number; kind: "data" | "zero" | "backing" }[] = [];
+  constructor(runs: { length: number; kind: "data" | "zero" | "backing" }[]) {
+    let pos = 0;
+    for (const r of runs) {
+      this.#runs.push({ start: pos, end: pos + r.length, kind: r.kind });
+      pos += r.length;
+    }
+    this.size = pos;
+  }
+  read(_offset: number, buf: Uint8Array): Promise<void> {
+    this.bytesRead += buf.length;
+    buf.fill(0x33);
+    return Promise.resolve();
+  }
+  blockStatus(offset: number, length: number, base = 2) {
+    const r = this.#runs.find((x) => offset >= x.start && offset < x.end)!;
+    const len = Math.min(length, r.end - offset);
+    if (r.kind === "backing" && base < 2) {
+      return Promise.resolve({ length: len, data: false, zero: true, present: false });
+    }
+    const data = r.kind !== "zero";
+    return Promise.resolve({ length: len, data, zero: !data, present: true });
+  }
+  formatInfo() {
+    return Promise.resolve({ clusterSize: 65536 });
+  }
+}
+
+Deno.test("convert() with a backed target leaves runs unallocated above the base alone", async () => {
+  const src = new LayeredSource([
+    { length: MiB, kind: "data" },
+    { length: MiB, kind: "backing" },
+    { length: MiB, kind: "zero" },
+    { length: MiB, kind: "backing" },
+  ]);
+  const target = new FakeTarget(src.size);
+  await convert([src], target, { targetHasBacking: true });
+  assertEquals(target.writes, [[0, MiB]]);
+  assertEquals(target.zeroes, [[2 * MiB, MiB]]);
+  assertEquals(src.bytesRead, MiB);
+  // Without a backed target the whole chain is copied.
+  const flat = new FakeTarget(src.size);
+  await convert([src], flat, { targetIsZero: true });
+  assertEquals(flat.writes.reduce((s, w) => s + w[1], 0), 3 * MiB);
+});
+
+Deno.test("convert() skips zero runs past the end of the target's backing file", async () => {
+  const src = new LayeredSource([
+    { length: MiB, kind: "zero" },
+    { length: MiB, kind: "zero" },
+  ]);
+  const target = new FakeTarget(src.size);
+  await convert([src], target, { targetHasBacking: true, targetBackingSize: MiB });
+  assertEquals(target.zeroes, [[0, MiB]]);
+});
+
+/** A target taking compressed clusters. */
+class CompressingTarget extends FakeTarget {
+  compressed: [number, number][] = [];
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    this.compressed.push([offset, data.length]);
+    return Promise.resolve();
+  }
+}
+
+Deno.test("convert() writes whole clusters compressed, skips zero clusters, ends the stream", async () => {
+  const src = new FakeSource([
+    { length: 65536, fill: 1 },
+    { length: 65536 },
+    { length: 4096, fill: 2 },
+    { length: 61440 },
+    { length: 65536, fill: 0 },
+  ]);
+  const target = new CompressingTarget(src.size);
+  await convert([src], target, { compressed: true, clusterSize: 65536, targetIsZero: true });
+  assertEquals(target.compressed, [[0, 65536], [131072, 65536], [0, 0]]);
+  assertEquals(target.writes, []);
+  const dirty = new CompressingTarget(src.size);
+  await convert([src], dirty, { compressed: true, clusterSize: 65536 });
+  assertEquals(dirty.zeroes, [[65536, 65536], [196608, 65536]]);
+});
