@@ -84,7 +84,9 @@ interface Extent {
   l2Size: number;
   clusterSectors: number;
   nextClusterSector: number;
-  l2Cache: Map<number, Uint32Array>;
+  l2Cache: Map<number, Uint32Array | BigUint64Array>;
+  /** seSparse: 64-bit tables, grain tables and grains at these sectors. */
+  se?: { l1: BigUint64Array; l2TablesOffset: bigint; clustersOffset: bigint };
 }
 
 /** Where a guest offset lives. */
@@ -326,6 +328,75 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
   await initTables(e);
 }
 
+const hex16 = (v: bigint) => "0x" + v.toString(16).padStart(16, "0");
+
+/**
+ * An ESXi seSparse extent (read-only, as in qemu, which checks the
+ * undocumented headers strictly): 64-bit grain directory and tables.
+ */
+async function openSeSparse(st: OpenState, file: BlockFile): Promise<void> {
+  if (st.options.write) throw new QimgError("No write support for seSparse images available");
+  const h = await readAt(file, 0, SECTOR);
+  const f = (i: number) => le64n(h, i * 8);
+  if (f(0) !== 0xcafebaben) throw new QimgError(`Bad const header magic: ${hex16(f(0))}`);
+  if (f(1) !== 0x0000000200000001n) throw new QimgError(`Unsupported version: ${hex16(f(1))}`);
+  if (f(3) !== 8n) throw new QimgError(`Unsupported grain size: ${f(3)}`);
+  if (f(4) !== 64n) throw new QimgError(`Unsupported grain table size: ${f(4)}`);
+  if (f(5) !== 0n) throw new QimgError(`Unsupported flags: ${hex16(f(5))}`);
+  if (f(6) || f(7) || f(8) || f(9)) {
+    throw new QimgError(
+      `Unsupported reserved bits: ${hex16(f(6))} ${hex16(f(7))} ${hex16(f(8))} ${hex16(f(9))}`,
+    );
+  }
+  if (h.subarray(208).some((b) => b !== 0)) {
+    throw new QimgError("Unsupported non-zero const header padding");
+  }
+  let v: Uint8Array;
+  try {
+    const at = sectorsToBytes(f(10));
+    v = await readAt(file, at < 0 ? -1 : at, SECTOR);
+  } catch (e) {
+    throw new QimgError(`Could not read volatile header from file '${file.name}': ${strerror(e)}`);
+  }
+  const magic = le64n(v, 0);
+  if (magic !== 0xcafecafen) throw new QimgError(`Bad volatile header magic: ${hex16(magic)}`);
+  if (le64n(v, 24) !== 0n) throw new QimgError("Image is dirty, Replaying journal not supported");
+  if (v.subarray(32).some((b) => b !== 0)) {
+    throw new QimgError("Unsupported non-zero volatile header padding");
+  }
+  const capacity = f(2);
+  const l1Size = Number(BigInt.asUintN(32, f(17) * 512n / 8n));
+  if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) throw new QimgError("Image size too large");
+  const e = addExtent(st, {
+    file,
+    flat: false,
+    type: "",
+    sectors: Number(capacity),
+    flatStartOffset: 0,
+    compressed: false,
+    hasMarker: false,
+    hasZeroGrain: false,
+    l1Offset: sectorsToBytes(f(16)),
+    l1BackupOffset: 0,
+    l1Size,
+    l2Size: 4096,
+    clusterSectors: 8,
+  }, await fileSectors(file));
+  let l1: BigUint64Array;
+  try {
+    if (e.l1Offset < 0) throw new QimgError("Input/output error");
+    const size = await file.size();
+    const inFile = Math.max(0, Math.min(l1Size, Math.floor((size - e.l1Offset) / 8) + 1));
+    const buf = await readAt(file, e.l1Offset, inFile * 8);
+    l1 = new BigUint64Array(inFile);
+    for (let i = 0; i < inFile; i++) l1[i] = le64n(buf, i * 8);
+  } catch (err) {
+    throw new QimgError(`Could not read l1 table from extent '${file.name}': ${strerror(err)}`);
+  }
+  e.se = { l1, l2TablesOffset: f(18), clustersOffset: f(24) };
+}
+
 async function openSparse(st: OpenState, file: BlockFile, depth: number): Promise<void> {
   const head = new Uint8Array(4);
   await file.read(0, head);
@@ -367,6 +438,8 @@ async function openDescriptor(st: OpenState, desc: string, depth: number): Promi
       }, await fileSectors(file));
     } else if (line.type === "SPARSE" || line.type === "VMFSSPARSE") {
       await openSparse(st, file, depth);
+    } else if (line.type === "SESPARSE") {
+      await openSeSparse(st, file);
     } else {
       throw new QimgError(`Unsupported extent type '${line.type}'`);
     }
@@ -446,12 +519,20 @@ export class VmdkImage implements FormatImage {
     return this.extents.find((e) => sector < e.endSector);
   }
 
-  async #l2(e: Extent, l2Offset: number): Promise<Uint32Array> {
+  async #l2(e: Extent, l2Offset: number): Promise<Uint32Array | BigUint64Array> {
     let t = e.l2Cache.get(l2Offset);
     if (t) return t;
-    const buf = await readAt(e.file, l2Offset * SECTOR, e.l2Size * 4);
-    t = new Uint32Array(e.l2Size);
-    for (let i = 0; i < e.l2Size; i++) t[i] = le32(buf, i * 4);
+    const width = e.se ? 8 : 4;
+    const buf = await readAt(e.file, l2Offset * SECTOR, e.l2Size * width);
+    if (e.se) {
+      const w = new BigUint64Array(e.l2Size);
+      for (let i = 0; i < e.l2Size; i++) w[i] = le64n(buf, i * 8);
+      t = w;
+    } else {
+      const n = new Uint32Array(e.l2Size);
+      for (let i = 0; i < e.l2Size; i++) n[i] = le32(buf, i * 4);
+      t = n;
+    }
     if (e.l2Cache.size >= 64) e.l2Cache.delete(e.l2Cache.keys().next().value!);
     e.l2Cache.set(l2Offset, t);
     return t;
@@ -463,11 +544,12 @@ export class VmdkImage implements FormatImage {
     const rel = offset - e.startSector * SECTOR;
     const l1Index = Math.floor(Math.floor(rel / SECTOR) / e.l1EntrySectors);
     if (l1Index >= e.l1Size) return { kind: "error" };
+    if (e.se) return await this.#seLookup(e, rel, l1Index);
     const l2Offset = l1Index < e.l1.length ? e.l1[l1Index] : 0;
     if (!l2Offset) return { kind: "unalloc" };
     let table: Uint32Array;
     try {
-      table = await this.#l2(e, l2Offset);
+      table = await this.#l2(e, l2Offset) as Uint32Array;
     } catch {
       return { kind: "error" };
     }
@@ -477,6 +559,41 @@ export class VmdkImage implements FormatImage {
     if (e.hasZeroGrain && gte === GTE_ZEROED) return { kind: "zeroed", ...where };
     if (!gte) return { kind: "unalloc", ...where };
     return { kind: "ok", hostOffset: gte * SECTOR, ...where };
+  }
+
+  /** seSparse entries: a tagged grain table index, tagged grain numbers. */
+  async #seLookup(e: Extent, rel: number, l1Index: number): Promise<Lookup> {
+    const se = e.se!;
+    const dir = l1Index < se.l1.length ? se.l1[l1Index] : 0n;
+    if (dir === 0n) return { kind: "unalloc" };
+    if ((dir & 0xffffffff00000000n) !== 0x1000000000000000n) return { kind: "error" };
+    const l2Sectors = BigInt(e.l2Size * 8 / SECTOR);
+    const l2 = se.l2TablesOffset + (dir & 0xffffffffn) * l2Sectors;
+    if (l2 > 0xffffffffn) return { kind: "error" };
+    let table: BigUint64Array;
+    try {
+      table = await this.#l2(e, Number(l2)) as BigUint64Array;
+    } catch {
+      return { kind: "error" };
+    }
+    const l2Index = Math.floor(Math.floor(rel / SECTOR) / e.clusterSectors) % e.l2Size;
+    const v = table[l2Index];
+    switch (v >> 60n) {
+      case 0n:
+        return v === 0n ? { kind: "unalloc" } : { kind: "error" };
+      case 1n: // unmapped
+      case 2n:
+        return { kind: "zeroed" };
+      case 3n: {
+        const grain = ((v & 0x0fff000000000000n) >> 48n) | ((v & 0x0000ffffffffffffn) << 12n);
+        const sector = se.clustersOffset + grain * BigInt(e.clusterSectors);
+        const host = sector * 512n;
+        if (host > BigInt(Number.MAX_SAFE_INTEGER)) return { kind: "error" };
+        return { kind: "ok", hostOffset: Number(host) };
+      }
+      default:
+        return { kind: "error" };
+    }
   }
 
   async read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void> {
@@ -650,7 +767,7 @@ export class VmdkImage implements FormatImage {
     for (const e of this.extents) {
       let sector = e.startSector;
       while (sector < e.endSector && sector < total) {
-        if (!e.flat) {
+        if (!e.flat && !e.se) {
           // Whole unallocated grain tables are skipped at once: qemu finds nothing there.
           const rel = sector - e.startSector;
           const l1Index = Math.floor(rel / e.l1EntrySectors);
@@ -808,7 +925,7 @@ export class VmdkImage implements FormatImage {
     if (e.l1BackupOffset && backup !== undefined) {
       await e.file.write(backup * SECTOR + l.l2Index! * 4, entry);
     }
-    e.l2Cache.get(l.l2Offset)?.set([value], l.l2Index!);
+    (e.l2Cache.get(l.l2Offset) as Uint32Array | undefined)?.set([value], l.l2Index!);
   }
 
   /** qemu rewrites the CID (a random one) on the first write after opening. */

@@ -458,3 +458,94 @@ Deno.test("probeVmdk() takes descriptors after comments and blank lines only", a
     assertTrue(r.code === 0);
   }
 });
+
+/**
+ * An ESXi seSparse extent (qemu-img cannot make one): 4 MiB, grain 0 and
+ * grain 2 allocated (the second with a split grain number), grain 1 zeroed.
+ */
+function seSparseExtent(pokes: [number, bigint][] = []): Uint8Array {
+  const b = new Uint8Array((67 + 3 * 8) * 512);
+  const v = new DataView(b.buffer);
+  const put = (at: number, x: bigint) => v.setBigUint64(at, x, true);
+  const header: [number, bigint][] = [
+    [0, 0xcafeba_ben],
+    [1, 0x0000000200000001n],
+    [2, 8192n],
+    [3, 8n],
+    [4, 64n],
+    [10, 1n],
+    [11, 1n],
+    [16, 2n],
+    [17, 1n],
+    [18, 3n],
+    [19, 64n],
+    [24, 67n],
+    ...pokes,
+  ];
+  for (const [i, x] of header) put(i * 8, x);
+  put(512, 0xcafecafen);
+  put(2 * 512, 0x1000000000000000n);
+  put(3 * 512, 0x3000000000000000n);
+  put(3 * 512 + 8, 0x2000000000000000n);
+  put(3 * 512 + 16, 0x3002000000000000n);
+  b.fill(0x5a, 67 * 512, 75 * 512);
+  b.fill(0xa5, 83 * 512, 91 * 512);
+  return b;
+}
+
+const SE_DESCRIPTOR = 'version=1\nCID=1\nparentCID=ffffffff\ncreateType="seSparse"\n' +
+  'RW 8192 SESPARSE "se.bin"\n';
+
+Deno.test("openVmdk() reads seSparse extents as qemu-img does", async () => {
+  await using d = await tempDir();
+  await Deno.writeFile(`${d.path}/se.bin`, seSparseExtent());
+  await Deno.writeTextFile(`${d.path}/se.vmdk`, SE_DESCRIPTOR);
+  await assertReadsLikeQemu(d.path, "se.vmdk");
+  // Opening one for writing is refused.
+  await Deno.writeFile(`${d.path}/t.bin`, seSparseExtent());
+  await Deno.writeTextFile(`${d.path}/t.vmdk`, SE_DESCRIPTOR.replace("se.bin", "t.bin"));
+  await assertSameAsQemu(["convert", "-n", "-O", "vmdk", "se.vmdk", "t.vmdk"], d.path);
+});
+
+const SE_POKES: [string, [number, bigint][]][] = [
+  ["bad magic", [[0, 1n]]],
+  ["bad version", [[1, 2n]]],
+  ["bad grain size", [[3, 16n]]],
+  ["bad grain table size", [[4, 128n]]],
+  ["flags", [[5, 4n]]],
+  ["reserved bits", [[7, 9n]]],
+  ["padding", [[40, 1n]]],
+  ["volatile header far out", [[10, 0x7fffffffffffffffn]]],
+  ["volatile header elsewhere", [[10, 3n]]],
+  ["huge directory", [[17, 0x1000000n]]],
+];
+
+for (const [what, pokes] of SE_POKES) {
+  Deno.test(`openVmdk() with a seSparse extent with ${what} ends as qemu-img does`, async () => {
+    await using d = await tempDir();
+    await Deno.writeFile(`${d.path}/se.bin`, seSparseExtent(pokes));
+    await Deno.writeTextFile(`${d.path}/se.vmdk`, SE_DESCRIPTOR);
+    await assertSameAsQemu(["info", "se.vmdk"], d.path);
+    await assertSameAsQemu(["map", "--output=json", "se.vmdk"], d.path);
+  });
+}
+
+Deno.test("openVmdk() with hostile seSparse entries ends as qemu-img does", async () => {
+  await using d = await tempDir();
+  const b = seSparseExtent();
+  const v = new DataView(b.buffer);
+  v.setBigUint64(3 * 512 + 24, 0x5000000000000000n, true); // unknown tag
+  v.setBigUint64(3 * 512 + 32, 0x0000000000000001n, true); // untagged nonzero
+  await Deno.writeFile(`${d.path}/se.bin`, b);
+  await Deno.writeTextFile(`${d.path}/se.vmdk`, SE_DESCRIPTOR);
+  for (const args of [["map", "--output=json"], ["check"], ["convert", "-O", "raw"]]) {
+    await assertSameAsQemu(
+      [...args, "se.vmdk", ...(args[0] === "convert" ? ["o.raw"] : [])],
+      d.path,
+    );
+  }
+  v.setBigUint64(2 * 512, 0x2000000000000000n, true); // bad directory tag
+  await Deno.writeFile(`${d.path}/se.bin`, b);
+  await assertSameAsQemu(["map", "--output=json", "se.vmdk"], d.path);
+  await assertSameAsQemu(["check", "se.vmdk"], d.path);
+});
