@@ -86,6 +86,35 @@ export async function loadSnapshot(
   return new Image([{ ...top, image: view }, ...image.chain.slice(1)]);
 }
 
+/** A persistent bitmap of a source, as `info` lists it. */
+interface SourceBitmap {
+  name: string;
+  flags: string[];
+}
+
+/**
+ * The persistent bitmaps `--bitmaps` would copy (qemu's
+ * convert_check_bitmaps): only qcow2 keeps them; an in-use (inconsistent)
+ * one fails unless `--skip-broken-bitmaps` leaves it out.
+ */
+async function bitmapsToCopy(image: Image, skipBroken: boolean): Promise<SourceBitmap[]> {
+  if (image.format !== "qcow2") throw new QimgError("Source lacks bitmap support");
+  const spec = (await image.formatInfo()).formatSpecific;
+  const list = (spec?.data.bitmaps ?? []) as unknown as SourceBitmap[];
+  const copied: SourceBitmap[] = [];
+  // qemu keeps loaded bitmaps newest first: the directory's last entry comes first.
+  for (const b of [...list].reverse()) {
+    if (b.flags?.includes("in-use")) {
+      if (skipBroken) continue;
+      throw new QimgError(`Cannot copy inconsistent bitmap '${b.name}'`, {
+        hint: "Try --skip-broken-bitmaps, or use 'qimg bitmap --remove' to delete it",
+      });
+    }
+    copied.push(b);
+  }
+  return copied;
+}
+
 /** Creates an image file for `dd`: a new image of `size` bytes, errors without the file name. */
 export function createTargetFile(
   io: Io,
@@ -366,12 +395,12 @@ export async function run(args: string[], io: Io): Promise<number> {
         throw new QimgError("Compression and preallocation not supported at the same time");
       }
     }
+    let sourceBitmaps: SourceBitmap[] = [];
     if (bitmaps) {
       if (sources.length > 1) {
         throw new QimgError("Copying bitmaps only possible with single source");
       }
-      if (sources[0].format !== "qcow2") throw new QimgError("Source lacks bitmap support");
-      throw notSupportedYet("--bitmaps");
+      sourceBitmaps = await bitmapsToCopy(sources[0], skipBroken);
     }
 
     if (!skipCreate) {
@@ -397,6 +426,10 @@ export async function run(args: string[], io: Io): Promise<number> {
       imageOpts: targetImageOpts,
       write: true,
     });
+    if (bitmaps && target.format !== "qcow2") {
+      throw new QimgError(`Format driver '${target.format}' does not support bitmaps`);
+    }
+    if (sourceBitmaps.length > 0) throw notSupportedYet("copying bitmaps (--bitmaps)");
     if (compressed && !target.chain[0].image.writeCompressed) {
       if (canCompress(target.chain[0].driver)) {
         throw notSupportedYet(`compressed ${target.format} writes`);

@@ -483,3 +483,50 @@ Deno.test("convert --salvage turns unreadable clusters into zeroes with qemu-img
     });
   }
 });
+
+/** Sets the in-use flag of every persistent bitmap of a qcow2 file (an inconsistent bitmap). */
+async function markBitmapsInUse(path: string): Promise<void> {
+  const b = await Deno.readFile(path);
+  const v = new DataView(b.buffer);
+  let off = v.getUint32(100);
+  for (;;) {
+    const type = v.getUint32(off);
+    const len = v.getUint32(off + 4);
+    if (type === 0) break;
+    if (type === 0x23852875) {
+      const count = v.getUint32(off + 8);
+      let dir = Number(v.getBigUint64(off + 8 + 16));
+      for (let i = 0; i < count; i++) {
+        v.setUint32(dir + 12, v.getUint32(dir + 12) | 1);
+        const nameSize = v.getUint16(dir + 18);
+        const extra = v.getUint32(dir + 20);
+        dir += Math.ceil((24 + extra + nameSize) / 8) * 8;
+      }
+    }
+    off += 8 + Math.ceil(len / 8) * 8;
+  }
+  await Deno.writeFile(path, b);
+}
+
+Deno.test("convert --bitmaps checks sources and targets as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 plain.qcow2 4M && qemu-img create -q -f qcow2 bm.qcow2 4M && " +
+      "qemu-img bitmap --add bm.qcow2 b0 && qemu-img bitmap --add bm.qcow2 b1 && cp bm.qcow2 bad.qcow2 && " +
+      "qemu-img create -q -f raw r.raw 4M",
+    dir.path,
+  );
+  await markBitmapsInUse(`${dir.path}/bad.qcow2`);
+  const pair = await makePair(dir.path);
+  for (
+    const args of [
+      ["--bitmaps", "../plain.qcow2", "o.raw"],
+      ["--bitmaps", "../bm.qcow2", "o.raw"],
+      ["--bitmaps", "../bad.qcow2", "o.raw"],
+      ["--bitmaps", "--skip-broken-bitmaps", "../bad.qcow2", "o.raw"],
+      ["--bitmaps", "../r.raw", "o.raw"],
+      ["--bitmaps", "../plain.qcow2", "../plain.qcow2", "o.raw"],
+      ["-p", "--bitmaps", "../bad.qcow2", "o.raw"],
+    ]
+  ) await assertSameRun(pair, ["convert", ...args], { outputs: ["o.raw"] });
+});
