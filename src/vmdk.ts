@@ -367,7 +367,9 @@ async function openSeSparse(st: OpenState, file: BlockFile): Promise<void> {
   const capacity = f(2);
   const l1Size = Number(BigInt.asUintN(32, f(17) * 512n / 8n));
   if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
-  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) throw new QimgError("Image size too large");
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) {
+    throw new QimgError("Image size too large");
+  }
   const e = addExtent(st, {
     file,
     flat: false,
@@ -489,6 +491,8 @@ export class VmdkImage implements FormatImage {
   #opened: BlockFile[];
   #descOffset: number;
   #cidUpdated = false;
+  #cidChecked = false;
+  #openFile?: OpenOptions["openFile"];
   #grain?: { offset: number; data: Uint8Array };
   #pending?: { e: Extent; clusterGuest: number; buf: Uint8Array; filled: number };
 
@@ -507,6 +511,7 @@ export class VmdkImage implements FormatImage {
     if (fields.backing !== undefined) this.backing = { name: fields.backing, format: "vmdk" };
     this.file = imageFile(top, this.extents);
     if (!(st.options.check && st.options.write)) this.check = () => this.#check();
+    this.#openFile = st.options.openFile;
   }
 
   get size(): number {
@@ -613,6 +618,7 @@ export class VmdkImage implements FormatImage {
       } else if (l.kind === "error") {
         throw new QimgError("Input/output error");
       } else if (backingRead && l.kind !== "zeroed") {
+        if (!await this.#cidValid()) throw new QimgError("Invalid argument");
         await backingRead(guest, dst);
       } else {
         dst.fill(0);
@@ -875,6 +881,7 @@ export class VmdkImage implements FormatImage {
     e.nextClusterSector += e.clusterSectors;
     const whole = new Uint8Array(cb);
     const clusterGuest = guest - inCluster;
+    if (backingRead && !await this.#cidValid()) throw new QimgError("Invalid argument");
     if (backingRead && l.kind !== "zeroed") {
       if (inCluster > 0) await backingRead(clusterGuest, whole.subarray(0, inCluster));
       const end = inCluster + piece.length;
@@ -926,6 +933,29 @@ export class VmdkImage implements FormatImage {
       await e.file.write(backup * SECTOR + l.l2Index! * 4, entry);
     }
     (e.l2Cache.get(l.l2Offset) as Uint32Array | undefined)?.set([value], l.l2Index!);
+  }
+
+  /**
+   * qemu reads through to the parent only while the parent's CID is the
+   * parentCID recorded here: a parent written since reads as an error.
+   */
+  async #cidValid(): Promise<boolean> {
+    if (this.#cidChecked || !this.backing) return true;
+    let file: BlockFile | undefined;
+    try {
+      file = await this.#openFile!(this.#top.resolve(this.backing.name), false);
+      const magic = be32(await readAt(file, 0, 4), 0);
+      const sparse = magic === VMDK3_MAGIC || magic === VMDK4_MAGIC;
+      const area = await readAt(file, sparse ? 0x200 : 0, DESC_SIZE);
+      area[DESC_SIZE - 1] = 0;
+      if (readCid(cString(latin1(area)), false) !== this.parentCid) return false;
+    } catch {
+      return false;
+    } finally {
+      await file?.close().catch(() => {});
+    }
+    this.#cidChecked = true;
+    return true;
   }
 
   /** qemu rewrites the CID (a random one) on the first write after opening. */

@@ -153,6 +153,10 @@ Deno.test("openVmdk() follows parentFileNameHint to the backing vmdk", async () 
   await assertReadsLikeQemu(d.path, "top.vmdk");
   await assertSameAsQemu(["info", "--backing-chain", "top.vmdk"], d.path);
   await assertSameAsQemu(["info", "--backing-chain", "--output=json", "top.vmdk"], d.path);
+  // Writing the parent gives it a new CID: the overlay's parentCID no longer matches.
+  await sh("qemu-io -f vmdk -c 'write -P 3 0 4k' base.vmdk >/dev/null", d.path);
+  await assertSameAsQemu(["map", "--output=json", "top.vmdk"], d.path);
+  await assertSameAsQemu(["convert", "-m", "1", "-O", "raw", "top.vmdk", "out.raw"], d.path);
 });
 
 Deno.test("openVmdk() reads descriptors with several extents of mixed types", async () => {
