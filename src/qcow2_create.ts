@@ -295,6 +295,9 @@ class Layout {
       if (idx !== block) {
         if (!this.#ensureRefblock(c)) {
           if (i > 0) this.#update(first, i, -addend);
+          // qemu searches again from the start of the failed range, even
+          // when none of it was counted yet (observed, not documented).
+          if (first < this.freeIndex) this.freeIndex = first;
           return false;
         }
         block = idx;
