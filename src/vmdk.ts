@@ -976,8 +976,32 @@ export class VmdkImage implements FormatImage {
     if (limit > 0) await top.write(this.#descOffset, buf.subarray(0, Math.min(DESC_SIZE, limit)));
   }
 
+  /**
+   * As qemu's block layer: the range is cut at the largest grain size into
+   * an unaligned head, an aligned middle and a tail; each piece whose grains
+   * are all whole grains of zeroed-grain extents becomes GTE 1 entries, the
+   * others are written as zeroes.
+   */
   async writeZeroes(offset: number, length: number): Promise<void> {
-    // Whole grains of zeroed-grain extents become GTE 1; anything else is written as zeroes.
+    const align = Math.max(
+      0,
+      ...this.extents.filter((e) => !e.flat).map((e) => e.clusterSectors * SECTOR),
+    );
+    const pieces: [number, number][] = [];
+    if (align === 0) {
+      pieces.push([offset, length]);
+    } else {
+      const end = offset + length;
+      const headEnd = Math.min(end, alignUp(offset, align));
+      const tailStart = Math.max(headEnd, end - (end % align));
+      if (headEnd > offset) pieces.push([offset, headEnd - offset]);
+      if (tailStart > headEnd) pieces.push([headEnd, tailStart - headEnd]);
+      if (end > tailStart) pieces.push([tailStart, end - tailStart]);
+    }
+    for (const [at, len] of pieces) await this.#zeroPiece(at, len);
+  }
+
+  async #zeroPiece(offset: number, length: number): Promise<void> {
     const zeroGrains = await this.#zeroGrainPlan(offset, length);
     if (zeroGrains) {
       for (const { e, l } of zeroGrains) {

@@ -567,3 +567,30 @@ Deno.test("openVmdk() with hostile seSparse entries ends as qemu-img does", asyn
   await assertSameAsQemu(["map", "--output=json", "se.vmdk"], d.path);
   await assertSameAsQemu(["check", "se.vmdk"], d.path);
 });
+
+Deno.test("VmdkImage.writeZeroes() sets zeroed grains where qemu-img convert -n does", async () => {
+  await using d = await tempDir();
+  await sh(
+    "qemu-img create -q -f raw src.raw 8M && " +
+      "qemu-io -f raw -c 'write -P 1 0 100k' -c 'write -P 2 5M 64k' src.raw >/dev/null && mkdir ours theirs",
+    d.path,
+  );
+  for (const opts of ["zeroed_grain=on", "zeroed_grain=on,subformat=twoGbMaxExtentSparse", ""]) {
+    for (const dir of ["ours", "theirs"]) {
+      await sh(
+        `rm -f ${dir}/* && qemu-img create -q -f vmdk ${
+          opts ? `-o ${opts}` : ""
+        } ${dir}/t.vmdk 8M && ` +
+          `qemu-io -f vmdk -c 'write -P 9 0 8M' ${dir}/t.vmdk >/dev/null`,
+        d.path,
+      );
+    }
+    // cp keeps the CIDs the same, so only the conversion differs.
+    await sh("rm -f ours/* && cp theirs/* ours/", d.path);
+    await sh("qemu-img convert -n -O vmdk ../src.raw t.vmdk", `${d.path}/theirs`);
+    const r = await qimg(["convert", "-n", "-O", "vmdk", "../src.raw", "t.vmdk"], `${d.path}/ours`);
+    assertEquals([r.code, r.stderr], [0, ""]);
+    await assertSameFiles(`${d.path}/ours`, `${d.path}/theirs`);
+    await assertReadsLikeQemu(`${d.path}/ours`, "t.vmdk");
+  }
+});
