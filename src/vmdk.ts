@@ -1328,6 +1328,24 @@ async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void
   if (descOffset === 0) await file.truncate(bytes.length);
 }
 
+/**
+ * The format qemu would probe for a non-vmdk backing file, for create's
+ * message (a few magics; the registry cannot be imported from here).
+ */
+function guessFormat(head: Uint8Array): string {
+  const ascii = latin1(head.subarray(0, 16));
+  if (ascii.startsWith("QFI\xfb")) return head[7] === 1 ? "qcow" : "qcow2";
+  if (ascii.startsWith("QED\0")) return "qed";
+  if (ascii.startsWith("conectix")) return "vpc";
+  if (ascii.startsWith("vhdxfile")) return "vhdx";
+  if (ascii.startsWith("LUKS\xba\xbe")) return "luks";
+  if (ascii.startsWith("WithoutFreeSpace") || ascii.startsWith("WithouFreSpacExt")) {
+    return "parallels";
+  }
+  if (head.length >= 0x44 && le32(head, 0x40) === 0xbeda107f) return "vdi";
+  return "raw";
+}
+
 /** The CID of the vmdk image `backing` names (create's parentCID). */
 async function backingCid(
   file: BlockFile,
@@ -1335,12 +1353,19 @@ async function backingCid(
   options: CreateOptions,
 ): Promise<number> {
   const path = file.resolve(backing);
-  const bf = await options.openFile!(path, { write: false });
+  let bf: BlockFile;
+  try {
+    bf = await options.openFile!(path, { write: false });
+  } catch (e) {
+    throw new QimgError(`Could not open '${path}': ${strerror(e)}`);
+  }
   const head = new Uint8Array(2048);
   const n = await bf.read(0, head).catch(() => 0);
   if (!probeVmdk(head.subarray(0, n))) {
     await bf.close();
-    throw new QimgError("Invalid backing file format: raw. Must be vmdk");
+    throw new QimgError(
+      `Invalid backing file format: ${guessFormat(head.subarray(0, n))}. Must be vmdk`,
+    );
   }
   let image: VmdkImage;
   try {

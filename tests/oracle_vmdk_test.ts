@@ -594,3 +594,15 @@ Deno.test("VmdkImage.writeZeroes() sets zeroed grains where qemu-img convert -n 
     await assertReadsLikeQemu(`${d.path}/ours`, "t.vmdk");
   }
 });
+
+Deno.test("createVmdk() with an unopenable or non-vmdk backing file fails as qemu-img does", async () => {
+  await using d = await tempDir();
+  await sh("qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img create -q -f raw b.raw 1M", d.path);
+  for (const backing of ["b.qcow2", "b.raw", "nope.vmdk"]) {
+    await assertSameAsQemu(
+      ["create", "-f", "vmdk", "-u", "-b", backing, "-F", "vmdk", "t.vmdk", "1M"],
+      d.path,
+    );
+  }
+  await assertSameAsQemu(["create", "-f", "vmdk", "-b", "b.qcow2", "-F", "vmdk", "t.vmdk"], d.path);
+});
