@@ -354,6 +354,7 @@ const HEADER_POKES: [string, number, number[]][] = [
   ["backup directory far out", 48, le64(0x7fffffffffffffffn)],
   ["stream footer missing", 56, le64(0xffffffffffffffffn)],
   ["version 3 uncompressed", 4, le32(3)],
+  ["capacity 0 with an embedded descriptor", 12, le64(0n)],
 ];
 
 for (const [what, offset, bytes] of HEADER_POKES) {
@@ -605,4 +606,30 @@ Deno.test("createVmdk() with an unopenable or non-vmdk backing file fails as qem
     );
   }
   await assertSameAsQemu(["create", "-f", "vmdk", "-b", "b.qcow2", "-F", "vmdk", "t.vmdk"], d.path);
+});
+
+/** An ESX sparse (COWD) extent: 1 MiB, 4 KiB grains, grains 0 and 3 allocated. */
+function cowdExtent(): Uint8Array {
+  const b = new Uint8Array(56 * 512);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, 0x434f5744, false);
+  [1, 3, 2048, 8, 4, 1].forEach((x, i) => v.setUint32(4 + i * 4, x, true));
+  v.setUint32(4 * 512, 5, true);
+  v.setUint32(5 * 512, 40, true);
+  v.setUint32(5 * 512 + 12, 48, true);
+  b.fill(0x61, 40 * 512, 48 * 512);
+  b.fill(0x62, 48 * 512, 56 * 512);
+  return b;
+}
+
+Deno.test("openVmdk() reads ESX sparse (COWD) extents as qemu-img does", async () => {
+  await using d = await tempDir();
+  await Deno.writeFile(`${d.path}/c.bin`, cowdExtent());
+  await Deno.writeTextFile(
+    `${d.path}/c.vmdk`,
+    'version=1\nCID=1\nparentCID=ffffffff\ncreateType="vmfsSparse"\nRW 2048 VMFSSPARSE "c.bin"\n',
+  );
+  await assertReadsLikeQemu(d.path, "c.vmdk");
+  // Opened directly, a COWD file is an image of its own (with no descriptor: CID from zeroes).
+  await assertSameAsQemu(["info", "-f", "vmdk", "c.bin"], d.path);
 });
