@@ -99,7 +99,7 @@ export const VHDX_CREATE_OPTIONS: OptionDesc[] = [
     name: "block_state_zero",
     type: "bool",
     help:
-      "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic.",
+      "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qimg convert' with subformat=dynamic.",
   },
 ];
 
@@ -120,11 +120,13 @@ function ascii(b: Uint8Array, off: number, n: number): string {
   return String.fromCharCode(...b.subarray(off, off + n));
 }
 
-/** Reads at `offset`, zeroes past the end of the file; offsets qemu cannot address are EIO. */
+/**
+ * Reads at `offset`; past the end of the file reads as zeroes, as qemu's
+ * file layer (offsets above 2^53 arrive as Infinity and read as zeroes).
+ */
 async function readAt(file: BlockFile, offset: number, buf: Uint8Array): Promise<void> {
-  if (!(offset + buf.length <= MAX_OFFSET)) {
-    throw new IoError("offset beyond the block layer's limit");
-  }
+  if (offset >= await file.size()) return void buf.fill(0);
+  if (!(offset + buf.length <= MAX_OFFSET)) throw new RangeError("beyond the block layer");
   const n = await file.read(offset, buf);
   if (n < buf.length) buf.fill(0, n);
 }
@@ -389,7 +391,8 @@ function overlapMessage(start: number, end: number, r: Region): string {
 
 function overlapping(regions: Region[], start: number, length: number): Region | undefined {
   const end = start + length;
-  return regions.find((r) => !(start >= r.end || end <= r.start));
+  // qemu keeps its list newest first.
+  return regions.findLast((r) => !(start >= r.end || end <= r.start));
 }
 
 /**
@@ -510,7 +513,7 @@ export async function openVhdx(file: BlockFile, options: OpenOptions = {}): Prom
       await replayLog(file, pending);
       await updateHeaders(file, hs, { logGuid: new Uint8Array(16) });
     }
-    const l = await readLayout(file, hs, regions, einval, enotsup);
+    const l = await readLayout(file, hs, regions, einval, enotsup, options.warn);
 
     // The BAT: only the part the file holds is read (the rest reads as 0).
     const size = await file.size();
@@ -533,6 +536,8 @@ export async function openVhdx(file: BlockFile, options: OpenOptions = {}): Prom
     }
     return new VhdxImage(file, l, lo, hi, pending.length > 0);
   } catch (e) {
+    // qemu's block layer refuses requests past its limit with EINVAL.
+    if (e instanceof RangeError) throw einval();
     if (e instanceof IoError) throw errno("Input/output error");
     throw e;
   }
@@ -545,6 +550,7 @@ async function readLayout(
   regions: Region[],
   einval: () => QimgError,
   enotsup: () => QimgError,
+  warn?: (message: string) => void,
 ): Promise<Layout> {
   const rt = new Uint8Array(REGION_SIZE);
   await readAt(file, REGION1, rt);
@@ -559,6 +565,7 @@ async function readLayout(
     const length = le32(e, 24);
     const r = overlapping(regions, offset, length);
     if (r) {
+      warn?.(`qimg: ${overlapMessage(offset, offset + length, r)}`);
       throw einval();
     }
     regions.push({ start: offset, end: offset + length });
@@ -604,7 +611,7 @@ async function readLayout(
   const logical = le32(await item(3, 4), 0);
   await item(4, 4);
   if (blockSize < BLOCK_MIN || blockSize > BLOCK_MAX) throw einval();
-  if (logical !== 512) throw logical === 4096 ? enotsup() : einval();
+  if (logical !== 512) throw enotsup();
   if (!isPow2(blockSize)) throw einval();
   const chunkRatio = SECTORS_PER_CHUNK * logical / blockSize;
   // qemu counts sectors from the size, and blocks in 32 bits.
