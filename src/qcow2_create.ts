@@ -463,6 +463,41 @@ class Layout {
   }
 }
 
+/** Bytes of header and extensions up to and including the end marker. */
+function headerLength(s: Qcow2CreateSettings): number {
+  const enc = new TextEncoder();
+  const ext = (n: number) => 8 + Math.ceil(n / 8) * 8;
+  let n = s.version === 3 ? 112 : 72;
+  if (s.backingFormat !== undefined) n += ext(enc.encode(s.backingFormat).length);
+  if (s.dataFile !== undefined) n += ext(enc.encode(s.dataFile).length);
+  if (s.version === 3 && s.clusterSize > 4096) n += ext(FEATURE_NAMES.length * 48);
+  return n + 8;
+}
+
+/** qemu's errors when the header, then the backing file name, do not fit the first cluster. */
+function checkHeaderFits(s: Qcow2CreateSettings, withBacking: boolean): void {
+  const used = headerLength(s);
+  if (!withBacking) {
+    if (used > s.clusterSize) {
+      throw new QimgError("Could not update qcow2 header: No space left on device");
+    }
+    return;
+  }
+  if (s.backingFile === undefined) return;
+  const name = new TextEncoder().encode(s.backingFile).length;
+  // qemu's backing file name buffer holds 1023 bytes.
+  const errno = name > 1023
+    ? "Invalid argument"
+    : used + name > s.clusterSize
+    ? "No space left on device"
+    : undefined;
+  if (errno) {
+    throw new QimgError(
+      `Could not assign backing file '${s.backingFile}' with format '${s.backingFormat}': ${errno}`,
+    );
+  }
+}
+
 /** The header cluster: fields, extensions, backing file name. */
 function headerBytes(s: Qcow2CreateSettings, L: Layout, size: number): Uint8Array {
   const h = new Uint8Array(s.clusterSize);
@@ -510,9 +545,6 @@ function headerBytes(s: Qcow2CreateSettings, L: Layout, size: number): Uint8Arra
   pos += 8; // end of extensions
   if (s.backingFile !== undefined) {
     const name = enc.encode(s.backingFile);
-    if (pos + name.length > h.length) {
-      throw new QimgError("Could not write qcow2 header: Invalid argument");
-    }
     putBe64(h, 8, pos);
     putBe32(h, 16, name.length);
     h.set(name, pos);
@@ -612,6 +644,8 @@ async function createInto(
       await createFile(dataFile, size, p === "falloc" || p === "full" ? p : "off");
     }
     const s = settingsFrom(o);
+    // The data file name goes into the header before the image is sized.
+    checkHeaderFits({ ...s, backingFile: undefined, backingFormat: undefined }, false);
     const L = new Layout(s);
     L.reftable[0] = 2;
     L.alloc(3);
@@ -634,6 +668,7 @@ async function createInto(
     } else if (s.prealloc !== "off") {
       preallocateFull(L, size, s.prealloc, l1End);
     }
+    checkHeaderFits(s, true);
     // Final metadata, written over whatever the steps above left.
     const ops: FileOp[] = [
       { kind: "write", offset: 0, data: headerBytes(s, L, size) },

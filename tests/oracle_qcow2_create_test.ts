@@ -77,7 +77,8 @@ async function assertCreateSame(dir: string, args: string[]): Promise<void> {
 async function runCases(cases: string[][]): Promise<void> {
   await using root = await tempDir();
   const setup = "qemu-img create -q base.raw 1M && qemu-img create -q -f qcow2 base.qcow2 3M " +
-    "&& mkdir sub && qemu-img create -q -f qcow2 sub/b.qcow2 2M";
+    "&& mkdir sub && qemu-img create -q -f qcow2 sub/b.qcow2 2M && mkdir -p sub/" +
+    "z".repeat(200) + "/" + "z".repeat(200);
   const width = 6;
   for (let i = 0; i < cases.length; i += width) {
     await Promise.all(
@@ -262,6 +263,32 @@ Deno.test("createQcow2() refuses bad options with qemu-img's messages and leaves
   cases.push(["-u", "-b", "x", "-F", "raw", "-o", "data_file=d.raw,data_file_raw=on", "IMG", "1M"]);
   cases.push(["-u", "-b", "x", "-F", "foo", "IMG", "1M"]);
   cases.push(["-o", "refcount_bits=3", "nodir/IMG", "1M"]);
+  await runCases(cases);
+});
+
+Deno.test("createQcow2() refuses names that do not fit the header, as qemu-img", async () => {
+  const long = (n: number) => "a/" + "y".repeat(n);
+  const cases: string[][] = [];
+  for (const cs of ["512", "1024", "2048"]) {
+    for (const n of [300, 390, 400, 600, 1021, 1100]) {
+      cases.push(["-o", `cluster_size=${cs}`, "-u", "-b", long(n), "-F", "raw", "IMG", "1M"]);
+    }
+    cases.push([
+      "-o",
+      `cluster_size=${cs},compat=0.10`,
+      "-u",
+      "-b",
+      long(420),
+      "-F",
+      "raw",
+      "IMG",
+      "1M",
+    ]);
+  }
+  // The external data file name alone overflows a 512-byte header cluster.
+  const dir = "z".repeat(200);
+  cases.push(["-o", `cluster_size=512,data_file=sub/${dir}/${dir}/d.raw`, "IMG", "1M"]);
+  cases.push(["-o", `cluster_size=1024,data_file=sub/${dir}/${dir}/d.raw`, "IMG", "1M"]);
   await runCases(cases);
 });
 
