@@ -63,16 +63,21 @@ export async function run(args: string[], io: Io): Promise<number> {
   const size = operands.length > 1 ? cvtnum("image size", operands[1], { warn }) : undefined;
   if (operands.length > 2) throw usageError(`Unexpected argument: ${operands[2]}`);
   try {
-    await createImageWith(filename, {
-      format,
-      size,
-      options: optionText,
-      backingFile,
-      backingFormat,
-      unsafeBacking,
-      warn,
-      onFormatting: quiet ? undefined : (line) => io.stdout(line),
-    }, (path, o) => io.openFile(path, o), io.remove?.bind(io));
+    await createImageWith(
+      filename,
+      {
+        format,
+        size,
+        options: optionText,
+        backingFile,
+        backingFormat,
+        unsafeBacking,
+        warn,
+        onFormatting: quiet ? undefined : (line) => io.stdout(line),
+      },
+      (path, o) => io.openFile(path, o),
+      io.remove?.bind(io),
+    );
   } catch (e) {
     // qemu-img names the target before every message from the block layer.
     if (e instanceof QimgError) {
