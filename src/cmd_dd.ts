@@ -11,7 +11,7 @@ import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
 import type { Image } from "./image.ts";
 import { findFormat } from "./formats.ts";
-import { convert, type CopyTarget, imageTarget, sliceSource } from "./convert.ts";
+import { convert, CopyError, type CopyTarget, imageTarget, sliceSource } from "./convert.ts";
 import { createTargetFile } from "./cmd_convert.ts";
 import { cvtnum } from "./size.ts";
 import { openForCommand, processObject } from "./cmd_util.ts";
@@ -142,15 +142,9 @@ export async function run(args: string[], io: Io): Promise<number> {
           minSparse: 0,
         });
       } catch (e) {
-        const text = e instanceof QimgError ? e.message : strerror(e);
-        const m = /^error while (reading|writing) at byte \d+: (.*)$/s.exec(text);
-        if (m?.[1] === "reading") {
-          throw new QimgError(`error while reading from input image file: ${m[2]}`);
-        }
-        if (m?.[1] === "writing") {
-          throw new QimgError(`error while writing to output image file: ${m[2]}`);
-        }
-        throw e;
+        if (!(e instanceof CopyError)) throw e;
+        const side = e.operation === "reading" ? "reading from input" : "writing to output";
+        throw new QimgError(`error while ${side} image file: ${e.reason}`);
       }
     }
     await output.flush();

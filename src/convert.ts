@@ -78,6 +78,28 @@ export interface ConvertOptions {
   progress?: (percent: number) => void;
 }
 
+/** A failed read or write of the copy, with qemu-img's message (`error while reading at byte N: ...`). */
+export class CopyError extends QimgError {
+  /** Which side failed. */
+  readonly operation: "reading" | "writing";
+  /** Guest offset of the failed request. */
+  readonly offset: number;
+  /** The system error's text (strerror). */
+  readonly reason: string;
+  /**
+   * @param operation which side failed
+   * @param offset guest offset of the request
+   * @param reason the error's text
+   */
+  constructor(operation: "reading" | "writing", offset: number, reason: string) {
+    super(`error while ${operation} at byte ${offset}: ${reason}`);
+    this.name = "CopyError";
+    this.operation = operation;
+    this.offset = offset;
+    this.reason = reason;
+  }
+}
+
 /** What the engine needs of a source: an Image, or a window onto one (see {@link sliceSource}). */
 export interface SourceImage {
   /** Virtual size in bytes. */
@@ -457,7 +479,7 @@ class Converter {
           await this.#read(sector, count, buf!);
         } catch (err) {
           this.#fail(
-            new QimgError(`error while reading at byte ${sector * SECTOR}: ${strerror(err)}`),
+            new CopyError("reading", sector * SECTOR, strerror(err)),
           );
         }
       } else if (this.#minSparse === 0 && status === Status.Zero) {
@@ -475,7 +497,7 @@ class Converter {
           await this.#write(sector, count, buf, status);
         } catch (err) {
           this.#fail(
-            new QimgError(`error while writing at byte ${sector * SECTOR}: ${strerror(err)}`),
+            new CopyError("writing", sector * SECTOR, strerror(err)),
           );
         }
       }

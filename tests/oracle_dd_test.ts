@@ -137,3 +137,24 @@ Deno.test("dd of a 1 TiB sparse image reads no holes and stays in bounded memory
   const [sq, so] = [await Deno.stat(`${pair.q}/big.out`), await Deno.stat(`${pair.o}/big.out`)];
   assertEquals([so.size, so.blocks], [sq.size, sq.blocks]);
 });
+
+Deno.test("dd reports an unreadable input block as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "seq 1 100000 > s.raw && truncate -s 1M s.raw && qemu-img convert -c -O qcow2 s.raw c.qcow2",
+    dir.path,
+  );
+  // Corrupt the first compressed cluster's deflate stream: reading it fails with EIO.
+  const b = await Deno.readFile(`${dir.path}/c.qcow2`);
+  const view = new DataView(b.buffer);
+  const l2 = Number(view.getBigUint64(Number(view.getBigUint64(40))) & 0x00fffffffffffe00n);
+  const data = Number(view.getBigUint64(l2) & ((1n << 54n) - 1n));
+  for (let i = data + 10; i < data + 60; i++) b[i] ^= 0x5a;
+  await Deno.writeFile(`${dir.path}/c.qcow2`, b);
+  const pair = await makePair(dir.path);
+  await assertSameRun(pair, ["dd", "if=../c.qcow2", "of=o1"], { outputs: ["o1"] });
+  await assertSameRun(pair, ["dd", "bs=64k", "skip=1", "if=../c.qcow2", "of=o2"], {
+    outputs: ["o2"],
+    exact: true,
+  });
+});
