@@ -53,6 +53,7 @@ import {
 import { checkQcow2 } from "./qcow2_refcount.ts";
 import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_snapshot.ts";
 import { createQcow2 } from "./qcow2_create.ts";
+import { Qcow2Writer } from "./qcow2_write.ts";
 import { QCOW2_CREATE_OPTIONS } from "./options.ts";
 
 /** One bitmap as `info` lists it. */
@@ -318,11 +319,43 @@ export class Qcow2Image implements FormatImage {
     return view;
   }
 
+  /** The write side (qcow2_write.ts), made on the first write. */
+  #writer?: Qcow2Writer;
+
+  #w(): Qcow2Writer {
+    this.#writer ??= new Qcow2Writer(this.file, this.header, this.mapper, {
+      hasBacking: this.backing !== undefined,
+      // A freed compressed cluster's bytes may be reused: forget the decompressed copy.
+      onChange: () => this.#cached = undefined,
+    });
+    return this.#writer;
+  }
+
+  /** Writes guest bytes (qcow2_write.ts). */
+  write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    return this.#w().write(offset, data, backingRead);
+  }
+
+  /** Makes a range read as zeroes (qcow2_write.ts). */
+  writeZeroes(
+    offset: number,
+    length: number,
+    options?: { mayUnmap?: boolean; backingRead?: BackingReader },
+  ): Promise<void> {
+    return this.#w().writeZeroes(offset, length, options);
+  }
+
+  /** Writes one cluster compressed (qcow2_write.ts). */
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return this.#w().writeCompressed(offset, data);
+  }
+
   flush(): Promise<void> {
-    return Promise.resolve();
+    return this.#writer ? this.#writer.flush() : Promise.resolve();
   }
 
   async close(): Promise<void> {
+    await this.#writer?.flush();
     if (this.dataFile && this.dataFile !== this.file) await this.dataFile.close();
     await this.file.close();
   }

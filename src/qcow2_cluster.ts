@@ -109,6 +109,8 @@ export class ClusterMapper {
     const size = header.clusterSize;
     this.l2Cache = options.cache ?? new MetadataCache({
       load: (offset) => readPadded(file, offset, size),
+      // Only the write side (qcow2_write.ts) marks tables dirty.
+      writeBack: (offset, data) => file.write(offset, data),
     }, { maxBytes: options.cacheBytes ?? L2_CACHE_BYTES });
   }
 

@@ -1,0 +1,717 @@
+/**
+ * The qcow2 write side: cluster allocation with refcount updates (refcount
+ * blocks allocated and self-describing as needed, the refcount table moved
+ * when it is full), L2 table allocation and copy-on-write, and the
+ * FormatImage writes (write, writeZeroes, writeCompressed, flush).
+ *
+ * Allocation is append-style as qemu's: a free-cluster index moves forward
+ * through the refcounts, so a fresh image fills up from its end, an L2
+ * table just before the data it maps. Ordering: refcount blocks are flushed
+ * before L2 tables (the L2 cache depends on the refcount cache), data is
+ * written before the L2 entry pointing at it, L2 tables before the L1 table.
+ * All writes run one at a time (qemu's s->lock).
+ */
+
+import type { BackingReader } from "./driver.ts";
+import type { BlockFile } from "./file.ts";
+import { IoError, QimgError } from "./errors.ts";
+import { MetadataCache } from "./cache.ts";
+import { decompressCluster } from "./codec.ts";
+import { alignUp, isZero, putBe32, putBe64 } from "./bytes.ts";
+import { CRYPT_NONE, type Qcow2Header, readPadded } from "./qcow2_header.ts";
+import {
+  type ClusterMapper,
+  compressedDescriptor,
+  entryOffset,
+  OFLAG_COMPRESSED_HI,
+  OFLAG_COPIED_HI,
+  OFLAG_ZERO,
+} from "./qcow2_cluster.ts";
+import pako from "pako";
+import * as zlib from "node:zlib";
+
+/** Header offset of the refcount table fields (u64 offset, then u32 clusters). */
+const HDR_REFTABLE_OFFSET = 48;
+
+/** Refcount `i` of a block of 2^order-bit entries (sub-byte entries LSB first). */
+export function getRefcount(b: Uint8Array, i: number, order: number): number {
+  switch (order) {
+    case 0:
+      return (b[i >> 3] >> (i & 7)) & 1;
+    case 1:
+      return (b[i >> 2] >> (2 * (i & 3))) & 3;
+    case 2:
+      return (b[i >> 1] >> (4 * (i & 1))) & 15;
+    case 3:
+      return b[i];
+    case 4:
+      return (b[2 * i] << 8) | b[2 * i + 1];
+    case 5:
+      return ((b[4 * i] << 24) | (b[4 * i + 1] << 16) | (b[4 * i + 2] << 8) | b[4 * i + 3]) >>>
+        0;
+    default: {
+      const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
+      return v.getUint32(8 * i) * 0x100000000 + v.getUint32(8 * i + 4);
+    }
+  }
+}
+
+/** Sets refcount `i` of a block of 2^order-bit entries. */
+export function setRefcount(b: Uint8Array, i: number, order: number, value: number): void {
+  if (order <= 2) {
+    const bits = 1 << order;
+    const per = 8 / bits;
+    const shift = (i % per) * bits;
+    const mask = ((1 << bits) - 1) << shift;
+    const at = Math.floor(i / per);
+    b[at] = (b[at] & ~mask) | ((value << shift) & mask);
+    return;
+  }
+  if (order === 3) b[i] = value;
+  else if (order === 4) {
+    b[2 * i] = value >> 8;
+    b[2 * i + 1] = value & 0xff;
+  } else if (order === 5) putBe32(b, 4 * i, value);
+  else putBe64(b, 8 * i, value);
+}
+
+/**
+ * The refcount structures of one image, for allocating and freeing
+ * clusters: the refcount table in memory, refcount blocks in a cache.
+ */
+export class Qcow2Refcounts {
+  readonly cache: MetadataCache;
+  /** Refcount block offsets by table index (0: none). */
+  table: number[];
+  /** Entries of the table as it is on disk (entries past it exist only in memory while it moves). */
+  #diskEntries: number;
+  /** Clusters below this one are known to be in use (qemu's free_cluster_index). */
+  freeIndex = 0;
+  /** Where the next compressed cluster may start (0: a fresh cluster). */
+  freeByte = 0;
+  readonly #file: BlockFile;
+  readonly #header: Qcow2Header;
+  readonly #cs: number;
+  readonly #order: number;
+  readonly #perBlock: number;
+  readonly #max: number;
+
+  constructor(file: BlockFile, header: Qcow2Header, table: number[]) {
+    this.#file = file;
+    this.#header = header;
+    this.#cs = header.clusterSize;
+    this.#order = header.refcountOrder;
+    this.#perBlock = this.#cs * 8 / 2 ** this.#order;
+    this.#max = this.#order >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** this.#order) - 1;
+    this.table = table;
+    this.#diskEntries = table.length;
+    const cs = this.#cs;
+    this.cache = new MetadataCache({
+      load: (offset) => readPadded(file, offset, cs),
+      writeBack: (offset, data) => file.write(offset, data),
+    }, { maxBytes: Math.max(4 * 1024 * 1024, 4 * cs) });
+  }
+
+  /** Reads the refcount table of `header`. */
+  static async open(file: BlockFile, header: Qcow2Header): Promise<Qcow2Refcounts> {
+    const raw = await readPadded(
+      file,
+      header.refcountTableOffset,
+      header.refcountTableClusters * header.clusterSize,
+    );
+    const v = new DataView(raw.buffer);
+    const table: number[] = [];
+    for (let i = 0; i < raw.length; i += 8) {
+      // Reserved low bits are ignored, as qemu's REFT_OFFSET_MASK does.
+      table.push(v.getUint32(i) * 0x100000000 + ((v.getUint32(i + 4) & ~0x1ff) >>> 0));
+    }
+    return new Qcow2Refcounts(file, header, table);
+  }
+
+  /** The largest refcount an entry holds. */
+  get max(): number {
+    return this.#max;
+  }
+
+  /** The refcount of host cluster `index` (0 where no block covers it). */
+  async get(index: number): Promise<number> {
+    const t = Math.floor(index / this.#perBlock);
+    const offset = this.table[t] ?? 0;
+    if (!offset) return 0;
+    return getRefcount(await this.cache.get(offset), index % this.#perBlock, this.#order);
+  }
+
+  /**
+   * Finds `n` contiguous free clusters from the free index and moves the
+   * index past them, without taking a reference (qemu's alloc_clusters_noref).
+   */
+  async findFree(n: number): Promise<number> {
+    let start = this.freeIndex;
+    for (let i = 0; i < n;) {
+      if (await this.get(start + i) !== 0) {
+        start += i + 1;
+        i = 0;
+      } else i++;
+    }
+    this.freeIndex = start + n;
+    return start;
+  }
+
+  /** Allocates `n` contiguous clusters with refcount 1; returns the host offset. */
+  async allocClusters(n: number): Promise<number> {
+    const start = await this.findFree(n);
+    for (let c = start; c < start + n; c++) await this.change(c, 1);
+    return start * this.#cs;
+  }
+
+  /**
+   * Allocates `size` bytes for a compressed cluster, packed after the
+   * previous one as qemu's qcow2_alloc_bytes: a cluster shared by several
+   * compressed clusters counts one reference for each.
+   */
+  async allocBytes(size: number): Promise<number> {
+    const cs = this.#cs;
+    let offset = this.freeByte;
+    if (offset && await this.get(Math.floor(offset / cs)) === this.#max) offset = 0;
+    const freeInCluster = cs - (offset % cs);
+    if (!offset || freeInCluster < size) {
+      const fresh = (await this.findFree(1)) * cs;
+      // Continue into the next cluster only when it directly follows.
+      if (!offset || alignUp(offset, cs) !== fresh) offset = fresh;
+    }
+    await this.changeRange(offset, size, 1);
+    this.freeByte = (offset + size) % cs ? offset + size : 0;
+    return offset;
+  }
+
+  /** Changes the refcount of every cluster that bytes [offset, offset + length) touch. */
+  async changeRange(offset: number, length: number, delta: number): Promise<void> {
+    const cs = this.#cs;
+    const last = Math.floor((offset + length - 1) / cs);
+    for (let c = Math.floor(offset / cs); c <= last; c++) await this.change(c, delta);
+  }
+
+  /** Adds `delta` to the refcount of cluster `index`. */
+  async change(index: number, delta: number): Promise<void> {
+    const t = Math.floor(index / this.#perBlock);
+    let offset = this.table[t] ?? 0;
+    if (!offset) {
+      if (delta < 0) throw new IoError(`qcow2: freeing cluster ${index} without a refcount`);
+      offset = await this.#allocBlock(t);
+    }
+    const block = await this.cache.get(offset);
+    const i = index % this.#perBlock;
+    const value = getRefcount(block, i, this.#order) + delta;
+    if (value < 0 || value > this.#max) {
+      throw new QimgError(
+        value < 0
+          ? "qcow2: refcount underflow"
+          : "qcow2: refcount overflow (Numerical result out of range)",
+      );
+    }
+    setRefcount(block, i, this.#order, value);
+    await this.cache.put(offset, block, { dirty: true });
+    if (value === 0) {
+      if (index < this.freeIndex) this.freeIndex = index;
+      if (this.freeByte && Math.floor(this.freeByte / this.#cs) === index) this.freeByte = 0;
+    }
+  }
+
+  /**
+   * Allocates refcount block `t` at the next free cluster. A block that
+   * covers its own cluster describes itself; otherwise its reference goes
+   * into the block that covers it. The table grows first when too short.
+   */
+  async #allocBlock(t: number): Promise<number> {
+    if (t >= this.table.length) await this.#growTable(t);
+    const cs = this.#cs;
+    const cluster = await this.findFree(1);
+    const offset = cluster * cs;
+    const data = new Uint8Array(cs);
+    const self = Math.floor(cluster / this.#perBlock) === t;
+    if (self) setRefcount(data, cluster % this.#perBlock, this.#order, 1);
+    // On disk before any table entry points at it.
+    await this.#file.write(offset, data);
+    await this.cache.put(offset, data);
+    this.table[t] = offset;
+    if (!self) await this.change(cluster, 1);
+    if (t < this.#diskEntries) {
+      const e = new Uint8Array(8);
+      putBe64(e, 0, offset);
+      await this.#file.write(this.#header.refcountTableOffset + t * 8, e);
+    }
+    return offset;
+  }
+
+  /**
+   * Moves the refcount table to new, larger clusters that hold entries at
+   * least up to `t`, enough also for the blocks describing the move itself.
+   * The header switches to the new table once it and its blocks are on disk;
+   * then the old table's clusters are freed.
+   */
+  async #growTable(t: number): Promise<void> {
+    const cs = this.#cs;
+    const oldOffset = this.#header.refcountTableOffset;
+    const oldClusters = this.#header.refcountTableClusters;
+    let clusters = Math.max(1, oldClusters);
+    let entries = 0;
+    // Cover the table's own clusters and the blocks that describe them.
+    for (let i = 0; i < 4; i++) {
+      const end = this.freeIndex + clusters + Math.ceil(clusters * cs / 8) + 2;
+      entries = Math.max(t + 1, Math.ceil(end / this.#perBlock) + 1);
+      while (clusters * cs / 8 < entries) clusters = Math.floor((clusters * 3 + 1) / 2);
+    }
+    while (this.table.length < clusters * cs / 8) this.table.push(0);
+    const offset = await this.allocClusters(clusters);
+    const raw = new Uint8Array(clusters * cs);
+    for (let i = 0; i < this.table.length; i++) putBe64(raw, i * 8, this.table[i]);
+    await this.cache.flush();
+    await this.#file.write(offset, raw);
+    const h = new Uint8Array(12);
+    putBe64(h, 0, offset);
+    putBe32(h, 8, clusters);
+    await this.#file.write(HDR_REFTABLE_OFFSET, h);
+    this.#header.refcountTableOffset = offset;
+    this.#header.refcountTableClusters = clusters;
+    this.#diskEntries = this.table.length;
+    if (oldClusters) {
+      for (let c = 0; c < oldClusters; c++) await this.change(oldOffset / cs + c, -1);
+    }
+  }
+}
+
+/** How a Qcow2Writer works on its image. */
+export interface Qcow2WriterOptions {
+  /** Whether the image has a backing file (unallocated clusters then read from it). */
+  hasBacking: boolean;
+  /** Called after metadata changes that can make cached decompressed data stale. */
+  onChange?: () => void;
+}
+
+/** The parts of an L2 entry the writer looks at. */
+interface L2Entry {
+  offset: number;
+  copied: boolean;
+  compressed: boolean;
+  zero: boolean;
+  hi: number;
+  lo: number;
+}
+
+function readEntry(view: DataView, i: number): L2Entry {
+  const hi = view.getUint32(i * 8);
+  const lo = view.getUint32(i * 8 + 4);
+  const compressed = (hi & OFLAG_COMPRESSED_HI) !== 0;
+  return {
+    hi,
+    lo,
+    compressed,
+    offset: compressed ? 0 : entryOffset(hi, lo),
+    copied: (hi & OFLAG_COPIED_HI) !== 0,
+    zero: !compressed && (lo & OFLAG_ZERO) !== 0,
+  };
+}
+
+function setEntry(view: DataView, i: number, value: bigint): void {
+  view.setBigUint64(i * 8, value);
+}
+
+const COPIED = 1n << 63n;
+const COMPRESSED = 1n << 62n;
+
+/** Writes guest data into an open qcow2 image. */
+export class Qcow2Writer {
+  readonly #file: BlockFile;
+  readonly #header: Qcow2Header;
+  readonly #mapper: ClusterMapper;
+  readonly #options: Qcow2WriterOptions;
+  #refs?: Qcow2Refcounts;
+  #l1View: DataView;
+  /** The L1 entries changed since the last flush (first, end). */
+  #l1Dirty: [number, number] | undefined;
+  #queue: Promise<unknown> = Promise.resolve();
+  #backingRead?: BackingReader;
+
+  constructor(
+    file: BlockFile,
+    header: Qcow2Header,
+    mapper: ClusterMapper,
+    options: Qcow2WriterOptions,
+  ) {
+    this.#file = file;
+    this.#header = header;
+    this.#mapper = mapper;
+    this.#options = options;
+    const l1 = mapper.l1;
+    this.#l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  }
+
+  /** Refuses images whose writes are not implemented (yet). */
+  #assertWritable(): void {
+    const h = this.#header;
+    if (!this.#file.writable) throw new QimgError("Permission denied: image opened read-only");
+    if (h.cryptMethod !== CRYPT_NONE) {
+      throw new QimgError("writing encrypted qcow2 images: not supported yet");
+    }
+    if (h.extendedL2) {
+      throw new QimgError("writing qcow2 images with extended L2 entries: not supported yet");
+    }
+    if (this.#mapper.hasDataFile) {
+      throw new QimgError("writing qcow2 images with an external data file: not supported yet");
+    }
+  }
+
+  async #refcounts(): Promise<Qcow2Refcounts> {
+    if (!this.#refs) {
+      this.#refs = await Qcow2Refcounts.open(this.#file, this.#header);
+      // Refcounts reach the disk before the L2 entries that rely on them.
+      this.#mapper.l2Cache.dependsOn(this.#refs.cache);
+    }
+    return this.#refs;
+  }
+
+  /** Runs `op` after every earlier write (qemu's s->lock). */
+  #serial<T>(op: () => Promise<T>): Promise<T> {
+    const p = this.#queue.then(op);
+    this.#queue = p.catch(() => {});
+    return p.finally(() => this.#options.onChange?.());
+  }
+
+  #setL1(index: number, value: number): void {
+    this.#l1View.setBigUint64(index * 8, COPIED | BigInt(value));
+    const d = this.#l1Dirty;
+    this.#l1Dirty = d ? [Math.min(d[0], index), Math.max(d[1], index + 1)] : [index, index + 1];
+  }
+
+  /**
+   * The L2 table for L1 entry `index`, ready for changes: allocated when
+   * missing, copied when shared with a snapshot (no COPIED flag).
+   */
+  async #l2ForWrite(index: number): Promise<{ offset: number; table: Uint8Array }> {
+    const refs = await this.#refcounts();
+    const cs = this.#header.clusterSize;
+    const hi = this.#l1View.getUint32(index * 8);
+    const current = this.#mapper.l2Offset(index);
+    if (current && (hi & OFLAG_COPIED_HI)) {
+      return { offset: current, table: await this.#mapper.l2Table(current) };
+    }
+    const old = current ? await this.#mapper.l2Table(current) : undefined;
+    const offset = await refs.allocClusters(1);
+    const table = old ? old.slice() : new Uint8Array(cs);
+    await this.#mapper.l2Cache.put(offset, table, { dirty: true });
+    this.#setL1(index, offset);
+    if (current) await refs.change(current / cs, -1);
+    return { offset, table };
+  }
+
+  /** Drops this layer's reference to the cluster an L2 entry held. */
+  async #release(e: L2Entry): Promise<void> {
+    const refs = await this.#refcounts();
+    if (e.compressed) {
+      const d = compressedDescriptor(e.hi, e.lo, this.#header.clusterBits);
+      await refs.changeRange(d.hostOffset & ~511, d.size + (d.hostOffset & 511), -1);
+    } else if (e.offset) {
+      await refs.change(e.offset / this.#header.clusterSize, -1);
+    }
+  }
+
+  /** The bytes a cluster held before a write: what copy-on-write keeps around it. */
+  async #oldCluster(e: L2Entry, guestCluster: number, backingRead?: BackingReader) {
+    const cs = this.#header.clusterSize;
+    const buf = new Uint8Array(cs);
+    if (e.compressed) {
+      const d = compressedDescriptor(e.hi, e.lo, this.#header.clusterBits);
+      const input = await readPadded(this.#file, d.hostOffset, d.size);
+      buf.set(await decompressCluster(this.#header.compressionType, input, cs));
+    } else if (e.zero) {
+      // Reads as zeroes.
+    } else if (e.offset) {
+      const n = await this.#file.read(e.offset, buf);
+      if (n < cs) buf.fill(0, Math.max(n, 0));
+    } else if (this.#options.hasBacking) {
+      const read = backingRead ?? this.#backingRead;
+      if (!read) {
+        throw new QimgError(
+          "qcow2: partial cluster write needs the backing file: not supported yet",
+        );
+      }
+      const n = Math.min(cs, this.#header.size - guestCluster);
+      if (n > 0) await read(guestCluster, buf.subarray(0, n));
+    }
+    return buf;
+  }
+
+  /** Writes guest bytes, allocating clusters as needed. */
+  write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    this.#assertWritable();
+    if (backingRead) this.#backingRead = backingRead;
+    return this.#serial(() => this.#write(offset, data, backingRead));
+  }
+
+  async #write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    const span = this.#mapper.l2Span;
+    const end = offset + data.length;
+    let pos = offset;
+    while (pos < end) {
+      const l1Index = Math.floor(pos / span);
+      const chunkEnd = Math.min(end, (l1Index + 1) * span);
+      await this.#writeInL2(l1Index, pos, chunkEnd, data.subarray(pos - offset), backingRead);
+      pos = chunkEnd;
+    }
+  }
+
+  /** Writes [pos, end) within one L2 table; `data` starts at `pos`. */
+  async #writeInL2(
+    l1Index: number,
+    pos: number,
+    end: number,
+    data: Uint8Array,
+    backingRead?: BackingReader,
+  ): Promise<void> {
+    const refs = await this.#refcounts();
+    const cs = this.#header.clusterSize;
+    const span = this.#mapper.l2Span;
+    const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const base = l1Index * span;
+    const first = Math.floor((pos - base) / cs);
+    const last = Math.floor((end - 1 - base) / cs);
+    let i = first;
+    while (i <= last) {
+      const e = readEntry(view, i);
+      const cStart = base + i * cs;
+      if (e.offset && e.copied) {
+        // Ours alone: in place (a preallocated zero cluster is zeroed around the write).
+        const from = Math.max(pos, cStart);
+        const to = Math.min(end, cStart + cs);
+        if (e.zero && (from > cStart || to < cStart + cs)) {
+          const buf = new Uint8Array(cs);
+          buf.set(data.subarray(from - pos, to - pos), from - cStart);
+          await this.#file.write(e.offset, buf);
+        } else {
+          await this.#file.write(e.offset + (from - cStart), data.subarray(from - pos, to - pos));
+        }
+        if (e.zero) setEntry(view, i, COPIED | BigInt(e.offset));
+        i++;
+        continue;
+      }
+      // A run of clusters that need new host clusters, allocated together.
+      let j = i;
+      while (j + 1 <= last) {
+        const n = readEntry(view, j + 1);
+        if (n.offset && n.copied) break;
+        j++;
+      }
+      const count = j - i + 1;
+      const runStart = base + i * cs;
+      const runEnd = runStart + count * cs;
+      const from = Math.max(pos, runStart);
+      const to = Math.min(end, runEnd);
+      let buf: Uint8Array;
+      if (from === runStart && to === runEnd) {
+        buf = data.subarray(from - pos, to - pos);
+      } else {
+        buf = new Uint8Array(count * cs);
+        if (from > runStart) buf.set(await this.#oldCluster(e, runStart, backingRead));
+        if (to < runEnd && (count > 1 || from === runStart)) {
+          const lastStart = runEnd - cs;
+          const old = await this.#oldCluster(readEntry(view, j), lastStart, backingRead);
+          buf.set(old, count * cs - cs);
+        }
+        buf.set(data.subarray(from - pos, to - pos), from - runStart);
+      }
+      const host = await refs.allocClusters(count);
+      await this.#file.write(host, buf);
+      for (let k = 0; k < count; k++) {
+        const old = readEntry(view, i + k);
+        setEntry(view, i + k, COPIED | BigInt(host + k * cs));
+        await this.#release(old);
+      }
+      i = j + 1;
+    }
+    await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
+  }
+
+  /**
+   * Makes a range read as zeroes: zero flags on v3 images (freeing the
+   * clusters when `mayUnmap`), explicit zeroes on v2; ranges that already
+   * read as zeroes are left alone.
+   */
+  writeZeroes(
+    offset: number,
+    length: number,
+    options: { mayUnmap?: boolean; backingRead?: BackingReader } = {},
+  ): Promise<void> {
+    this.#assertWritable();
+    return this.#serial(() => this.#writeZeroes(offset, length, options));
+  }
+
+  async #writeZeroes(
+    offset: number,
+    length: number,
+    options: { mayUnmap?: boolean; backingRead?: BackingReader },
+  ): Promise<void> {
+    const cs = this.#header.clusterSize;
+    const size = this.#header.size;
+    const end = Math.min(offset + length, size);
+    const mayUnmap = options.mayUnmap ?? false;
+    let pos = offset;
+    while (pos < end) {
+      const cStart = pos - (pos % cs);
+      const cEnd = Math.min(cStart + cs, size);
+      if (pos > cStart || end < cEnd) {
+        // Part of a cluster: whole-cluster zeroing only if the rest reads as zero.
+        const to = Math.min(end, cEnd);
+        const rest = await this.#readCluster(cStart, cEnd - cStart, options.backingRead);
+        rest.fill(0, pos - cStart, to - cStart);
+        if (isZero(rest)) await this.#zeroClusters(cStart, cEnd, mayUnmap);
+        else await this.#write(pos, new Uint8Array(to - pos), options.backingRead);
+        pos = to;
+        continue;
+      }
+      // Whole clusters; the image's last cluster counts whole when the range reaches the end.
+      const fullEnd = end === size ? end : end - (end % cs);
+      await this.#zeroClusters(pos, fullEnd, mayUnmap);
+      pos = fullEnd;
+    }
+  }
+
+  /** Reads `length` guest bytes of this image (with its backing file) at `offset`. */
+  async #readCluster(offset: number, length: number, backingRead?: BackingReader) {
+    const buf = new Uint8Array(length);
+    const cs = this.#header.clusterSize;
+    const span = this.#mapper.l2Span;
+    const l2 = this.#mapper.l2Offset(Math.floor(offset / span));
+    let e: L2Entry = { offset: 0, copied: false, compressed: false, zero: false, hi: 0, lo: 0 };
+    if (l2) {
+      const t = await this.#mapper.l2Table(l2);
+      e = readEntry(new DataView(t.buffer, t.byteOffset, t.byteLength), (offset % span) / cs);
+    }
+    if (!e.offset && !e.compressed && !e.zero && !this.#options.hasBacking) return buf;
+    const old = await this.#oldCluster(e, offset, backingRead);
+    return old.subarray(0, length);
+  }
+
+  /** Zeroes whole clusters [start, end) (end may be the unaligned image end). */
+  async #zeroClusters(start: number, end: number, mayUnmap: boolean): Promise<void> {
+    const cs = this.#header.clusterSize;
+    const span = this.#mapper.l2Span;
+    const v3 = this.#header.version >= 3;
+    let pos = start;
+    while (pos < end) {
+      const l1Index = Math.floor(pos / span);
+      const chunkEnd = Math.min(end, (l1Index + 1) * span);
+      if (!this.#mapper.l2Offset(l1Index) && !this.#options.hasBacking) {
+        pos = chunkEnd; // reads as zeroes already
+        continue;
+      }
+      if (!v3) {
+        // No zero flag: explicit zeroes where the clusters do not read as zero.
+        for (let c = pos; c < chunkEnd; c += cs) {
+          const n = Math.min(cs, chunkEnd - c);
+          const now = await this.#readCluster(c, n);
+          if (!isZero(now)) await this.#write(c, new Uint8Array(n));
+        }
+        pos = chunkEnd;
+        continue;
+      }
+      const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
+      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      const base = l1Index * span;
+      for (let i = (pos - base) / cs; base + i * cs < chunkEnd; i++) {
+        const e = readEntry(view, i);
+        if (e.zero && !e.offset) continue;
+        if (!e.offset && !e.compressed && !this.#options.hasBacking) continue;
+        const unmap = e.compressed || (mayUnmap && e.offset !== 0);
+        if (unmap || !e.offset) {
+          setEntry(view, i, BigInt(OFLAG_ZERO));
+          if (unmap) await this.#release(e);
+        } else {
+          setEntry(view, i, (e.copied ? COPIED : 0n) | BigInt(e.offset) | BigInt(OFLAG_ZERO));
+        }
+      }
+      await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
+      pos = chunkEnd;
+    }
+  }
+
+  /**
+   * Writes one cluster compressed (convert -c). Clusters that do not
+   * shrink below a cluster are written normally, as qemu does. A
+   * zero-length write at 0 ends the stream: the file end goes to a sector.
+   */
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    this.#assertWritable();
+    return this.#serial(() => this.#writeCompressed(offset, data));
+  }
+
+  async #writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    const cs = this.#header.clusterSize;
+    if (data.length === 0) {
+      const size = await this.#file.size();
+      if (size % 512) await this.#file.truncate(alignUp(size, 512));
+      return;
+    }
+    if (offset % cs) throw new QimgError("qcow2: compressed writes must be cluster-aligned");
+    let cluster = data;
+    if (data.length < cs) {
+      cluster = new Uint8Array(cs);
+      cluster.set(data);
+    }
+    const out = compressCluster(this.#header.compressionType, cluster);
+    // qemu gives the compressor cluster_size - 1 bytes of room.
+    if (!out || out.length > cs - 1) return await this.#write(offset, data);
+    const span = this.#mapper.l2Span;
+    const l1Index = Math.floor(offset / span);
+    const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const i = (offset % span) / cs;
+    const e = readEntry(view, i);
+    // Compression never overwrites an allocated cluster (qemu: EIO).
+    if (e.offset || e.compressed) throw new IoError("Input/output error");
+    const refs = await this.#refcounts();
+    const host = await refs.allocBytes(out.length);
+    await this.#file.write(host, out);
+    const sectors = Math.floor((host + out.length - 1) / 512) - Math.floor(host / 512);
+    const shift = BigInt(62 - (this.#header.clusterBits - 8));
+    setEntry(view, i, COMPRESSED | (BigInt(sectors) << shift) | BigInt(host));
+    await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
+  }
+
+  /** Writes all changed metadata back, in dependency order, and flushes the file. */
+  flush(): Promise<void> {
+    return this.#serial(async () => {
+      if (!this.#refs && !this.#l1Dirty) return;
+      await this.#refs?.cache.flush();
+      await this.#mapper.l2Cache.flush();
+      const d = this.#l1Dirty;
+      if (d) {
+        const l1 = this.#mapper.l1;
+        await this.#file.write(
+          this.#header.l1TableOffset + d[0] * 8,
+          l1.subarray(d[0] * 8, d[1] * 8),
+        );
+        this.#l1Dirty = undefined;
+      }
+      await this.#file.flush();
+    });
+  }
+}
+
+/**
+ * Compresses one cluster as qemu does: raw deflate with a 4 KiB window and
+ * memLevel 9 (pako gives zlib's bytes exactly, so file sizes match), or a
+ * zstd frame carrying the content size. Undefined when this runtime has no
+ * zstd compressor.
+ */
+export function compressCluster(type: "zlib" | "zstd", data: Uint8Array): Uint8Array | undefined {
+  if (type === "zstd") {
+    const zstd = (zlib as unknown as {
+      zstdCompressSync?: (b: Uint8Array, o: { pledgedSrcSize: number }) => Uint8Array;
+    }).zstdCompressSync;
+    if (!zstd) throw new QimgError("This runtime cannot compress zstd clusters");
+    const out = zstd(data, { pledgedSrcSize: data.length });
+    return new Uint8Array(out.buffer, out.byteOffset, out.length);
+  }
+  return pako.deflateRaw(data, { windowBits: 12, memLevel: 9, level: 6 });
+}
