@@ -296,7 +296,8 @@ export class Qcow2Image implements FormatImage {
 
   /** The internal snapshots, in table order. */
   snapshots(): Promise<Qcow2Snapshot[]> {
-    return Promise.resolve(this.snapshotList);
+    // qemu lists none for images with an external data file (ENOTSUP).
+    return Promise.resolve(this.hasDataFile ? [] : this.snapshotList);
   }
 
   /** Checks the metadata (qcow2_refcount.ts); repair is not implemented yet. */

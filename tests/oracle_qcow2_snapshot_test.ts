@@ -113,6 +113,16 @@ Deno.test("snapshot -l and info show poked snapshot entries as qemu-img", async 
   }
 });
 
+Deno.test("snapshot -l and info list no snapshots of images with a data file, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 -o data_file=df.raw df.qcow2 4M", dir.path);
+  const b = await Deno.readFile(`${dir.path}/df.qcow2`);
+  set32(b, 60, 1);
+  set64(b, 64, 0x20000n);
+  await Deno.writeFile(`${dir.path}/df.qcow2`, b);
+  await assertListsLikeQemu(dir.path, "df.qcow2");
+});
+
 Deno.test("snapshot -l shows long names and ids cut as qemu-img", async () => {
   await using dir = await tempDir();
   const long = "n".repeat(300);
