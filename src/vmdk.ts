@@ -492,6 +492,7 @@ export class VmdkImage implements FormatImage {
   #descOffset: number;
   #cidUpdated = false;
   #cidChecked = false;
+  #lock: Promise<void> = Promise.resolve();
   #openFile?: OpenOptions["openFile"];
   #grain?: { offset: number; data: Uint8Array };
   #pending?: { e: Extent; clusterGuest: number; buf: Uint8Array; filled: number };
@@ -602,7 +603,7 @@ export class VmdkImage implements FormatImage {
   }
 
   async read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void> {
-    await this.#flushPending();
+    if (this.#pending) await this.#locked(() => this.#flushPending());
     let done = 0;
     while (done < buf.length) {
       const guest = offset + done;
@@ -659,7 +660,7 @@ export class VmdkImage implements FormatImage {
   }
 
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
-    await this.#flushPending();
+    if (this.#pending) await this.#locked(() => this.#flushPending());
     const e = this.#find(Math.floor(offset / SECTOR));
     if (!e) throw new QimgError("Input/output error");
     const cb = e.clusterSectors * SECTOR;
@@ -799,8 +800,19 @@ export class VmdkImage implements FormatImage {
     return result;
   }
 
+  /** Runs metadata-changing work one at a time (qemu's per-image CoMutex). */
+  #locked<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#lock.then(fn);
+    this.#lock = run.then(() => {}, () => {});
+    return run;
+  }
+
   /** Writes guest bytes, allocating grains at the end of their extent file as qemu does. */
-  async write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+  write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    return this.#locked(() => this.#write(offset, data, backingRead));
+  }
+
+  async #write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
     if (Math.ceil(offset / SECTOR) > this.size / SECTOR) {
       throw new QimgError("Input/output error");
     }
@@ -982,7 +994,11 @@ export class VmdkImage implements FormatImage {
    * are all whole grains of zeroed-grain extents becomes GTE 1 entries, the
    * others are written as zeroes.
    */
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.#locked(() => this.#writeZeroes(offset, length));
+  }
+
+  async #writeZeroes(offset: number, length: number): Promise<void> {
     const align = Math.max(
       0,
       ...this.extents.filter((e) => !e.flat).map((e) => e.clusterSectors * SECTOR),
@@ -1012,7 +1028,7 @@ export class VmdkImage implements FormatImage {
     }
     const chunk = new Uint8Array(Math.min(length, 1 << 20));
     for (let done = 0; done < length; done += chunk.length) {
-      await this.write(offset + done, chunk.subarray(0, Math.min(chunk.length, length - done)));
+      await this.#write(offset + done, chunk.subarray(0, Math.min(chunk.length, length - done)));
     }
   }
 
@@ -1033,7 +1049,11 @@ export class VmdkImage implements FormatImage {
   }
 
   /** The compressed-cluster entry point of convert -c; an empty write ends the stream. */
-  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return this.#locked(() => this.#writeCompressed(offset, data));
+  }
+
+  async #writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     if (data.length === 0) {
       await this.#flushPending();
       for (const f of new Set(this.extents.map((e) => e.file))) {
@@ -1042,17 +1062,17 @@ export class VmdkImage implements FormatImage {
       }
       return;
     }
-    await this.write(offset, data);
+    await this.#write(offset, data);
   }
 
   async flush(): Promise<void> {
-    await this.#flushPending();
+    await this.#locked(() => this.#flushPending());
     for (const f of new Set([this.#top, ...this.extents.map((e) => e.file)])) await f.flush();
   }
 
   async close(): Promise<void> {
     try {
-      await this.#flushPending();
+      await this.#locked(() => this.#flushPending());
     } finally {
       for (const f of this.#opened) await f.close();
       await this.#top.close();
