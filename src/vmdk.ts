@@ -494,7 +494,8 @@ export class VmdkImage implements FormatImage {
   #cidChecked = false;
   #lock: Promise<void> = Promise.resolve();
   #openFile?: OpenOptions["openFile"];
-  #grain?: { offset: number; data: Uint8Array };
+  /** The last grain inflated (sequential reads take it piece by piece). */
+  #grain?: { extent: Extent; offset: number; data: Uint8Array };
   #pending?: { e: Extent; clusterGuest: number; buf: Uint8Array; filled: number };
 
   constructor(
@@ -640,10 +641,13 @@ export class VmdkImage implements FormatImage {
 
   /** One compressed grain, inflated (zlib stream, after a grain marker when the extent has them). */
   async #readGrain(e: Extent, hostOffset: number): Promise<Uint8Array> {
-    if (this.#grain?.offset === hostOffset) return this.#grain.data;
+    if (this.#grain?.offset === hostOffset && this.#grain.extent === e) return this.#grain.data;
     const cb = e.clusterSectors * SECTOR;
-    const raw = await readAt(e.file, hostOffset, cb * 2);
-    let input = raw.subarray(0, cb);
+    // Two grains' worth, as qemu reads (marker + data may exceed one), but
+    // never past the end of the file: hostile grain sizes reach 1 GiB.
+    const avail = Math.max(12, Math.min(cb * 2, (await e.file.size()) - hostOffset));
+    const raw = await readAt(e.file, hostOffset, avail);
+    let input = raw.subarray(0, Math.min(raw.length, cb));
     if (e.hasMarker) {
       const size = le32(raw, 8);
       if (!size || size > cb * 2) throw new QimgError("Invalid argument");
@@ -655,7 +659,7 @@ export class VmdkImage implements FormatImage {
     } catch {
       throw new QimgError("Invalid argument");
     }
-    this.#grain = { offset: hostOffset, data: out };
+    this.#grain = { extent: e, offset: hostOffset, data: out };
     return out;
   }
 

@@ -633,3 +633,16 @@ Deno.test("openVmdk() reads ESX sparse (COWD) extents as qemu-img does", async (
   // Opened directly, a COWD file is an image of its own (with no descriptor: CID from zeroes).
   await assertSameAsQemu(["info", "-f", "vmdk", "c.bin"], d.path);
 });
+
+Deno.test("openVmdk() keeps grains of different stream extents apart", async () => {
+  await using d = await tempDir();
+  // Two streamOptimized extents with their first grain at the same file offset.
+  await sh(
+    "for i in 1 2; do qemu-img create -q -f vmdk -o subformat=streamOptimized s$i.vmdk 1M && " +
+      'qemu-io -f vmdk -c "write -P $i 0 64k" s$i.vmdk >/dev/null; done && ' +
+      'printf \'version=1\\nCID=1\\nparentCID=ffffffff\\ncreateType="twoGbMaxExtentSparse"\\n' +
+      'RW 2048 SPARSE "s1.vmdk"\\nRW 2048 SPARSE "s2.vmdk"\\n\' > two.vmdk',
+    d.path,
+  );
+  await assertReadsLikeQemu(d.path, "two.vmdk");
+});
