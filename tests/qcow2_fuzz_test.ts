@@ -331,6 +331,7 @@ Deno.test("qcow2 commands fail cleanly on fuzzed images", async () => {
         ["check", "x.qcow2"],
         ["check", "--output=json", "x.qcow2"],
         ["map", "--output=json", "x.qcow2"],
+        ["snapshot", "-l", "x.qcow2"],
       ];
       // Convert only what is small: a poked size may make a legitimately huge guest.
       const size = new DataView(b.buffer).getBigUint64(24);
