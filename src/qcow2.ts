@@ -301,9 +301,15 @@ export class Qcow2Image implements FormatImage {
   }
 
   /** Checks the metadata (qcow2_refcount.ts); repair is not implemented yet. */
-  check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
-    if (options.repair) throw new QimgError("check -r: not supported yet");
-    return checkQcow2(this.file, this.header, { hasDataFile: this.hasDataFile });
+  async check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
+    const result = await checkQcow2(this.file, this.header, { hasDataFile: this.hasDataFile });
+    // Repairing is not implemented yet; with nothing to repair (and no dirty
+    // bit to clear) qemu's -r run prints exactly what a plain check does.
+    const dirty = (this.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
+    if (options.repair && (result.corruptions || result.leaks || result.checkErrors || dirty)) {
+      throw new QimgError("check -r: not supported yet");
+    }
+    return result;
   }
 
   /**
