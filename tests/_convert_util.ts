@@ -104,3 +104,15 @@ export async function assertSameRun(
   assertEquals(await hashInputs(pair.dir), before, `inputs unchanged by ${args.join(" ")}`);
   return ours;
 }
+
+/** Whether a program is installed (the memory and read-count tests need /usr/bin/time and strace). */
+export function installed(path: string): boolean {
+  try {
+    return Deno.statSync(path).isFile;
+  } catch {
+    return false;
+  }
+}
+
+/** /usr/bin/time and strace are both there. */
+export const CAN_TRACE = installed("/usr/bin/time") && installed("/usr/bin/strace");
