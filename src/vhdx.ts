@@ -197,22 +197,30 @@ export class VhdxImage implements FormatImage {
   /** BAT entries as stored: low and high 32 bits. Entries past the stored part read as 0. */
   readonly #lo: Uint32Array;
   readonly #hi: Uint32Array;
-  readonly #beyond = new Map<number, [number, number]>();
+  readonly #beyond: Map<number, [number, number]>;
   #logReplayed: boolean;
   #firstWrite = true;
   #lock = new Lock();
 
-  constructor(file: BlockFile, l: Layout, lo: Uint32Array, hi: Uint32Array, replayed: boolean) {
+  constructor(file: BlockFile, l: Layout, bat: Bat, replayed: boolean) {
     this.file = file;
     this.#l = l;
     this.size = l.size;
-    this.#lo = lo;
-    this.#hi = hi;
+    this.#lo = bat.lo;
+    this.#hi = bat.hi;
+    this.#beyond = bat.beyond;
     this.#logReplayed = replayed;
   }
 
   #entry(i: number): [number, number] {
     return i < this.#lo.length ? [this.#lo[i], this.#hi[i]] : this.#beyond.get(i) ?? [0, 0];
+  }
+
+  /** The BAT's entries in index order, as [index, lo, hi] (entries not stored are 0). */
+  *#entries(): Generator<[number, number, number]> {
+    for (let i = 0; i < this.#lo.length; i++) yield [i, this.#lo[i], this.#hi[i]];
+    const rest = [...this.#beyond.keys()].filter((i) => i < this.#l.batEntries);
+    for (const i of rest.sort((a, b) => a - b)) yield [i, ...this.#beyond.get(i)!];
   }
 
   #setEntry(i: number, lo: number, hi: number): void {
@@ -327,13 +335,7 @@ export class VhdxImage implements FormatImage {
       this.#logReplayed = false;
     }
     return this.file.size().then((fileSize) => {
-      const errors = checkBatEntries(
-        this.#l,
-        (i) => this.#entry(i),
-        this.#lo.length,
-        fileSize,
-        true,
-      );
+      const errors = checkBatEntries(this.#l, this.#entries(), fileSize, true);
       result.messages = errors.map((m) => `qimg: ${m}`);
       result.corruptions = errors.length;
       return result;
@@ -402,17 +404,13 @@ function overlapping(regions: Region[], start: number, length: number): Region |
  */
 function checkBatEntries(
   l: Layout,
-  entry: (i: number) => [number, number],
-  stored: number,
+  entries: Iterable<[number, number, number]>,
   fileSize: number,
   all: boolean,
 ): string[] {
   const out: string[] = [];
   let payblocks = l.chunkRatio;
-  // Entries past the stored BAT read as 0 (not present): only stored ones can fail.
-  const n = Math.min(l.batEntries, Math.max(stored, 0));
-  for (let i = 0; i < n; i++) {
-    const [lo, hi] = entry(i);
+  for (const [i, lo, hi] of entries) {
     if ((lo & 7) !== PAYLOAD_FULLY_PRESENT) continue;
     const offset = hi * 2 ** 32 + ((lo & 0xfff00000) >>> 0);
     // qemu sizes the last block by the virtual size, indexing with the BAT index.
@@ -515,32 +513,76 @@ export async function openVhdx(file: BlockFile, options: OpenOptions = {}): Prom
     }
     const l = await readLayout(file, hs, regions, einval, enotsup, options.warn);
 
-    // The BAT: only the part the file holds is read (the rest reads as 0).
     const size = await file.size();
-    const storedBytes = Math.max(0, Math.min(l.batEntries * 8, size - l.batOffset));
-    const stored = Math.floor(storedBytes / 8);
-    const raw = new Uint8Array(stored * 8);
-    await readAt(file, l.batOffset, raw);
-    const lo = new Uint32Array(stored);
-    const hi = new Uint32Array(stored);
-    for (let i = 0; i < stored; i++) {
-      lo[i] = le32(raw, i * 8);
-      hi[i] = le32(raw, i * 8 + 4);
-    }
+    const bat = await readBat(file, l, size);
     if (!options.check) {
-      const errors = checkBatEntries(l, (i) => [lo[i], hi[i]], stored, size, false);
+      const entries: [number, number, number][] = [];
+      for (let i = 0; i < bat.lo.length; i++) entries.push([i, bat.lo[i], bat.hi[i]]);
+      for (const [i, [lo, hi]] of [...bat.beyond].sort((x, y) => x[0] - y[0])) {
+        entries.push([i, lo, hi]);
+      }
+      const errors = checkBatEntries(l, entries, size, false);
       if (errors.length) {
         options.warn?.(`qimg: ${errors[0]}`);
         throw einval();
       }
     }
-    return new VhdxImage(file, l, lo, hi, pending.length > 0);
+    return new VhdxImage(file, l, bat, pending.length > 0);
   } catch (e) {
     // qemu's block layer refuses requests past its limit with EINVAL.
     if (e instanceof RangeError) throw einval();
     if (e instanceof IoError) throw errno("Input/output error");
     throw e;
   }
+}
+
+/** A BAT in memory: entries of the guest's blocks densely, nonzero ones past them sparsely. */
+interface Bat {
+  lo: Uint32Array;
+  hi: Uint32Array;
+  beyond: Map<number, [number, number]>;
+}
+
+/**
+ * Reads the BAT. Entries the guest's blocks use are kept densely; the
+ * rest (qemu counts more when its 32-bit block count wraps, as for empty
+ * images) are scanned for nonzero entries only, skipping holes, so an
+ * image's BAT costs what the file holds. Past the end of the file entries read as 0.
+ */
+async function readBat(file: BlockFile, l: Layout, fileSize: number): Promise<Bat> {
+  const blocks = Math.ceil(l.size / l.blockSize);
+  const used = Math.min(l.batEntries, blocks + Math.floor(blocks / l.chunkRatio));
+  const inFile = (n: number) => Math.max(0, Math.min(n, Math.floor((fileSize - l.batOffset) / 8)));
+  const dense = inFile(used);
+  const raw = new Uint8Array(dense * 8);
+  await readAt(file, l.batOffset, raw);
+  const lo = new Uint32Array(dense);
+  const hi = new Uint32Array(dense);
+  const rv = new DataView(raw.buffer);
+  for (let i = 0; i < dense; i++) {
+    lo[i] = rv.getUint32(i * 8, true);
+    hi[i] = rv.getUint32(i * 8 + 4, true);
+  }
+  const beyond = new Map<number, [number, number]>();
+  const end = inFile(l.batEntries);
+  const CHUNK = MiB / 8;
+  for (let i = dense; i < end;) {
+    const at = l.batOffset + i * 8;
+    const e = await file.extent(at, (end - i) * 8);
+    const n = Math.min(end - i, CHUNK, Math.max(1, Math.floor(e.length / 8)));
+    if (e.data) {
+      const b = new Uint8Array(n * 8);
+      await readAt(file, at, b);
+      const v = new DataView(b.buffer);
+      for (let k = 0; k < n; k++) {
+        const x = v.getUint32(k * 8, true);
+        const y = v.getUint32(k * 8 + 4, true);
+        if (x || y) beyond.set(i + k, [x, y]);
+      }
+    }
+    i += n;
+  }
+  return { lo, hi, beyond };
 }
 
 /** Region table, metadata and BAT geometry, as qemu validates them. */
