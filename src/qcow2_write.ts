@@ -223,7 +223,11 @@ export class Qcow2Refcounts {
    * into the block that covers it. The table grows first when too short.
    */
   async #allocBlock(t: number): Promise<number> {
-    if (t >= this.table.length) await this.#growTable(t);
+    if (t >= this.table.length) {
+      await this.#growTable(t);
+      // Moving the table may have allocated this very block already.
+      if (this.table[t]) return this.table[t];
+    }
     const cs = this.#cs;
     const cluster = await this.findFree(1);
     const offset = cluster * cs;
@@ -442,10 +446,10 @@ export class Qcow2Writer {
   }
 
   /** Writes guest bytes, allocating clusters as needed. */
-  write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+  async write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
     this.#assertWritable();
     if (backingRead) this.#backingRead = backingRead;
-    return this.#serial(() => this.#write(offset, data, backingRead));
+    return await this.#serial(() => this.#write(offset, data, backingRead));
   }
 
   async #write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
@@ -537,13 +541,14 @@ export class Qcow2Writer {
    * clusters when `mayUnmap`), explicit zeroes on v2; ranges that already
    * read as zeroes are left alone.
    */
-  writeZeroes(
+  async writeZeroes(
     offset: number,
     length: number,
     options: { mayUnmap?: boolean; backingRead?: BackingReader } = {},
   ): Promise<void> {
     this.#assertWritable();
-    return this.#serial(() => this.#writeZeroes(offset, length, options));
+    if (options.backingRead) this.#backingRead = options.backingRead;
+    return await this.#serial(() => this.#writeZeroes(offset, length, options));
   }
 
   async #writeZeroes(
@@ -564,14 +569,14 @@ export class Qcow2Writer {
         const to = Math.min(end, cEnd);
         const rest = await this.#readCluster(cStart, cEnd - cStart, options.backingRead);
         rest.fill(0, pos - cStart, to - cStart);
-        if (isZero(rest)) await this.#zeroClusters(cStart, cEnd, mayUnmap);
+        if (isZero(rest)) await this.#zeroClusters(cStart, cEnd, mayUnmap, options.backingRead);
         else await this.#write(pos, new Uint8Array(to - pos), options.backingRead);
         pos = to;
         continue;
       }
       // Whole clusters; the image's last cluster counts whole when the range reaches the end.
       const fullEnd = end === size ? end : end - (end % cs);
-      await this.#zeroClusters(pos, fullEnd, mayUnmap);
+      await this.#zeroClusters(pos, fullEnd, mayUnmap, options.backingRead);
       pos = fullEnd;
     }
   }
@@ -593,7 +598,12 @@ export class Qcow2Writer {
   }
 
   /** Zeroes whole clusters [start, end) (end may be the unaligned image end). */
-  async #zeroClusters(start: number, end: number, mayUnmap: boolean): Promise<void> {
+  async #zeroClusters(
+    start: number,
+    end: number,
+    mayUnmap: boolean,
+    backingRead?: BackingReader,
+  ): Promise<void> {
     const cs = this.#header.clusterSize;
     const span = this.#mapper.l2Span;
     const v3 = this.#header.version >= 3;
@@ -609,7 +619,7 @@ export class Qcow2Writer {
         // No zero flag: explicit zeroes where the clusters do not read as zero.
         for (let c = pos; c < chunkEnd; c += cs) {
           const n = Math.min(cs, chunkEnd - c);
-          const now = await this.#readCluster(c, n);
+          const now = await this.#readCluster(c, n, backingRead);
           if (!isZero(now)) await this.#write(c, new Uint8Array(n));
         }
         pos = chunkEnd;
@@ -640,9 +650,9 @@ export class Qcow2Writer {
    * shrink below a cluster are written normally, as qemu does. A
    * zero-length write at 0 ends the stream: the file end goes to a sector.
    */
-  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     this.#assertWritable();
-    return this.#serial(() => this.#writeCompressed(offset, data));
+    return await this.#serial(() => this.#writeCompressed(offset, data));
   }
 
   async #writeCompressed(offset: number, data: Uint8Array): Promise<void> {
