@@ -11,7 +11,10 @@
 import { main } from "./src/command.ts";
 import type { Io } from "./src/command.ts";
 import { DenoFile } from "./src/file.ts";
-import { IoError, isPermissionError, QimgError } from "./src/errors.ts";
+import { reportError } from "./src/report.ts";
+
+// Shared with node_cli.ts; re-exported for callers of the Deno entry.
+export { reportError };
 
 const encoder = new TextEncoder();
 
@@ -50,41 +53,6 @@ export const denoIo: Io = {
   remove: (path) => Deno.remove(path),
   now: () => Date.now(),
 };
-
-/**
- * Prints an error as qemu-img does and returns its exit code: a QimgError
- * is qemu's message (and hint), a missing Deno permission is the first
- * line of Deno's message, anything else is a bug: one line
- * `qimg: internal error: ...`, with the stack only when `debug` is set.
- */
-export function reportError(
-  err: unknown,
-  stderr: (text: string) => void,
-  debug = false,
-): number {
-  if (err instanceof QimgError) {
-    stderr(`qimg: ${err.message}\n${err.hint ? err.hint + "\n" : ""}`);
-    return err.exitCode;
-  }
-  if (isPermissionError(err)) {
-    stderr(`qimg: ${(err as Error).message.split("\n")[0]}\n`);
-    return 1;
-  }
-  if (err instanceof IoError) {
-    // An unreadable image (EIO) is the input's fault, not a bug in qimg.
-    stderr(`qimg: ${err.message}\n`);
-    return 1;
-  }
-  let msg: string;
-  try {
-    msg = err instanceof Error ? err.message : String(err);
-  } catch {
-    msg = "unprintable error";
-  }
-  stderr(`qimg: internal error: ${msg.split("\n")[0]}\n`);
-  if (debug && err instanceof Error && err.stack) stderr(err.stack + "\n");
-  return 1;
-}
 
 /** Whether QIMG_DEBUG=1 is set; never prompts for the env permission. */
 function debugEnabled(): boolean {

@@ -1,0 +1,78 @@
+/**
+ * `deno task build`: the Node build. Bundles node_cli.ts (and everything
+ * it imports, npm:pako included) into one self-contained ESM file,
+ * dist/qimg.mjs, that runs on Node >= 20 with no dependencies, and writes
+ * dist/package.json with a `qimg` bin so that `npm pack` in dist/ gives an
+ * installable package. Node matters because Deno cannot start under the
+ * `prlimit --as=1GiB` that OpenStack and libguestfs put on qemu-img.
+ *
+ * @example Usage
+ * ```sh
+ * deno task build && node dist/qimg.mjs info disk.qcow2
+ * ```
+ * @module
+ */
+
+const ROOT = new URL("..", import.meta.url).pathname;
+const DIST = `${ROOT}dist/`;
+/** The bundle's file name inside dist/. */
+export const BUNDLE = "qimg.mjs";
+
+/** What the npm package says about itself: the bin, Node's minimum version, no dependencies. */
+export function packageJson(version: string): Record<string, unknown> {
+  return {
+    name: "@qimg/qimg",
+    version,
+    description: "qemu-img 7.2 rebuilt in TypeScript: the qimg command line for Node",
+    license: "MIT",
+    type: "module",
+    bin: { qimg: `./${BUNDLE}` },
+    files: [BUNDLE, "README.md", "LICENSE"],
+    // node:fs positional I/O, ESM top-level await and Symbol.asyncDispose: Node 20.
+    engines: { node: ">=20" },
+  };
+}
+
+/** Builds dist/; returns the bundle's path. Throws with deno bundle's output when it fails. */
+export async function build(): Promise<string> {
+  await Deno.mkdir(DIST, { recursive: true });
+  const out = `${DIST}${BUNDLE}`;
+  // --platform deno keeps node: imports as imports (Node has them all) and
+  // bundles npm packages; the command table's dynamic imports are inlined.
+  const r = await new Deno.Command(Deno.execPath(), {
+    args: ["bundle", "--quiet", "--platform", "deno", "--output", out, `${ROOT}node_cli.ts`],
+    cwd: ROOT,
+    env: { NO_COLOR: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!r.success) {
+    const text = new TextDecoder().decode(r.stderr) + new TextDecoder().decode(r.stdout);
+    throw new Error(`deno bundle failed (exit ${r.code}):\n${text}`);
+  }
+  let code = await Deno.readTextFile(out);
+  // npm's bin link runs the file itself: it needs the shebang (esbuild keeps
+  // node_cli.ts's, but a bundler that drops it must not break the package).
+  if (!code.startsWith("#!")) code = "#!/usr/bin/env node\n" + code;
+  await Deno.writeTextFile(out, code, { mode: 0o755 });
+  await Deno.chmod(out, 0o755);
+
+  const config = JSON.parse(await Deno.readTextFile(`${ROOT}deno.json`));
+  await Deno.writeTextFile(
+    `${DIST}package.json`,
+    JSON.stringify(packageJson(config.version), null, 2) + "\n",
+  );
+  for (const f of ["README.md", "LICENSE"]) await Deno.copyFile(`${ROOT}${f}`, `${DIST}${f}`);
+  return out;
+}
+
+if (import.meta.main) {
+  try {
+    const out = await build();
+    console.log(`built ${out.slice(ROOT.length)} and dist/package.json`);
+  } catch (e) {
+    console.error(e instanceof Error ? e.message : String(e));
+    Deno.exit(1);
+  }
+}
