@@ -49,9 +49,12 @@ function qimgCommand(): [string, string[]] {
   ]];
 }
 
-/** Runs qimg with `args` in `cwd`. */
-export function qimg(args: string[], cwd?: string): Promise<RunResult> {
-  const [cmd, pre] = qimgCommand();
+/**
+ * Runs qimg with `args` in `cwd`; `runner` (e.g. `["node", "dist/qimg.mjs"]`)
+ * picks another build for one call without touching the environment.
+ */
+export function qimg(args: string[], cwd?: string, runner?: string[]): Promise<RunResult> {
+  const [cmd, pre] = runner ? [runner[0], runner.slice(1)] : qimgCommand();
   return runProgram(cmd, [...pre, ...args], cwd);
 }
 
@@ -73,8 +76,12 @@ export async function sh(script: string, cwd?: string): Promise<string> {
 }
 
 /** Runs qimg and qemu-img with the same arguments and asserts identical stdout, stderr and exit code. */
-export async function assertSameAsQemu(args: string[], cwd?: string): Promise<RunResult> {
-  const ours = await qimg(args, cwd);
+export async function assertSameAsQemu(
+  args: string[],
+  cwd?: string,
+  runner?: string[],
+): Promise<RunResult> {
+  const ours = await qimg(args, cwd, runner);
   const theirs = await qemuImg(args, cwd);
   assertEquals(
     { stdout: ours.stdout, stderr: ours.stderr, code: ours.code },
