@@ -393,7 +393,17 @@ Deno.test("runCli() turns a command's unexpected exception into one line and exi
       `Deno.exit(await runCli(["info", "a"]));\n`,
   );
   const run = (env: string[]) =>
-    runProgram("env", [...env, Deno.execPath(), "run", "--no-prompt", "--allow-env", script]);
+    runProgram("env", [
+      ...env,
+      Deno.execPath(),
+      "run",
+      "--no-prompt",
+      "--allow-env",
+      // The script lives outside the project: use its import map.
+      "--config",
+      new URL("../deno.json", import.meta.url).pathname,
+      script,
+    ]);
   const plain = await run([]);
   assertEquals(plain, { stdout: "", stderr: "qimg: internal error: x is undefined\n", code: 1 });
   const debug = await run(["QIMG_DEBUG=1"]);
