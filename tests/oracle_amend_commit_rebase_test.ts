@@ -122,8 +122,8 @@ Deno.test("commit -d writes a qcow2 overlay's data into its raw backing file as 
   assertEquals(m.stdout, "");
 });
 
-Deno.test("commit -d writes a qcow2 overlay's data into vmdk, vpc and vdi backing files as qemu-img", async () => {
-  for (const fmt of ["vmdk", "vpc", "vdi"]) {
+Deno.test("commit -d writes a qcow2 overlay's data into qcow2, vmdk, vpc and vdi backing files as qemu-img", async () => {
+  for (const fmt of ["qcow2", "vmdk", "vpc", "vdi"]) {
     await using dir = await tempDir();
     const setup = `qemu-img create -q -f ${fmt} base.${fmt} 4M && ` +
       `qemu-io -f ${fmt} -c 'write -P 0x11 0 1M' base.${fmt} >/dev/null && ` +
@@ -136,6 +136,13 @@ Deno.test("commit -d writes a qcow2 overlay's data into vmdk, vpc and vdi backin
     // Same guest content; qemu's own check (vpc has none) finds nothing wrong.
     await sh(`qemu-img compare -f ${fmt} -F ${fmt} q/base.${fmt} m/base.${fmt}`, dir.path);
     if (fmt !== "vpc") await sh(`qemu-img check -q -f ${fmt} m/base.${fmt}`, dir.path);
+    if (fmt === "qcow2") {
+      // qcow2 holds no random ids or times: the very same bytes.
+      assertEquals(
+        await hashFile(`${dir.path}/m/base.qcow2`),
+        await hashFile(`${dir.path}/q/base.qcow2`),
+      );
+    }
     assertEquals(
       await hashFile(`${dir.path}/m/top.qcow2`),
       await hashFile(`${dir.path}/q/top.qcow2`),
