@@ -33,10 +33,20 @@ export function packageJson(version: string): Record<string, unknown> {
   };
 }
 
-/** Builds dist/; returns the bundle's path. Throws with deno bundle's output when it fails. */
-export async function build(): Promise<string> {
-  await Deno.mkdir(DIST, { recursive: true });
-  const out = `${DIST}${BUNDLE}`;
+/** Where build() writes. */
+export interface BuildOptions {
+  /** Output directory (default: dist/ in the project); tests build into a temp dir. */
+  outDir?: string;
+}
+
+/**
+ * Builds the bundle and package.json; returns the bundle's path. Throws with
+ * deno bundle's output when it fails.
+ */
+export async function build(options: BuildOptions = {}): Promise<string> {
+  const dist = options.outDir ? options.outDir.replace(/\/?$/, "/") : DIST;
+  await Deno.mkdir(dist, { recursive: true });
+  const out = `${dist}${BUNDLE}`;
   // --platform deno keeps node: imports as imports (Node has them all) and
   // bundles npm packages; the command table's dynamic imports are inlined.
   const r = await new Deno.Command(Deno.execPath(), {
@@ -60,10 +70,10 @@ export async function build(): Promise<string> {
 
   const config = JSON.parse(await Deno.readTextFile(`${ROOT}deno.json`));
   await Deno.writeTextFile(
-    `${DIST}package.json`,
+    `${dist}package.json`,
     JSON.stringify(packageJson(config.version), null, 2) + "\n",
   );
-  for (const f of ["README.md", "LICENSE"]) await Deno.copyFile(`${ROOT}${f}`, `${DIST}${f}`);
+  for (const f of ["README.md", "LICENSE"]) await Deno.copyFile(`${ROOT}${f}`, `${dist}${f}`);
   return out;
 }
 
