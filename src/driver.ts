@@ -162,6 +162,11 @@ export interface FormatImage {
   /** The internal snapshots, in table order. */
   snapshots?(): Promise<SnapshotInfo[]>;
   /**
+   * A read-only view of the guest as it was at one of `snapshots()`
+   * (convert -l/-s); closing the view leaves this image open.
+   */
+  atSnapshot?(snapshot: SnapshotInfo): Promise<FormatImage>;
+  /**
    * A read-only view of the guest as it was at `snapshot` (one of
    * `snapshots()`), as qemu's bdrv_snapshot_load_tmp: measure -l, convert -l.
    */

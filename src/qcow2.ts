@@ -18,6 +18,7 @@ import type {
   FormatImage,
   FormatInfo,
   OpenOptions,
+  SnapshotInfo,
 } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
@@ -316,8 +317,11 @@ export class Qcow2Image implements FormatImage {
    * A read-only view of the guest as it was at `snapshot` (convert -l/-s):
    * the snapshot's L1 table over the same files; closing it closes nothing.
    */
-  async atSnapshot(snapshot: Qcow2Snapshot): Promise<Qcow2Image> {
-    const { header, l1 } = await loadSnapshotL1(this.file, this.header, snapshot);
+  async atSnapshot(snapshot: SnapshotInfo): Promise<Qcow2Image> {
+    const sn = this.snapshotList.find((s) => s === snapshot) ??
+      this.snapshotList.find((s) => s.id === snapshot.id && s.name === snapshot.name);
+    if (!sn) throw new QimgError("Can't find snapshot");
+    const { header, l1 } = await loadSnapshotL1(this.file, this.header, sn);
     const mapper = new ClusterMapper(this.file, header, l1, { hasDataFile: this.hasDataFile });
     const view = new Qcow2Image(this.file, header, mapper, this.dataFile);
     view.close = () => Promise.resolve();

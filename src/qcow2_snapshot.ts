@@ -251,7 +251,7 @@ export function snapshotsFromJson(value: JsonValue | undefined): SnapshotInfo[] 
  * both match; otherwise by whichever is given. -1 when none matches.
  */
 export function findSnapshot(
-  snapshots: Qcow2Snapshot[],
+  snapshots: SnapshotInfo[],
   by: { id?: string; name?: string },
 ): number {
   return snapshots.findIndex((s) =>

@@ -184,6 +184,21 @@ Deno.test("Qcow2Image.atSnapshot() reads the guest as qemu-img convert -l does",
       name,
     );
   }
+  // A snapshot the image does not have is refused as qemu's load_tmp does.
+  const image = await openQcow2(await DenoFile.open(`${dir.path}/s.qcow2`, {}));
+  await assertRejects(
+    () =>
+      image.atSnapshot({
+        id: "9",
+        name: "nine",
+        vmStateSize: 0n,
+        dateSec: 0,
+        dateNsec: 0,
+        vmClockNsec: 0n,
+      }),
+    /^QimgError: Can't find snapshot$/,
+  );
+  await image.close();
   // An unaligned snapshot L1 table is refused with qemu's message.
   const b = await Deno.readFile(`${dir.path}/s.qcow2`);
   const sn = layout(b).snapshots;
