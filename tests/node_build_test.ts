@@ -253,6 +253,37 @@ Deno.test({
 });
 
 Deno.test({
+  name: "a qemu-img wrapper on PATH running the Node build serves an OpenStack-style call (README)",
+  ignore: !PRLIMIT,
+  async fn() {
+    await using dir = await tempDir();
+    await makeImages(dir.path);
+    const bin = `${dir.path}/bin`;
+    await Deno.mkdir(bin);
+    await Deno.writeTextFile(`${bin}/qemu-img`, `#!/bin/sh\nexec node ${await bundle()} "$@"\n`, {
+      mode: 0o755,
+    });
+    // As oslo.concurrency runs it for nova: limits, then a C locale, then qemu-img from PATH.
+    const call = [...LIMITS, "env", "LC_ALL=C", "LANG=C", "qemu-img"];
+    for (const args of [["info", "--output=json", "--force-share", "c.qcow2"], ["info", "nope"]]) {
+      const r = await new Deno.Command(call[0], {
+        args: [...call.slice(1), ...args],
+        cwd: dir.path,
+        env: { PATH: `${bin}:${Deno.env.get("PATH") ?? "/usr/bin:/bin"}` },
+        stdin: "null",
+      }).output();
+      const theirs = await qemuImg(args, dir.path);
+      const text = new TextDecoder();
+      assertEquals(
+        { stdout: text.decode(r.stdout), stderr: text.decode(r.stderr), code: r.code },
+        { stdout: theirs.stdout, stderr: theirs.stderr, code: theirs.code },
+        args.join(" "),
+      );
+    }
+  },
+});
+
+Deno.test({
   name: "prlimit --as=1GiB stops Deno, so the Node build is what such callers can run",
   ignore: !PRLIMIT,
   async fn() {
