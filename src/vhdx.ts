@@ -492,8 +492,11 @@ export async function openVhdx(file: BlockFile, options: OpenOptions = {}): Prom
 
     // The log: pending entries are replayed by a writable open, refused otherwise.
     let pending: Awaited<ReturnType<typeof findLogEntries>> = [];
-    if (header.logGuid.some((x) => x !== 0)) {
-      if (le16(header.raw, 64) !== 0) throw einval();
+    if (!(header.logOffset >= MiB) || header.logOffset % MiB || le16(header.raw, 64) !== 0) {
+      throw einval();
+    }
+    if (header.logGuid.some((x) => x !== 0) && header.logLength !== 0) {
+      if (header.logLength % MiB) throw einval();
       pending = await findLogEntries(file, {
         offset: header.logOffset,
         length: header.logLength,
@@ -508,7 +511,7 @@ export async function openVhdx(file: BlockFile, options: OpenOptions = {}): Prom
     }
     const hs: HeaderState = { headers, current };
     if (pending.length) {
-      await replayLog(file, pending);
+      if (!(await replayLog(file, pending))) throw einval();
       await updateHeaders(file, hs, { logGuid: new Uint8Array(16) });
     }
     const l = await readLayout(file, hs, regions, einval, enotsup, options.warn);

@@ -56,6 +56,7 @@ interface Entry {
   sequence: bigint;
   length: number;
   flushedFileOffset: number;
+  lastFileOffset: number;
   writes: LogWrite[];
 }
 
@@ -98,6 +99,7 @@ async function readEntry(
   if (!checksumValid(raw, 4)) return undefined;
   const sequence = new DataView(raw.buffer).getBigUint64(16, true);
   const flushedFileOffset = le64(raw, 48);
+  const lastFileOffset = le64(raw, 56);
   const writes: LogWrite[] = [];
   let dataSector = descSectors;
   for (let i = 0; i < count; i++) {
@@ -124,7 +126,7 @@ async function readEntry(
       return undefined;
     }
   }
-  return { sequence, length, flushedFileOffset, writes };
+  return { sequence, length, flushedFileOffset, lastFileOffset, writes };
 }
 
 /**
@@ -137,8 +139,11 @@ export async function findLogEntries(
   log: { offset: number; length: number; guid: Uint8Array },
 ): Promise<Entry[]> {
   if (log.length < SECTOR || log.length > MAX_LOG || log.length % SECTOR) return [];
+  // Past the end of the file the log reads as zeroes: no entry starts there.
+  const inFile = Math.min(log.length, (await file.size()) - log.offset);
+  if (!Number.isFinite(log.offset) || inFile <= 0) return [];
   let best: Entry[] = [];
-  for (let start = 0; start < log.length; start += SECTOR) {
+  for (let start = 0; start < inFile; start += SECTOR) {
     const first = await readEntry(file, log, start);
     if (!first) continue;
     const chain = [first];
@@ -157,27 +162,31 @@ export async function findLogEntries(
   return best;
 }
 
-/** Applies the entries' writes to the file, then grows it to the last entry's flushed size. */
-export async function replayLog(file: BlockFile, entries: Entry[]): Promise<void> {
+/**
+ * Applies the entries' writes in order, growing the file to each entry's
+ * last file offset (rounded up to 1 MiB, as qemu). False, with nothing
+ * more written, when an entry says the file was longer than it is
+ * (a truncated image).
+ */
+export async function replayLog(file: BlockFile, entries: Entry[]): Promise<boolean> {
   for (const e of entries) {
+    if (!(e.flushedFileOffset <= await file.size())) return false;
     for (const w of e.writes) {
       if (w.data) await file.write(w.offset, w.data);
       else if (w.zeroLength) {
         const chunk = new Uint8Array(Math.min(w.zeroLength, 1 << 20));
         for (let done = 0; done < w.zeroLength; done += chunk.length) {
-          await file.write(
-            w.offset + done,
-            chunk.subarray(0, Math.min(chunk.length, w.zeroLength - done)),
-          );
+          const n = Math.min(chunk.length, w.zeroLength - done);
+          await file.write(w.offset + done, chunk.subarray(0, n));
         }
       }
     }
-  }
-  const last = entries[entries.length - 1];
-  if (
-    last && Number.isFinite(last.flushedFileOffset) && (await file.size()) < last.flushedFileOffset
-  ) {
-    await file.truncate(last.flushedFileOffset);
+    // qemu grows the file only to a last offset that is not 1 MiB-aligned.
+    const last = e.lastFileOffset;
+    if (Number.isFinite(last) && await file.size() < last && last % (1 << 20)) {
+      await file.truncate(Math.ceil(last / (1 << 20)) * (1 << 20));
+    }
   }
   await file.flush();
+  return true;
 }
