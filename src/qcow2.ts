@@ -361,6 +361,11 @@ export class Qcow2Image implements FormatImage {
     return this.#w().writeCompressed(offset, data);
   }
 
+  /** Grows the virtual size (qcow2_write.ts). */
+  resize(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void> {
+    return this.#w().resize(size, options);
+  }
+
   flush(): Promise<void> {
     return this.#writer ? this.#writer.flush() : Promise.resolve();
   }

@@ -89,7 +89,7 @@ export class ClusterMapper {
   readonly header: Qcow2Header;
   readonly file: BlockFile;
   /** The L1 table as stored (big-endian u64 entries). */
-  readonly l1: Uint8Array;
+  l1: Uint8Array;
   readonly l2Cache: MetadataCache;
   /** Whether data lives in an external data file (offset 0 + COPIED is then a real cluster). */
   readonly hasDataFile: boolean;
@@ -112,6 +112,12 @@ export class ClusterMapper {
       // Only the write side (qcow2_write.ts) marks tables dirty.
       writeBack: (offset, data) => file.write(offset, data),
     }, { maxBytes: options.cacheBytes ?? L2_CACHE_BYTES });
+  }
+
+  /** Replaces the L1 table (resize moved it to a larger one). */
+  setL1(l1: Uint8Array): void {
+    this.l1 = l1;
+    this.#l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   }
 
   /** Guest bytes one L2 table maps. */

@@ -330,7 +330,6 @@ export class Qcow2Writer {
   readonly #mapper: ClusterMapper;
   readonly #options: Qcow2WriterOptions;
   #refs?: Qcow2Refcounts;
-  #l1View: DataView;
   /** The L1 entries changed since the last flush (first, end). */
   #l1Dirty: [number, number] | undefined;
   #queue: Promise<unknown> = Promise.resolve();
@@ -346,8 +345,12 @@ export class Qcow2Writer {
     this.#header = header;
     this.#mapper = mapper;
     this.#options = options;
-    const l1 = mapper.l1;
-    this.#l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  }
+
+  /** The L1 table (a resize may replace it). */
+  get #l1View(): DataView {
+    const l1 = this.#mapper.l1;
+    return new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   }
 
   /** Refuses images whose writes are not implemented (yet). */
@@ -692,19 +695,76 @@ export class Qcow2Writer {
   flush(): Promise<void> {
     return this.#serial(async () => {
       if (!this.#refs && !this.#l1Dirty) return;
-      await this.#refs?.cache.flush();
-      await this.#mapper.l2Cache.flush();
-      const d = this.#l1Dirty;
-      if (d) {
-        const l1 = this.#mapper.l1;
-        await this.#file.write(
-          this.#header.l1TableOffset + d[0] * 8,
-          l1.subarray(d[0] * 8, d[1] * 8),
-        );
-        this.#l1Dirty = undefined;
-      }
+      await this.#flushTables();
       await this.#file.flush();
     });
+  }
+
+  async #flushTables(): Promise<void> {
+    await this.#refs?.cache.flush();
+    await this.#mapper.l2Cache.flush();
+    const d = this.#l1Dirty;
+    if (d) {
+      const l1 = this.#mapper.l1;
+      await this.#file.write(
+        this.#header.l1TableOffset + d[0] * 8,
+        l1.subarray(d[0] * 8, d[1] * 8),
+      );
+      this.#l1Dirty = undefined;
+    }
+  }
+
+  /**
+   * Grows the virtual size as qemu's qcow2_co_truncate: a larger L1 table
+   * (exactly as large as needed) moves to the next free clusters, then the
+   * header takes the new table and size. Shrinking and preallocation are
+   * not implemented yet.
+   */
+  async resize(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void> {
+    this.#assertWritable();
+    const h = this.#header;
+    if (size % 512) throw new QimgError("The new size must be a multiple of 512");
+    if (h.nbSnapshots && h.version < 3) {
+      throw new QimgError("Can't resize a v2 image which has snapshots");
+    }
+    if (h.bitmaps) throw new QimgError("resize of qcow2 images with bitmaps: not supported yet");
+    if (size < h.size) throw new QimgError("resize --shrink of qcow2 images: not supported yet");
+    if ((options.preallocation ?? "off") !== "off") {
+      throw new QimgError(
+        `resize --preallocation=${options.preallocation} -f qcow2: not supported yet`,
+      );
+    }
+    await this.#serial(async () => {
+      const span = this.#mapper.l2Span;
+      const needed = Math.ceil(size / span);
+      if (needed > h.l1Size) await this.#growL1(needed);
+      const b = new Uint8Array(8);
+      putBe64(b, 0, size);
+      await this.#file.write(24, b);
+      h.size = size;
+    });
+  }
+
+  async #growL1(entries: number): Promise<void> {
+    const h = this.#header;
+    const cs = h.clusterSize;
+    const refs = await this.#refcounts();
+    const oldOffset = h.l1TableOffset;
+    const oldClusters = Math.ceil(h.l1Size * 8 / cs);
+    const l1 = new Uint8Array(entries * 8);
+    l1.set(this.#mapper.l1.subarray(0, h.l1Size * 8));
+    const offset = await refs.allocClusters(Math.ceil(entries * 8 / cs));
+    // Everything the new table points at is on disk before it.
+    await this.#flushTables();
+    await this.#file.write(offset, l1);
+    const hdr = new Uint8Array(12);
+    putBe32(hdr, 0, entries);
+    putBe64(hdr, 4, offset);
+    await this.#file.write(36, hdr);
+    h.l1Size = entries;
+    h.l1TableOffset = offset;
+    this.#mapper.setL1(l1);
+    for (let c = 0; c < oldClusters; c++) await refs.change(oldOffset / cs + c, -1);
   }
 }
 

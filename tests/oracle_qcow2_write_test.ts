@@ -249,3 +249,31 @@ Deno.test("Qcow2Image.write refuses images whose writes are not supported yet", 
   await assertRejects(() => w.top.write(0, new Uint8Array(512)), /extended L2.*not supported yet/);
   await w.image.close();
 });
+
+Deno.test("resize grows qcow2 images byte for byte as qemu-img (L1 table moved, exact size)", async () => {
+  await using dir = await tempDir();
+  for (const size of ["100G", "+1536", "1T", "+1000"]) {
+    await sh(
+      "rm -f q.qcow2 o.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=4k q.qcow2 1G && " +
+        "qemu-io -c 'write -P 3 1M 3M' q.qcow2 >/dev/null && cp q.qcow2 o.qcow2",
+      dir.path,
+    );
+    const theirs = await runProgram("qemu-img", ["resize", "q.qcow2", size], dir.path);
+    const ours = await qimg(["resize", "o.qcow2", size], dir.path);
+    assertEquals(
+      { ...ours, stderr: ours.stderr.replace(/^qimg:/gm, "qemu-img:") },
+      theirs,
+      `resize ${size}`,
+    );
+    await sh("cmp q.qcow2 o.qcow2", dir.path);
+    await qemuCheck(`${dir.path}/o.qcow2`);
+  }
+  await sh(
+    "qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1M && qemu-img snapshot -c s v2.qcow2",
+    dir.path,
+  );
+  const theirs = await runProgram("qemu-img", ["resize", "v2.qcow2", "2M"], dir.path);
+  const ours = await qimg(["resize", "v2.qcow2", "2M"], dir.path);
+  assertEquals(ours.stderr, theirs.stderr.replace("qemu-img:", "qimg:"));
+  assertEquals(ours.code, theirs.code);
+});
