@@ -9,6 +9,7 @@
 
 import { build } from "../scripts/build_node.ts";
 import { NodeFile } from "../src/node_file.ts";
+import { nodeIo } from "../node_cli.ts";
 import { QimgError, strerror } from "../src/errors.ts";
 import { assertEquals, assertRejects, assertTrue } from "./_assert.ts";
 import { assertSameAsQemu, qemuImg, qimg, runProgram, sh, tempDir } from "./_util.ts";
@@ -146,6 +147,20 @@ Deno.test("NodeFile.open() keeps errno codes for qemu's text and refuses directo
   const rw = await NodeFile.open(`${dir.path}/ro`, { create: true });
   assertEquals(await rw.size(), 0);
   await rw.close();
+});
+
+Deno.test("nodeIo opens, tests for and removes files through node:fs (node_cli.ts, imported without running)", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/f`;
+  assertEquals(await nodeIo.exists!(path), false);
+  const f = await nodeIo.openFile(path, { create: true, write: true });
+  assertTrue(f instanceof NodeFile);
+  await f.write(0, new Uint8Array([1, 2, 3]));
+  await f.close();
+  assertEquals(await nodeIo.exists!(path), true);
+  assertEquals([...await Deno.readFile(path)], [1, 2, 3]);
+  await nodeIo.remove!(path);
+  assertEquals(await nodeIo.exists!(path), false);
 });
 
 /** Oracle cases for `node dist/qimg.mjs`, each compared with qemu-img: stdout, stderr, exit code. */
