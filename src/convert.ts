@@ -244,7 +244,7 @@ export function imageTarget(image: Image): CopyTarget {
     },
     write: (offset, data) => write.call(top, offset, data, backingRead),
     writeZeroes: top.writeZeroes
-      ? (offset, length, options) => top.writeZeroes!(offset, length, options)
+      ? (offset, length, options) => top.writeZeroes!(offset, length, { ...options, backingRead })
       : undefined,
     writeCompressed: top.writeCompressed
       ? (offset, data) => top.writeCompressed!(offset, data)

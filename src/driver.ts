@@ -149,8 +149,16 @@ export interface FormatImage {
   close(): Promise<void>;
   /** Writes guest bytes. */
   write?(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void>;
-  /** Makes a range read as zeroes; `mayUnmap` lets it deallocate (qemu's BDRV_REQ_MAY_UNMAP). */
-  writeZeroes?(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
+  /**
+   * Makes a range read as zeroes; `mayUnmap` lets it deallocate (qemu's
+   * BDRV_REQ_MAY_UNMAP); `backingRead` fills the rest of a partly zeroed
+   * cluster that this layer does not hold yet.
+   */
+  writeZeroes?(
+    offset: number,
+    length: number,
+    options?: { mayUnmap?: boolean; backingRead?: BackingReader },
+  ): Promise<void>;
   /**
    * Writes one cluster compressed (`convert -c`): `offset` is cluster-aligned
    * and `data` a whole cluster (shorter only at the end of the image). A

@@ -277,3 +277,23 @@ Deno.test("resize grows qcow2 images byte for byte as qemu-img (L1 table moved, 
   assertEquals(ours.stderr, theirs.stderr.replace("qemu-img:", "qimg:"));
   assertEquals(ours.code, theirs.code);
 });
+
+Deno.test("convert -B zeroes part of a cluster the backing file holds (copy-on-write from the base)", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 b.qcow2 4M && qemu-io -c 'write -P 1 0 1M' b.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 t.qcow2 && " +
+      "qemu-io -c 'write -P 0 0 4k' -c 'write -P 0 200k 4k' t.qcow2 >/dev/null",
+    dir.path,
+  );
+  const args = ["convert", "-O", "qcow2", "-B", "b.qcow2", "-F", "qcow2", "t.qcow2"];
+  assertEquals((await runProgram("qemu-img", [...args, "q.qcow2"], dir.path)).code, 0);
+  assertEquals(await qimg([...args, "o.qcow2"], dir.path), { stdout: "", stderr: "", code: 0 });
+  await qemuCheck(`${dir.path}/o.qcow2`);
+  await qemuCompare(`${dir.path}/q.qcow2`, `${dir.path}/o.qcow2`);
+  await qemuCompare(`${dir.path}/t.qcow2`, `${dir.path}/o.qcow2`);
+  assertEquals(
+    (await Deno.stat(`${dir.path}/o.qcow2`)).size,
+    (await Deno.stat(`${dir.path}/q.qcow2`)).size,
+  );
+});
