@@ -24,7 +24,7 @@ import { IoError, QimgError } from "./errors.ts";
 import { le16, le32, le64, putLe32, putLe64 } from "./bytes.ts";
 import { truncateFile } from "./protocol.ts";
 import type { OptionDesc } from "./options.ts";
-import { checksumValid, crc32c, findLogEntries, replayLog } from "./vhdx_log.ts";
+import { buildLogEntry, checksumValid, crc32c, findLogEntries, replayLog } from "./vhdx_log.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -200,6 +200,9 @@ export class VhdxImage implements FormatImage {
   readonly #beyond: Map<number, [number, number]>;
   #logReplayed: boolean;
   #firstWrite = true;
+  /** The next log entry's sequence number and position, as qemu keeps them per open. */
+  #logSequence = 1n;
+  #logWrite = 0;
   #lock = new Lock();
 
   constructor(file: BlockFile, l: Layout, bat: Bat, replayed: boolean) {
@@ -300,15 +303,42 @@ export class VhdxImage implements FormatImage {
     }
   }
 
-  /** Stores BAT entry `index` (directly, not through the log). */
+  /**
+   * Stores BAT entry `index` through the log, as [MS-VHDX] 2.3 asks for
+   * metadata: a log entry with the entry's 4 KiB BAT sector under a new
+   * log GUID, then the sector in place, then the log marked empty again
+   * (qemu's order; entries stay in the log region, stale).
+   */
   async #writeEntry(index: number, host: number, state: number): Promise<void> {
     const lo = ((host % 2 ** 32) | state) >>> 0;
     const hi = Math.floor(host / 2 ** 32);
     this.#setEntry(index, lo, hi);
-    const b = new Uint8Array(8);
-    putLe32(b, 0, lo);
-    putLe32(b, 4, hi);
-    await this.file.write(this.#l.batOffset + index * 8, b);
+    const at = this.#l.batOffset + index * 8;
+    const sectorAt = at - at % 4096;
+    const sector = new Uint8Array(4096);
+    await readAt(this.file, sectorAt, sector);
+    putLe32(sector, at % 4096, lo);
+    putLe32(sector, at % 4096 + 4, hi);
+    const header = this.#l.headers[this.#l.current]!;
+    if (header.logLength < 8192) throw Object.assign(new Error("no log"), { code: "EINVAL" });
+    const guid = randomGuid();
+    await updateHeaders(this.file, this.#l, { logGuid: guid });
+    const entry = buildLogEntry({
+      guid,
+      sequence: this.#logSequence,
+      tail: this.#logWrite,
+      fileSize: await this.file.size(),
+      offset: sectorAt,
+      sector,
+    });
+    await this.file.write(header.logOffset + this.#logWrite, entry);
+    await this.file.flush();
+    await this.file.write(sectorAt, sector);
+    await this.file.flush();
+    await updateHeaders(this.file, this.#l, { logGuid: new Uint8Array(16) });
+    this.#logSequence++;
+    // Entries go round the log, each naming itself as the tail (the log is empty again).
+    this.#logWrite = (this.#logWrite + entry.length) % header.logLength;
   }
 
   blockStatus(_offset: number, length: number): Promise<BlockStatus> {

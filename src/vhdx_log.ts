@@ -190,3 +190,41 @@ export async function replayLog(file: BlockFile, entries: Entry[]): Promise<bool
   await file.flush();
   return true;
 }
+
+/**
+ * A one-sector log entry ([MS-VHDX] 2.3.1): the header, one data
+ * descriptor and its data sector, writing `sector` (4 KiB) at `offset`.
+ * The sector's first 8 and last 4 bytes go into the descriptor, the
+ * sequence number into the data sector's first and last words.
+ */
+export function buildLogEntry(o: {
+  guid: Uint8Array;
+  sequence: bigint;
+  tail: number;
+  fileSize: number;
+  offset: number;
+  sector: Uint8Array;
+}): Uint8Array {
+  const entry = new Uint8Array(2 * SECTOR);
+  const v = new DataView(entry.buffer);
+  v.setUint32(0, SIG_ENTRY, true);
+  v.setUint32(8, entry.length, true);
+  v.setUint32(12, o.tail, true);
+  v.setBigUint64(16, o.sequence, true);
+  v.setUint32(24, 1, true);
+  entry.set(o.guid, 32);
+  v.setBigUint64(48, BigInt(o.fileSize), true);
+  v.setBigUint64(56, BigInt(o.fileSize), true);
+  const d = ENTRY_HEADER;
+  v.setUint32(d, SIG_DESC, true);
+  entry.set(o.sector.subarray(4092, 4096), d + 4);
+  entry.set(o.sector.subarray(0, 8), d + 8);
+  v.setBigUint64(d + 16, BigInt(o.offset), true);
+  v.setBigUint64(d + 24, o.sequence, true);
+  v.setUint32(SECTOR, SIG_DATA, true);
+  v.setUint32(SECTOR + 4, Number(o.sequence >> 32n), true);
+  entry.set(o.sector.subarray(8, 4092), SECTOR + 8);
+  v.setUint32(SECTOR + 4092, Number(o.sequence & 0xffffffffn), true);
+  v.setUint32(4, crc32c(entry), true);
+  return entry;
+}
