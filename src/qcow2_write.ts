@@ -18,7 +18,7 @@ import { IoError, QimgError } from "./errors.ts";
 import { MetadataCache } from "./cache.ts";
 import { decompressCluster } from "./codec.ts";
 import { alignUp, isZero, putBe32, putBe64 } from "./bytes.ts";
-import { CRYPT_NONE, type Qcow2Header, readPadded } from "./qcow2_header.ts";
+import { CRYPT_NONE, INCOMPAT_DIRTY, type Qcow2Header, readPadded } from "./qcow2_header.ts";
 import {
   type ClusterMapper,
   compressedDescriptor,
@@ -365,6 +365,14 @@ export class Qcow2Writer {
     }
     if (this.#mapper.hasDataFile) {
       throw new QimgError("writing qcow2 images with an external data file: not supported yet");
+    }
+    // qemu repairs the refcounts of an image left dirty (lazy refcounts) before writing.
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      throw new QimgError("writing dirty qcow2 images (lazy refcounts): not supported yet");
+    }
+    // Writes must also mark the persistent bitmaps, or they would silently go stale.
+    if (h.bitmaps && !h.bitmapsInconsistent) {
+      throw new QimgError("writing qcow2 images with persistent bitmaps: not supported yet");
     }
   }
 

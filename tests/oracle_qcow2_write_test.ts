@@ -248,6 +248,10 @@ Deno.test("Qcow2Image.write refuses images whose writes are not supported yet", 
   const w = await openForWrite(`${dir.path}/e.qcow2`);
   await assertRejects(() => w.top.write(0, new Uint8Array(512)), /extended L2.*not supported yet/);
   await w.image.close();
+  await sh("qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img bitmap --add b.qcow2 b0", dir.path);
+  const b = await openForWrite(`${dir.path}/b.qcow2`);
+  await assertRejects(() => b.top.write(0, new Uint8Array(512)), /bitmaps: not supported yet/);
+  await b.image.close();
 });
 
 Deno.test("resize grows qcow2 images byte for byte as qemu-img (L1 table moved, exact size)", async () => {
