@@ -7,6 +7,7 @@ import { QimgError, usageError } from "./errors.ts";
 import { resolveRelative } from "./file.ts";
 import { findFormat } from "./formats.ts";
 import { Image, openImageChain } from "./image.ts";
+import type { FormatImage } from "./driver.ts";
 import { Progress } from "./progress.ts";
 import {
   checkCacheMode,
@@ -126,13 +127,18 @@ export async function run(args: string[], io: Io): Promise<number> {
       }
       try {
         // qemu copies what differs between the old and the new backing file
-        // into the image, then changes the reference. qimg's drivers can do
-        // neither yet: where qemu would write, qimg stops; where it would
-        // not (nothing differs, the change is refused), it fails as qemu.
+        // into the image, then changes the reference. No qimg driver can
+        // change the reference yet: where the change would succeed, qimg
+        // stops before writing; where it is refused (no backing format, a
+        // driver without backing files), qimg copies and fails as qemu.
         const refused = !!backing && backingFormat === undefined;
         if (BACKING_FORMATS.has(image.format) && !refused) throw notSupportedYet("rebase");
-        if (newBacking && await differs(image, newBacking, meter)) {
-          throw notSupportedYet("rebase");
+        if (newBacking) {
+          const top = image.chain[0].image;
+          if (top.write) await copyDifferences(image, newBacking, meter, top);
+          else if (await copyDifferences(image, newBacking, meter)) {
+            throw notSupportedYet("rebase");
+          }
         }
       } finally {
         await opened?.close();
@@ -171,13 +177,21 @@ interface Run {
 }
 
 /**
- * Whether the guest would change where `image` does not hold its own data
- * if `newBacking` replaced its backing chain. Walks the ranges as qemu's
- * safe rebase does (at most IO_BUF_SIZE, split where allocation changes
- * and at L2 slice boundaries), printing its progress for each range it
- * compares.
+ * qemu's safe rebase: where `image` does not hold its own data, compares
+ * the old backing chain with `newBacking` and, given `top` (the image's
+ * writable layer), writes the old content where they differ, so the guest
+ * does not change. Walks the ranges as qemu does (at most IO_BUF_SIZE,
+ * split where allocation changes, at L2 slice boundaries and at the end of
+ * either backing file), printing its progress for each range it compares;
+ * writes runs of differing 512-byte sectors. Without `top`, stops at the
+ * first difference. Returns whether anything differed.
  */
-async function differs(image: Image, newBacking: Image, meter: Progress): Promise<boolean> {
+async function copyDifferences(
+  image: Image,
+  newBacking: Image,
+  meter: Progress,
+  top?: FormatImage,
+): Promise<boolean> {
   const size = image.size;
   if (size === 0) return false;
   // The new backing file may be a layer of the old chain (qemu's prefix_chain_bs).
@@ -199,6 +213,11 @@ async function differs(image: Image, newBacking: Image, meter: Progress): Promis
   const step = Math.fround(100 / Math.trunc(size / Math.min(size, IO_BUF_SIZE)));
   const oldBacking = new Image(image.chain.slice(1));
   const oldSize = oldBacking.chain.length > 0 ? oldBacking.size : 0;
+  // A write to part of a cluster fills the rest from the old backing chain.
+  const below = oldBacking.chain.length > 0
+    ? (o: number, b: Uint8Array) => oldBacking.read(o, b)
+    : undefined;
+  let differed = false;
   let r = 0;
   for (let offset = 0; offset < size;) {
     while (runs[r].end <= offset) r++;
@@ -228,10 +247,36 @@ async function differs(image: Image, newBacking: Image, meter: Progress): Promis
     if (run.own || (prefix > 0 && !run.above)) continue;
     const x = new Uint8Array(n);
     const y = new Uint8Array(n);
-    if (oldBacking.chain.length > 0) await oldBacking.read(start, x);
-    await newBacking.read(start, y);
-    for (let i = 0; i < n; i++) if (x[i] !== y[i]) return true;
+    const oldIsZero = start >= oldSize;
+    if (!oldIsZero) await oldBacking.read(start, x);
+    if (start < newBacking.size) await newBacking.read(start, y);
+    for (let done = 0; done < n;) {
+      const [differ, len] = compareSectors(x.subarray(done), y.subarray(done));
+      if (differ) {
+        if (!top?.write) return true;
+        differed = true;
+        if (oldIsZero && top.writeZeroes) await top.writeZeroes(start + done, len);
+        else await top.write(start + done, x.subarray(done, done + len), below);
+      }
+      done += len;
+    }
     meter.print(step, 100);
   }
-  return false;
+  return differed;
+}
+
+/**
+ * qemu's compare_buffers: whether the first 512-byte sector differs, and
+ * how many bytes from the start share that answer, sector by sector.
+ */
+function compareSectors(a: Uint8Array, b: Uint8Array): [boolean, number] {
+  const sector = (at: number) => {
+    const end = Math.min(at + 512, a.length);
+    for (let i = at; i < end; i++) if (a[i] !== b[i]) return true;
+    return false;
+  };
+  const first = sector(0);
+  let i = Math.min(512, a.length);
+  while (i < a.length && sector(i) === first) i += 512;
+  return [first, Math.min(i, a.length)];
 }
