@@ -217,7 +217,7 @@ async function fileSectors(file: BlockFile): Promise<number> {
 }
 
 /** Past any file qimg can read: offsets above 2^53 read as zeroes there anyway. */
-const FAR = 2 ** 62;
+const FAR = 2 ** 52;
 
 /** Signed 64-bit shift left by 9, as qemu's `x << 9` on a u64 field: -1 when negative. */
 function sectorsToBytes(v: bigint): number {

@@ -352,6 +352,7 @@ const HEADER_POKES: [string, number, number[]][] = [
   ["grain directory far out", 56, le64(0x7fffffffffffffn)],
   ["grain directory past the file", 56, le64(0x100000n)],
   ["backup directory far out", 48, le64(0x7fffffffffffffffn)],
+  ["backup directory past 2^53 bytes", 48, le64(0x00002c0000000015n)],
   ["stream footer missing", 56, le64(0xffffffffffffffffn)],
   ["version 3 uncompressed", 4, le32(3)],
   ["capacity 0 with an embedded descriptor", 12, le64(0n)],
