@@ -57,6 +57,8 @@ interface Entry {
   length: number;
   flushedFileOffset: number;
   lastFileOffset: number;
+  /** Every data sector carries the entry's sequence number. */
+  intact: boolean;
   writes: LogWrite[];
 }
 
@@ -98,23 +100,27 @@ async function readEntry(
   const raw = await readLog(file, log, pos, length);
   if (!checksumValid(raw, 4)) return undefined;
   const sequence = new DataView(raw.buffer).getBigUint64(16, true);
+  if (sequence === 0n) return undefined;
   const flushedFileOffset = le64(raw, 48);
   const lastFileOffset = le64(raw, 56);
   const writes: LogWrite[] = [];
   let dataSector = descSectors;
+  let intact = true;
   for (let i = 0; i < count; i++) {
     const d = raw.subarray(ENTRY_HEADER + i * DESCRIPTOR, ENTRY_HEADER + (i + 1) * DESCRIPTOR);
     const dv = new DataView(d.buffer, d.byteOffset, DESCRIPTOR);
-    if (dv.getBigUint64(24, true) !== sequence) return undefined;
+    if (dv.getBigUint64(24, true) !== sequence || le64(d, 16) % SECTOR) return undefined;
     const sig = le32(d, 0);
     if (sig === SIG_ZERO) {
+      if (le64(d, 8) % SECTOR) return undefined;
       writes.push({ offset: le64(d, 16), zeroLength: le64(d, 8) });
     } else if (sig === SIG_DESC) {
       if ((dataSector + 1) * SECTOR > length) return undefined;
       const s = raw.subarray(dataSector * SECTOR, (dataSector + 1) * SECTOR);
       const sv = new DataView(s.buffer, s.byteOffset, SECTOR);
       const seq = (BigInt(sv.getUint32(4, true)) << 32n) | BigInt(sv.getUint32(4092, true));
-      if (le32(s, 0) !== SIG_DATA || seq !== sequence) return undefined;
+      // qemu finds a data sector of another sequence only while replaying: the replay fails.
+      if (seq !== sequence) intact = false;
       // The sector's first 8 and last 4 bytes live in the descriptor (they hold the sequence).
       const data = new Uint8Array(SECTOR);
       data.set(d.subarray(8, 16), 0);
@@ -126,13 +132,15 @@ async function readEntry(
       return undefined;
     }
   }
-  return { sequence, length, flushedFileOffset, lastFileOffset, writes };
+  return { sequence, length, flushedFileOffset, lastFileOffset, writes, intact };
 }
 
 /**
- * Finds the active sequence of a log: the longest run of consecutive
- * valid entries ending in the highest sequence number. Returns its
- * entries in order (empty when there is nothing to replay).
+ * Finds the active sequence of a log as qemu 7.2 does: from each sector,
+ * a run of valid entries (the second may have any sequence number, each
+ * later one the previous plus one); the run whose first entry has the
+ * highest sequence number wins. Returns its entries in order (empty when
+ * there is nothing to replay).
  */
 export async function findLogEntries(
   file: BlockFile,
@@ -143,21 +151,26 @@ export async function findLogEntries(
   const inFile = Math.min(log.length, (await file.size()) - log.offset);
   if (!Number.isFinite(log.offset) || inFile <= 0) return [];
   let best: Entry[] = [];
-  for (let start = 0; start < inFile; start += SECTOR) {
+  for (let start = 0; start < inFile;) {
     const first = await readEntry(file, log, start);
-    if (!first) continue;
-    const chain = [first];
-    let pos = (start + first.length) % log.length;
-    let used = first.length;
-    while (used < log.length) {
-      const next = await readEntry(file, log, pos);
-      if (!next || next.sequence !== chain[chain.length - 1].sequence + 1n) break;
-      chain.push(next);
-      used += next.length;
-      pos = (pos + next.length) % log.length;
+    if (!first) {
+      start += SECTOR;
+      continue;
     }
-    const last = chain[chain.length - 1].sequence;
-    if (!best.length || last > best[best.length - 1].sequence) best = chain;
+    const chain = [first];
+    let pos = start + first.length;
+    for (let used = first.length; used < log.length;) {
+      const next = await readEntry(file, log, pos % log.length);
+      const prev = chain[chain.length - 1].sequence;
+      if (!next || (chain.length > 1 && next.sequence !== prev + 1n)) break;
+      chain.push(next);
+      pos += next.length;
+      used += next.length;
+    }
+    if (!best.length || first.sequence > best[0].sequence) best = chain;
+    // A run that wrapped round the end of the log ends the scan.
+    if (pos >= log.length) break;
+    start = pos;
   }
   return best;
 }
@@ -170,7 +183,7 @@ export async function findLogEntries(
  */
 export async function replayLog(file: BlockFile, entries: Entry[]): Promise<boolean> {
   for (const e of entries) {
-    if (!(e.flushedFileOffset <= await file.size())) return false;
+    if (!(e.flushedFileOffset <= await file.size()) || !e.intact) return false;
     for (const w of e.writes) {
       if (w.data) await file.write(w.offset, w.data);
       else if (w.zeroLength) {

@@ -20,7 +20,7 @@ import {
   SHARED_IMAGES,
   tempDir,
 } from "./_util.ts";
-import { crc32c } from "../src/vhdx_log.ts";
+import { buildLogEntry, crc32c } from "../src/vhdx_log.ts";
 
 const MiB = 1 << 20;
 /** A default 10 MiB image: log at 1 MiB, BAT at 2 MiB, metadata at 3 MiB. */
@@ -261,6 +261,111 @@ Deno.test("openVhdx() refuses a pending log read-only and replays it on check -r
   assertEquals(ours, theirs);
   await sh("qemu-img check -q d.vhdx && qemu-img compare d.vhdx q.vhdx", dir.path);
   await assertReadsLikeQemu(dir.path, "d.vhdx");
+});
+
+/** Writes log entries at their positions in the 1 MiB log and names their GUID in header 2. */
+async function writeLog(path: string, guid: Uint8Array, entries: [number, Uint8Array][]) {
+  const b = await Deno.readFile(path);
+  for (const [at, e] of entries) {
+    for (let i = 0; i < e.length; i += 4096) b.set(e.subarray(i, i + 4096), MiB + (at + i) % MiB);
+  }
+  await Deno.writeFile(path, b);
+  await poke(path, HEADER2.start + 48, [...guid], HEADER2);
+}
+
+Deno.test("findLogEntries() and replayLog() pick and apply entries as qemu-img: chains, zero descriptors, wrap, refusals", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f vhdx -o block_state_zero=off base.vhdx 10M && qemu-io -f vhdx -c 'write -P 0x11 0 2M' base.vhdx >/dev/null",
+    dir.path,
+  );
+  const b = await Deno.readFile(`${dir.path}/base.vhdx`);
+  const block = Number(new DataView(b.buffer).getBigUint64(BAT, true) & ~0xfffffn);
+  const size = b.length;
+  const sector = (fill: number) => new Uint8Array(4096).fill(fill);
+  const entry = (
+    guid: Uint8Array,
+    sequence: bigint,
+    offset: number,
+    fill: number,
+    fileSize = size,
+  ) => buildLogEntry({ guid, sequence, tail: 0, fileSize, offset, sector: sector(fill) });
+  /** A zero descriptor entry: `length` zero bytes at `offset`. */
+  const zeroEntry = (guid: Uint8Array, sequence: bigint, offset: number, length: number) => {
+    const e = new Uint8Array(4096);
+    const v = new DataView(e.buffer);
+    e.set(new TextEncoder().encode("loge"), 0);
+    v.setUint32(8, 4096, true);
+    v.setBigUint64(16, sequence, true);
+    v.setUint32(24, 1, true);
+    e.set(guid, 32);
+    v.setBigUint64(48, BigInt(size), true);
+    v.setBigUint64(56, BigInt(size), true);
+    e.set(new TextEncoder().encode("zero"), 64);
+    v.setBigUint64(72, BigInt(length), true);
+    v.setBigUint64(80, BigInt(offset), true);
+    v.setBigUint64(88, sequence, true);
+    v.setUint32(4, crc32c(e), true);
+    return e;
+  };
+  const g = () => crypto.getRandomValues(new Uint8Array(16));
+  const cases: [string, (guid: Uint8Array) => [number, Uint8Array][]][] = [
+    [
+      "chain",
+      (guid) => [[0, entry(guid, 7n, block, 0x21)], [8192, entry(guid, 8n, block + 4096, 0x22)]],
+    ],
+    [
+      "two-runs",
+      (guid) => [[0, entry(guid, 3n, block, 0x31)], [65536, entry(guid, 9n, block, 0x32)]],
+    ],
+    ["zero", (guid) => [[0, zeroEntry(guid, 5n, block + 8192, 16384)]]],
+    ["wrap", (guid) => [[MiB - 4096, entry(guid, 4n, block, 0x41)]]],
+    ["truncated", (guid) => [[0, entry(guid, 4n, block, 0x51, size + MiB)]]],
+    ["bad-data-sequence", (guid) => {
+      const e = entry(guid, 4n, block, 0x61);
+      e.set([9, 9, 9, 9], 4096 + 4092);
+      new DataView(e.buffer).setUint32(4, 0, true);
+      new DataView(e.buffer).setUint32(4, crc32c(e), true);
+      return [[0, e]];
+    }],
+    ["bad-checksum", (guid) => {
+      const e = entry(guid, 4n, block, 0x71);
+      e[5000] ^= 1;
+      return [[0, e]];
+    }],
+  ];
+  await Promise.all(cases.map(async ([name, make]) => {
+    const guid = g();
+    await sh(`cp base.vhdx ${name}-a.vhdx`, dir.path);
+    await writeLog(`${dir.path}/${name}-a.vhdx`, guid, make(guid));
+    await sh(`cp ${name}-a.vhdx ${name}-b.vhdx`, dir.path);
+    await assertSameAsQemu(["info", `${name}-a.vhdx`], dir.path);
+    const ours = await qimg(["check", "-r", "all", `${name}-a.vhdx`], dir.path);
+    const theirs = await qemuImg(["check", "-r", "all", `${name}-b.vhdx`], dir.path);
+    assertEquals(
+      ours,
+      { ...theirs, stderr: theirs.stderr.replaceAll(`${name}-b`, `${name}-a`) },
+      name,
+    );
+    // What each case is for: a replay (one repaired corruption), a refusal, or no log at all.
+    const want = ["truncated", "bad-data-sequence"].includes(name)
+      ? "refused"
+      : name === "bad-checksum"
+      ? "clean"
+      : "replayed";
+    const got = ours.code !== 0
+      ? "refused"
+      : ours.stdout.includes("1 corruptions")
+      ? "replayed"
+      : "clean";
+    assertEquals(got, want, name);
+    if (ours.code === 0) {
+      await sh(
+        `qemu-img compare ${name}-a.vhdx ${name}-b.vhdx && qemu-img check -q ${name}-a.vhdx`,
+        dir.path,
+      );
+    }
+  }));
 });
 
 Deno.test({
