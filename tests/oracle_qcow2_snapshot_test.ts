@@ -30,7 +30,6 @@ async function assertListsLikeQemu(dir: string, name: string, tz = "UTC"): Promi
     for (
       const args of [
         ["snapshot", "-l", name],
-        ["snapshot", "-l", "-U", name],
         ["info", name],
         ["info", "--output=json", name],
         ["check", name],
@@ -94,7 +93,7 @@ Deno.test("snapshot -l and info show poked snapshot entries as qemu-img", async 
     ["too much extra data", (b, sn) => set32(b, sn + 36, 1025)],
     ["name running past the table", (b, sn) => set16(b, sn + 14, 0xffff)],
     ["two entries, the second beyond", (b) => set32(b, 60, 2)],
-    ["many entries", (b) => set32(b, 60, 65536)],
+    ["a thousand entries", (b) => set32(b, 60, 1000)],
     ["too many entries", (b) => set32(b, 60, 65537)],
     ["table offset unaligned", (b) => set64(b, 64, get64(b, 64) + 8n)],
     ["table far away", (b) => set64(b, 64, 1n << 56n)],
