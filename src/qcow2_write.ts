@@ -297,28 +297,55 @@ interface L2Entry {
   offset: number;
   copied: boolean;
   compressed: boolean;
+  /** The whole cluster reads as zeroes whatever its host cluster holds. */
   zero: boolean;
+  /** Every byte lives in the host cluster (no zero or unallocated subclusters). */
+  full: boolean;
+  /** Extended L2: allocation (bits 0-31) and zero (bits 32-63) bitmaps. */
+  ext?: { alloc: number; zero: number };
   hi: number;
   lo: number;
 }
 
-function readEntry(view: DataView, i: number): L2Entry {
-  const hi = view.getUint32(i * 8);
-  const lo = view.getUint32(i * 8 + 4);
+const ALL = 0xffffffff;
+
+/** Entry `i` of an L2 table (16-byte entries with extended L2). */
+function readEntry(view: DataView, i: number, ext: boolean): L2Entry {
+  const at = i * (ext ? 16 : 8);
+  const hi = view.getUint32(at);
+  const lo = view.getUint32(at + 4);
   const compressed = (hi & OFLAG_COMPRESSED_HI) !== 0;
-  return {
-    hi,
-    lo,
-    compressed,
-    offset: compressed ? 0 : entryOffset(hi, lo),
-    copied: (hi & OFLAG_COPIED_HI) !== 0,
-    zero: !compressed && (lo & OFLAG_ZERO) !== 0,
-  };
+  const offset = compressed ? 0 : entryOffset(hi, lo);
+  const copied = (hi & OFLAG_COPIED_HI) !== 0;
+  if (ext) {
+    const bits = { alloc: view.getUint32(at + 12), zero: view.getUint32(at + 8) };
+    const zero = !compressed && bits.alloc === 0 && bits.zero === ALL;
+    return { hi, lo, compressed, offset, copied, zero, full: bits.alloc === ALL, ext: bits };
+  }
+  const zero = !compressed && (lo & OFLAG_ZERO) !== 0;
+  return { hi, lo, compressed, offset, copied, zero, full: !zero };
 }
 
-function setEntry(view: DataView, i: number, value: bigint): void {
-  view.setBigUint64(i * 8, value);
+/** Bitmaps of an extended L2 entry: all allocated, all zero, none (compressed). */
+const BITMAP_DATA = 0xffffffffn;
+const BITMAP_ZERO = 0xffffffffn << 32n;
+
+/** Sets entry `i`; `bitmap` is the extended L2 bitmap word (ignored otherwise). */
+function setEntry(view: DataView, i: number, ext: boolean, value: bigint, bitmap = 0n): void {
+  view.setBigUint64(i * (ext ? 16 : 8), value);
+  if (ext) view.setBigUint64(i * 16 + 8, bitmap);
 }
+
+/** An unallocated cluster. */
+const NO_ENTRY: L2Entry = {
+  offset: 0,
+  copied: false,
+  compressed: false,
+  zero: false,
+  full: false,
+  hi: 0,
+  lo: 0,
+};
 
 const COPIED = 1n << 63n;
 const COMPRESSED = 1n << 62n;
@@ -359,9 +386,6 @@ export class Qcow2Writer {
     if (!this.#file.writable) throw new QimgError("Permission denied: image opened read-only");
     if (h.cryptMethod !== CRYPT_NONE) {
       throw new QimgError("writing encrypted qcow2 images: not supported yet");
-    }
-    if (h.extendedL2) {
-      throw new QimgError("writing qcow2 images with extended L2 entries: not supported yet");
     }
     if (this.#mapper.hasDataFile) {
       throw new QimgError("writing qcow2 images with an external data file: not supported yet");
@@ -440,6 +464,18 @@ export class Qcow2Writer {
       buf.set(await decompressCluster(this.#header.compressionType, input, cs));
     } else if (e.zero) {
       // Reads as zeroes.
+    } else if (e.ext) {
+      // Subcluster by subcluster: host data, zeroes, or the backing file.
+      const bits = e.ext;
+      const sc = cs / 32;
+      if ((bits.alloc | bits.zero) >>> 0 !== ALL && this.#options.hasBacking) {
+        buf.set(await this.#oldCluster(NO_ENTRY, guestCluster, backingRead));
+      }
+      const host = e.offset ? await readPadded(this.#file, e.offset, cs) : undefined;
+      for (let s = 0; s < 32; s++) {
+        if ((bits.alloc >>> s) & 1) buf.set(host!.subarray(s * sc, (s + 1) * sc), s * sc);
+        else if ((bits.zero >>> s) & 1) buf.fill(0, s * sc, (s + 1) * sc);
+      }
     } else if (e.offset) {
       const n = await this.#file.read(e.offset, buf);
       if (n < cs) buf.fill(0, Math.max(n, 0));
@@ -488,32 +524,40 @@ export class Qcow2Writer {
     const span = this.#mapper.l2Span;
     const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const ext = this.#header.extendedL2;
     const base = l1Index * span;
     const first = Math.floor((pos - base) / cs);
     const last = Math.floor((end - 1 - base) / cs);
     let i = first;
     while (i <= last) {
-      const e = readEntry(view, i);
+      const e = readEntry(view, i, ext);
       const cStart = base + i * cs;
       if (e.offset && e.copied) {
-        // Ours alone: in place (a preallocated zero cluster is zeroed around the write).
+        // Ours alone: in place; what the cluster read as before (zeroes, backing
+        // data for unallocated subclusters) is filled in around a partial write.
         const from = Math.max(pos, cStart);
         const to = Math.min(end, cStart + cs);
-        if (e.zero && (from > cStart || to < cStart + cs)) {
-          const buf = new Uint8Array(cs);
+        if (e.ext && !e.full) {
+          const bytes = data.subarray(from - pos, to - pos);
+          await this.#writeSubclusters(view, i, 1, e.offset, from, to, bytes, backingRead);
+          i++;
+          continue;
+        }
+        if (!e.full && (from > cStart || to < cStart + cs)) {
+          const buf = await this.#oldCluster(e, cStart, backingRead);
           buf.set(data.subarray(from - pos, to - pos), from - cStart);
           await this.#file.write(e.offset, buf);
         } else {
           await this.#file.write(e.offset + (from - cStart), data.subarray(from - pos, to - pos));
         }
-        if (e.zero) setEntry(view, i, COPIED | BigInt(e.offset));
+        if (!e.full) setEntry(view, i, ext, COPIED | BigInt(e.offset), BITMAP_DATA);
         i++;
         continue;
       }
       // A run of clusters that need new host clusters, allocated together.
       let j = i;
       while (j + 1 <= last) {
-        const n = readEntry(view, j + 1);
+        const n = readEntry(view, j + 1, ext);
         if (n.offset && n.copied) break;
         j++;
       }
@@ -522,6 +566,19 @@ export class Qcow2Writer {
       const runEnd = runStart + count * cs;
       const from = Math.max(pos, runStart);
       const to = Math.min(end, runEnd);
+      let fresh = ext;
+      for (let k = i; k <= j && fresh; k++) {
+        const n = readEntry(view, k, ext);
+        fresh = !n.offset && !n.compressed;
+      }
+      if (fresh) {
+        // Extended L2, nothing allocated yet: only the subclusters written.
+        const host = await refs.allocClusters(count);
+        const bytes = data.subarray(from - pos, to - pos);
+        await this.#writeSubclusters(view, i, count, host, from, to, bytes, backingRead);
+        i = j + 1;
+        continue;
+      }
       let buf: Uint8Array;
       if (from === runStart && to === runEnd) {
         buf = data.subarray(from - pos, to - pos);
@@ -530,7 +587,7 @@ export class Qcow2Writer {
         if (from > runStart) buf.set(await this.#oldCluster(e, runStart, backingRead));
         if (to < runEnd && (count > 1 || from === runStart)) {
           const lastStart = runEnd - cs;
-          const old = await this.#oldCluster(readEntry(view, j), lastStart, backingRead);
+          const old = await this.#oldCluster(readEntry(view, j, ext), lastStart, backingRead);
           buf.set(old, count * cs - cs);
         }
         buf.set(data.subarray(from - pos, to - pos), from - runStart);
@@ -538,13 +595,66 @@ export class Qcow2Writer {
       const host = await refs.allocClusters(count);
       await this.#file.write(host, buf);
       for (let k = 0; k < count; k++) {
-        const old = readEntry(view, i + k);
-        setEntry(view, i + k, COPIED | BigInt(host + k * cs));
+        const old = readEntry(view, i + k, ext);
+        setEntry(view, i + k, ext, COPIED | BigInt(host + k * cs), BITMAP_DATA);
         await this.#release(old);
       }
       i = j + 1;
     }
     await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
+  }
+
+  /**
+   * Extended L2: writes only the subclusters that guest bytes [from, to)
+   * touch, in `count` clusters from entry `i` whose host clusters start at
+   * `host`; partly written subclusters keep what they read as before. The
+   * bitmaps gain exactly those subclusters, the others stay as they were
+   * (as qemu does, so files end where qemu's end).
+   */
+  async #writeSubclusters(
+    view: DataView,
+    i: number,
+    count: number,
+    host: number,
+    from: number,
+    to: number,
+    data: Uint8Array,
+    backingRead?: BackingReader,
+  ): Promise<void> {
+    const cs = this.#header.clusterSize;
+    const sc = cs / 32;
+    const runStart = from - (from % cs);
+    const wFrom = from - (from % sc);
+    const wTo = Math.min(runStart + count * cs, alignUp(to, sc));
+    const buf = new Uint8Array(wTo - wFrom);
+    if (from > wFrom) {
+      const old = await this.#oldCluster(readEntry(view, i, true), runStart, backingRead);
+      buf.set(old.subarray(wFrom - runStart, from - runStart));
+    }
+    if (to < wTo) {
+      const tailStart = runStart + (count - 1) * cs;
+      const tail = readEntry(view, i + count - 1, true);
+      const old = await this.#oldCluster(tail, tailStart, backingRead);
+      buf.set(old.subarray(to - tailStart, wTo - tailStart), to - wFrom);
+    }
+    buf.set(data, from - wFrom);
+    await this.#file.write(host + (wFrom - runStart), buf);
+    for (let k = 0; k < count; k++) {
+      const cStart = runStart + k * cs;
+      const s0 = Math.max(0, Math.floor((wFrom - cStart) / sc));
+      const s1 = Math.min(32, Math.ceil((wTo - cStart) / sc));
+      const mask = (2 ** s1 - 2 ** s0) >>> 0;
+      const bits = readEntry(view, i + k, true).ext!;
+      const alloc = (bits.alloc | mask) >>> 0;
+      const zero = (bits.zero & ~mask) >>> 0;
+      setEntry(
+        view,
+        i + k,
+        true,
+        COPIED | BigInt(host + k * cs),
+        (BigInt(zero) << 32n) | BigInt(alloc),
+      );
+    }
   }
 
   /**
@@ -598,10 +708,11 @@ export class Qcow2Writer {
     const cs = this.#header.clusterSize;
     const span = this.#mapper.l2Span;
     const l2 = this.#mapper.l2Offset(Math.floor(offset / span));
-    let e: L2Entry = { offset: 0, copied: false, compressed: false, zero: false, hi: 0, lo: 0 };
+    let e = NO_ENTRY;
     if (l2) {
       const t = await this.#mapper.l2Table(l2);
-      e = readEntry(new DataView(t.buffer, t.byteOffset, t.byteLength), (offset % span) / cs);
+      const view = new DataView(t.buffer, t.byteOffset, t.byteLength);
+      e = readEntry(view, (offset % span) / cs, this.#header.extendedL2);
     }
     if (!e.offset && !e.compressed && !e.zero && !this.#options.hasBacking) return buf;
     const old = await this.#oldCluster(e, offset, backingRead);
@@ -638,17 +749,20 @@ export class Qcow2Writer {
       }
       const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
       const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      const ext = this.#header.extendedL2;
       const base = l1Index * span;
       for (let i = (pos - base) / cs; base + i * cs < chunkEnd; i++) {
-        const e = readEntry(view, i);
+        const e = readEntry(view, i, ext);
         if (e.zero && !e.offset) continue;
-        if (!e.offset && !e.compressed && !this.#options.hasBacking) continue;
+        if (!e.offset && !e.compressed && !this.#options.hasBacking && !e.ext?.alloc) continue;
         const unmap = e.compressed || (mayUnmap && e.offset !== 0);
+        // Extended L2 says zero in the bitmap, standard entries in bit 0.
+        const flag = ext ? 0n : BigInt(OFLAG_ZERO);
         if (unmap || !e.offset) {
-          setEntry(view, i, BigInt(OFLAG_ZERO));
+          setEntry(view, i, ext, flag, BITMAP_ZERO);
           if (unmap) await this.#release(e);
         } else {
-          setEntry(view, i, (e.copied ? COPIED : 0n) | BigInt(e.offset) | BigInt(OFLAG_ZERO));
+          setEntry(view, i, ext, (e.copied ? COPIED : 0n) | BigInt(e.offset) | flag, BITMAP_ZERO);
         }
       }
       await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
@@ -686,8 +800,9 @@ export class Qcow2Writer {
     const l1Index = Math.floor(offset / span);
     const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const ext = this.#header.extendedL2;
     const i = (offset % span) / cs;
-    const e = readEntry(view, i);
+    const e = readEntry(view, i, ext);
     // Compression never overwrites an allocated cluster (qemu: EIO).
     if (e.offset || e.compressed) throw new IoError("Input/output error");
     const refs = await this.#refcounts();
@@ -695,7 +810,7 @@ export class Qcow2Writer {
     await this.#file.write(host, out);
     const sectors = Math.floor((host + out.length - 1) / 512) - Math.floor(host / 512);
     const shift = BigInt(62 - (this.#header.clusterBits - 8));
-    setEntry(view, i, COMPRESSED | (BigInt(sectors) << shift) | BigInt(host));
+    setEntry(view, i, ext, COMPRESSED | (BigInt(sectors) << shift) | BigInt(host));
     await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
   }
 

@@ -65,6 +65,8 @@ Deno.test("convert -O qcow2 across cluster sizes, refcount widths and compat as 
       "refcount_bits=2",
       "compat=0.10",
       "compat=0.10,cluster_size=512",
+      "extended_l2=on",
+      "extended_l2=on,cluster_size=2M",
     ]
   ) {
     await convertBoth(dir.path, ["-O", "qcow2", "-o", o], "r.raw");
@@ -85,6 +87,7 @@ Deno.test("convert -c -O qcow2 packs zlib and zstd clusters as qemu-img", async 
       "compat=0.10",
       "compression_type=zstd",
       "compression_type=zstd,cluster_size=4k",
+      "extended_l2=on,cluster_size=16k",
     ]
   ) {
     await convertBoth(dir.path, ["-c", "-O", "qcow2", "-o", o], "t.raw");
@@ -244,10 +247,6 @@ Deno.test("Qcow2Image.write grows refcount blocks and the refcount table (scatte
 
 Deno.test("Qcow2Image.write refuses images whose writes are not supported yet", async () => {
   await using dir = await tempDir();
-  await sh("qemu-img create -q -f qcow2 -o extended_l2=on e.qcow2 1M", dir.path);
-  const w = await openForWrite(`${dir.path}/e.qcow2`);
-  await assertRejects(() => w.top.write(0, new Uint8Array(512)), /extended L2.*not supported yet/);
-  await w.image.close();
   await sh("qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img bitmap --add b.qcow2 b0", dir.path);
   const b = await openForWrite(`${dir.path}/b.qcow2`);
   await assertRejects(() => b.top.write(0, new Uint8Array(512)), /bitmaps: not supported yet/);
@@ -300,4 +299,26 @@ Deno.test("convert -B zeroes part of a cluster the backing file holds (copy-on-w
     (await Deno.stat(`${dir.path}/o.qcow2`)).size,
     (await Deno.stat(`${dir.path}/q.qcow2`)).size,
   );
+});
+
+Deno.test("Qcow2Image.write and writeZeroes on extended L2 images keep subclusters' contents as qemu-io", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 base.qcow2 4M && qemu-io -c 'write -P 1 0 4M' base.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=64k -b base.qcow2 -F qcow2 e.qcow2 && " +
+      "qemu-io -c 'write -P 2 4k 4k' -c 'write -z 64k 8k' -c 'write -P 3 1M 64k' e.qcow2 >/dev/null && " +
+      "cp e.qcow2 twin.qcow2 && " +
+      "qemu-io -c 'write -P 4 6000 3000' -c 'write -P 5 66000 100' -c 'write -P 6 300000 70000' " +
+      "-c 'write -z 1M 64k' -c 'write -z 2M 2k' twin.qcow2 >/dev/null",
+    dir.path,
+  );
+  const w = await openForWrite(`${dir.path}/e.qcow2`);
+  await w.top.write(6000, filled(3000, 4), w.below);
+  await w.top.write(66000, filled(100, 5), w.below);
+  await w.top.write(300000, filled(70000, 6), w.below);
+  await w.top.writeZeroes(1024 * 1024, 65536, { backingRead: w.below });
+  await w.top.writeZeroes(2 * 1024 * 1024, 2048, { backingRead: w.below });
+  await w.image.close();
+  await qemuCheck(`${dir.path}/e.qcow2`);
+  await qemuCompare(`${dir.path}/twin.qcow2`, `${dir.path}/e.qcow2`);
 });
