@@ -111,6 +111,12 @@ export async function run(args: string[], io: Io): Promise<number> {
         const at = image.chain.findIndex((l, i) => i > 0 && l.filename === path);
         if (at > 0) {
           newBacking = new Image(image.chain.slice(at));
+        } else if (path === image.chain[0].filename && image.format !== "raw") {
+          // qemu holds the image's write lock (raw shares it): opening it again fails.
+          throw new QimgError(
+            `Could not open new backing file '${backing}': Failed to get shared "write" lock\n` +
+              `Is another process using the image [${path}]?`,
+          );
         } else {
           try {
             opened = newBacking = await openImageChain(path, {

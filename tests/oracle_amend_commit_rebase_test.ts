@@ -230,6 +230,7 @@ Deno.test("rebase parses its options and handles raw images as qemu-img 7.2", as
       ["rebase", "-b", "x", "-F", "raw", "a.raw"],
       ["rebase", "-b", "x", "sub/a.raw"],
       ["rebase", "-b", "a.raw", "sub/a.raw"],
+      ["rebase", "-b", "a.raw", "a.raw"],
       ["rebase", "-b", "b.raw", "a.raw"],
       ["rebase", "-b", "b.raw", "-F", "raw", "a.raw"],
       ["rebase", "-b", "b.raw", "-F", "qcow2", "a.raw"],
@@ -322,6 +323,22 @@ Deno.test("rebase copies what differs and fails as qemu-img 7.2 where the change
       await sh(`qemu-img compare -q q_${image} m_${image}`, dir.path);
     }
   }
+});
+
+Deno.test("rebase onto the image itself meets qemu's own lock, except for raw", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 self.qcow2 1M && mkdir sub && cp self.qcow2 sub/ && " +
+      "qemu-img create -q -f vmdk self.vmdk 1M",
+    dir.path,
+  );
+  for (
+    const args of [
+      ["rebase", "-b", "self.qcow2", "self.qcow2"],
+      ["rebase", "-b", "self.qcow2", "sub/self.qcow2"],
+      ["rebase", "-b", "self.vmdk", "-F", "vmdk", "self.vmdk"],
+    ]
+  ) await assertSameAsQemu(args, dir.path);
 });
 
 Deno.test("rebase of a qcow2 image says it is not supported yet where the change would succeed", async () => {
