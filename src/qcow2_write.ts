@@ -678,45 +678,88 @@ export class Qcow2Writer {
     options: { mayUnmap?: boolean; backingRead?: BackingReader },
   ): Promise<void> {
     const cs = this.#header.clusterSize;
+    const ext = this.#header.extendedL2;
+    // Extended L2 zeroes subcluster by subcluster.
+    const unit = ext ? cs / 32 : cs;
     const size = this.#header.size;
     const end = Math.min(offset + length, size);
     const mayUnmap = options.mayUnmap ?? false;
+    const read = options.backingRead;
     let pos = offset;
     while (pos < end) {
-      const cStart = pos - (pos % cs);
-      const cEnd = Math.min(cStart + cs, size);
-      if (pos > cStart || end < cEnd) {
-        // Part of a cluster: whole-cluster zeroing only if the rest reads as zero.
-        const to = Math.min(end, cEnd);
-        const rest = await this.#readCluster(cStart, cEnd - cStart, options.backingRead);
-        rest.fill(0, pos - cStart, to - cStart);
-        if (isZero(rest)) await this.#zeroClusters(cStart, cEnd, mayUnmap, options.backingRead);
-        else await this.#write(pos, new Uint8Array(to - pos), options.backingRead);
+      const uStart = pos - (pos % unit);
+      const uEnd = Math.min(uStart + unit, size);
+      if (pos > uStart || end < uEnd) {
+        // Part of a unit: zero the whole unit only if the rest reads as zero.
+        const to = Math.min(end, uEnd);
+        const rest = await this.#readRange(uStart, uEnd - uStart, read);
+        rest.fill(0, pos - uStart, to - uStart);
+        if (!isZero(rest)) await this.#write(pos, new Uint8Array(to - pos), read);
+        else if (ext) await this.#zeroSubclusters(uStart, uEnd, read);
+        else await this.#zeroClusters(uStart, uEnd, mayUnmap, read);
         pos = to;
         continue;
       }
-      // Whole clusters; the image's last cluster counts whole when the range reaches the end.
-      const fullEnd = end === size ? end : end - (end % cs);
-      await this.#zeroClusters(pos, fullEnd, mayUnmap, options.backingRead);
-      pos = fullEnd;
+      // Whole units; the image's last one counts whole when the range reaches the end.
+      const fullEnd = end === size ? end : end - (end % unit);
+      const cEnd = Math.min(pos - (pos % cs) + cs, size);
+      if (ext && (pos % cs || fullEnd < cEnd)) {
+        const to = Math.min(fullEnd, cEnd);
+        await this.#zeroSubclusters(pos, to, read);
+        pos = to;
+        continue;
+      }
+      const to = ext ? Math.max(cEnd, fullEnd - (fullEnd % cs)) : fullEnd;
+      await this.#zeroClusters(pos, Math.min(to, fullEnd), mayUnmap, read);
+      pos = Math.min(to, fullEnd);
     }
   }
 
-  /** Reads `length` guest bytes of this image (with its backing file) at `offset`. */
-  async #readCluster(offset: number, length: number, backingRead?: BackingReader) {
-    const buf = new Uint8Array(length);
+  /** Reads `length` guest bytes of this image (with its backing file), within one cluster. */
+  async #readRange(offset: number, length: number, backingRead?: BackingReader) {
     const cs = this.#header.clusterSize;
+    const cStart = offset - (offset % cs);
     const span = this.#mapper.l2Span;
-    const l2 = this.#mapper.l2Offset(Math.floor(offset / span));
+    const l2 = this.#mapper.l2Offset(Math.floor(cStart / span));
     let e = NO_ENTRY;
     if (l2) {
       const t = await this.#mapper.l2Table(l2);
       const view = new DataView(t.buffer, t.byteOffset, t.byteLength);
-      e = readEntry(view, (offset % span) / cs, this.#header.extendedL2);
+      e = readEntry(view, (cStart % span) / cs, this.#header.extendedL2);
     }
-    if (!e.offset && !e.compressed && !e.zero && !this.#options.hasBacking) return buf;
-    const old = await this.#oldCluster(e, offset, backingRead);
-    return old.subarray(0, length);
+    if (!e.offset && !e.compressed && !e.zero && !this.#options.hasBacking) {
+      return new Uint8Array(length);
+    }
+    const old = await this.#oldCluster(e, cStart, backingRead);
+    return old.subarray(offset - cStart, offset - cStart + length);
+  }
+
+  /**
+   * Extended L2: zero bits for the subclusters [start, end) of one cluster
+   * (a compressed cluster takes explicit zeroes, as qemu falls back to).
+   */
+  async #zeroSubclusters(start: number, end: number, backingRead?: BackingReader) {
+    const cs = this.#header.clusterSize;
+    const sc = cs / 32;
+    const span = this.#mapper.l2Span;
+    const cStart = start - (start % cs);
+    const l1Index = Math.floor(cStart / span);
+    const s0 = (start - cStart) / sc;
+    const s1 = Math.ceil((end - cStart) / sc);
+    const mask = (2 ** s1 - 2 ** s0) >>> 0;
+    if (!this.#mapper.l2Offset(l1Index) && !this.#options.hasBacking) return;
+    const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const i = (cStart % span) / cs;
+    const e = readEntry(view, i, true);
+    if (e.compressed) return await this.#write(start, new Uint8Array(end - start), backingRead);
+    const bits = e.ext!;
+    if (!this.#options.hasBacking && !(bits.alloc & mask)) return; // reads as zeroes already
+    const alloc = (bits.alloc & ~mask) >>> 0;
+    const zero = (bits.zero | mask) >>> 0;
+    const value = (e.copied ? COPIED : 0n) | BigInt(e.offset);
+    setEntry(view, i, true, value, (BigInt(zero) << 32n) | BigInt(alloc));
+    await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
   }
 
   /** Zeroes whole clusters [start, end) (end may be the unaligned image end). */
@@ -741,7 +784,7 @@ export class Qcow2Writer {
         // No zero flag: explicit zeroes where the clusters do not read as zero.
         for (let c = pos; c < chunkEnd; c += cs) {
           const n = Math.min(cs, chunkEnd - c);
-          const now = await this.#readCluster(c, n, backingRead);
+          const now = await this.#readRange(c, n, backingRead);
           if (!isZero(now)) await this.#write(c, new Uint8Array(n));
         }
         pos = chunkEnd;

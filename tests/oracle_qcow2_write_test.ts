@@ -321,4 +321,14 @@ Deno.test("Qcow2Image.write and writeZeroes on extended L2 images keep subcluste
   await w.image.close();
   await qemuCheck(`${dir.path}/e.qcow2`);
   await qemuCompare(`${dir.path}/twin.qcow2`, `${dir.path}/e.qcow2`);
+  // The same subclusters allocated and zeroed, and the file ends where qemu's does.
+  const map = (f: string) =>
+    runProgram("qemu-img", ["map", "--output=json", f], dir.path).then((r) =>
+      r.stdout.replace(/"offset": \d+/g, "")
+    );
+  assertEquals(await map("e.qcow2"), await map("twin.qcow2"));
+  assertEquals(
+    (await Deno.stat(`${dir.path}/e.qcow2`)).size,
+    (await Deno.stat(`${dir.path}/twin.qcow2`)).size,
+  );
 });
