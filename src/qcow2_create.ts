@@ -7,8 +7,9 @@
  *   refcount block 0; these three are allocated first.
  * - Header: 72 bytes (v2) or 112 (v3, compression type byte at 104), then
  *   extensions: backing format (0xe2792aca), external data file (DATA),
- *   feature name table (v3 only, always the same 8 entries), end marker;
- *   the backing file name follows, unterminated.
+ *   feature name table (v3 with clusters over 4 KiB only, always the same
+ *   8 entries), end marker; the backing file name follows, unterminated.
+ *   Names that do not fit the first cluster fail as in qemu.
  * - The L1 table (exact size, ceil(size / (cs * entries per L2)) entries)
  *   is then allocated at the first free cluster; only its bytes are
  *   written, so the file may end mid-cluster. Size 0 has no L1 (offset 0).
@@ -16,8 +17,9 @@
  *   missing while counting an allocation is itself allocated at the free
  *   index; if it lands in the range it covers it counts itself, otherwise
  *   its own refcount is counted first (recursively). Hooking a new block
- *   restarts the allocation that needed it (its refcounts are undone), so
- *   data may move past the new block. A full refcount table grows by a new
+ *   restarts the allocation that needed it (its refcounts are undone and
+ *   the search starts again at its first cluster), so data may move past
+ *   the new block. A full refcount table grows by a new
  *   table plus self-describing blocks placed after everything counted.
  * - metadata preallocation: per L2 range, the L2 table then its data
  *   clusters; the file is grown to the last data cluster. falloc/full: new
@@ -50,7 +52,7 @@ const INT_MAX = 0x7fffffff;
 const REQUEST_MAX_BYTES = Math.floor(INT_MAX / 512) * 512;
 const VERSION_MSG = "compatibility level 1.1 and above (use version=v3 or greater)";
 
-/** The feature name table qemu 7.2 writes into every v3 image: [type, bit, name]. */
+/** The feature name table qemu 7.2 writes into v3 images: [type, bit, name]. */
 const FEATURE_NAMES: [number, number, string][] = [
   [0, 0, "dirty bit"],
   [0, 1, "corrupt bit"],
