@@ -327,13 +327,18 @@ export class Qcow2Image implements FormatImage {
     view.close = () => Promise.resolve();
     view.warn = this.warn;
     view.luks = this.luks;
+    view.#snapshotView = true;
     return view;
   }
 
   /** The write side (qcow2_write.ts), made on the first write. */
   #writer?: Qcow2Writer;
 
+  /** A read-only view of an internal snapshot (atSnapshot): never written. */
+  #snapshotView = false;
+
   #w(): Qcow2Writer {
+    if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     this.#writer ??= new Qcow2Writer(this.file, this.header, this.mapper, {
       hasBacking: this.backing !== undefined,
       // A freed compressed cluster's bytes may be reused: forget the decompressed copy.
@@ -343,27 +348,27 @@ export class Qcow2Image implements FormatImage {
   }
 
   /** Writes guest bytes (qcow2_write.ts). */
-  write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
-    return this.#w().write(offset, data, backingRead);
+  async write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    return await this.#w().write(offset, data, backingRead);
   }
 
   /** Makes a range read as zeroes (qcow2_write.ts). */
-  writeZeroes(
+  async writeZeroes(
     offset: number,
     length: number,
     options?: { mayUnmap?: boolean; backingRead?: BackingReader },
   ): Promise<void> {
-    return this.#w().writeZeroes(offset, length, options);
+    return await this.#w().writeZeroes(offset, length, options);
   }
 
   /** Writes one cluster compressed (qcow2_write.ts). */
-  writeCompressed(offset: number, data: Uint8Array): Promise<void> {
-    return this.#w().writeCompressed(offset, data);
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    return await this.#w().writeCompressed(offset, data);
   }
 
   /** Grows the virtual size (qcow2_write.ts). */
-  resize(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void> {
-    return this.#w().resize(size, options);
+  async resize(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void> {
+    return await this.#w().resize(size, options);
   }
 
   flush(): Promise<void> {

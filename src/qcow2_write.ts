@@ -500,6 +500,10 @@ export class Qcow2Writer {
   }
 
   async #write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    // The block layer refuses requests past the end (qemu: EIO).
+    if (offset < 0 || offset + data.length > this.#header.size) {
+      throw new IoError("Input/output error");
+    }
     const span = this.#mapper.l2Span;
     const end = offset + data.length;
     let pos = offset;

@@ -251,6 +251,17 @@ Deno.test("Qcow2Image.write refuses images whose writes are not supported yet", 
   const b = await openForWrite(`${dir.path}/b.qcow2`);
   await assertRejects(() => b.top.write(0, new Uint8Array(512)), /bitmaps: not supported yet/);
   await b.image.close();
+  await sh("qemu-img create -q -f qcow2 s.qcow2 1M && qemu-img snapshot -c s1 s.qcow2", dir.path);
+  const sn = await openForWrite(`${dir.path}/s.qcow2`);
+  // Past the end: EIO, as qemu's block layer.
+  await assertRejects(
+    () => sn.top.write(1048576 - 256, new Uint8Array(512)),
+    /Input\/output error/,
+  );
+  const view = await sn.top.atSnapshot((await sn.top.snapshots())[0]);
+  await assertRejects(() => view.write(0, new Uint8Array(512)), /snapshot view/);
+  await sn.image.close();
+  await qemuCheck(`${dir.path}/s.qcow2`);
 });
 
 Deno.test("resize grows qcow2 images byte for byte as qemu-img (L1 table moved, exact size)", async () => {
