@@ -391,6 +391,8 @@ Deno.test("qcow2 check agrees with qemu-img check on fuzzed images", async () =>
       const b = clean.slice();
       const what = mutate(b, prng(seed * 104729 + name.length));
       if (ONLY && ONLY !== `${name}:${seed}`) continue;
+      // Version 1 makes qemu probe QEMU's old qcow format, which qimg lacks.
+      if (new DataView(b.buffer).getUint32(4) === 1) continue;
       await Deno.writeFile(path, b);
       const commands = [["check", path], ["check", "--output=json", path]];
       // More commands on demand: QIMG_FUZZ_ORACLE_ALL=1 adds info, map and snapshot -l.
