@@ -47,20 +47,28 @@ function writer(fd: number): (text: string) => void {
   };
 }
 
-/** An Io over Node: node:fs files and descriptors 1 and 2. */
+/**
+ * An Io over Node: node:fs files and descriptors 1 and 2. Every call is
+ * synchronous: node:fs's async calls start libuv's thread pool, 4 threads
+ * that each reserve a stack and a glibc malloc arena (64 MiB of address
+ * space apiece), enough to crash a convert under `prlimit --as=1GiB`, where
+ * Node itself already reserves about 710 MiB (most of it V8's code range).
+ */
 export const nodeIo: Io = {
   stdout: writer(1),
   stderr: writer(2),
   openFile: (path, options) => NodeFile.open(path, options),
+  // deno-lint-ignore require-await
   exists: async (path) => {
     try {
-      await fs.promises.lstat(path);
+      fs.lstatSync(path);
       return true;
     } catch {
       return false;
     }
   },
-  remove: (path) => fs.promises.unlink(path),
+  // deno-lint-ignore require-await
+  remove: async (path) => fs.unlinkSync(path),
   now: () => Date.now(),
 };
 

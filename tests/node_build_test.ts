@@ -267,34 +267,55 @@ Deno.test({
   },
 });
 
+/** Runs `cmd args` in `cwd` with `bin` first on PATH. */
+async function runWithPath(bin: string, cmd: string[], cwd: string) {
+  const r = await new Deno.Command(cmd[0], {
+    args: cmd.slice(1),
+    cwd,
+    env: { PATH: `${bin}:${Deno.env.get("PATH") ?? "/usr/bin:/bin"}` },
+    stdin: "null",
+  }).output();
+  const text = new TextDecoder();
+  return { stdout: text.decode(r.stdout), stderr: text.decode(r.stderr), code: r.code };
+}
+
 Deno.test({
-  name: "a qemu-img wrapper on PATH running the Node build serves an OpenStack-style call (README)",
+  name: "the README's qemu-img wrapper on PATH serves OpenStack-style calls under prlimit",
   ignore: !PRLIMIT,
   async fn() {
     await using dir = await tempDir();
     await makeImages(dir.path);
     const bin = `${dir.path}/bin`;
     await Deno.mkdir(bin);
-    await Deno.writeTextFile(`${bin}/qemu-img`, `#!/bin/sh\nexec node ${await bundle()} "$@"\n`, {
-      mode: 0o755,
-    });
+    // The README's wrapper, pointing at this build.
+    await Deno.writeTextFile(
+      `${bin}/qemu-img`,
+      `#!/bin/sh\nexport MALLOC_ARENA_MAX=2\nexec node ${await bundle()} "$@"\n`,
+      { mode: 0o755 },
+    );
     // As oslo.concurrency runs it for nova: limits, then a C locale, then qemu-img from PATH.
     const call = [...LIMITS, "env", "LC_ALL=C", "LANG=C", "qemu-img"];
+    // "nope" proves the wrapper ran: Debian's qemu-img would say "qemu-img:", not "qimg:".
     for (const args of [["info", "--output=json", "--force-share", "c.qcow2"], ["info", "nope"]]) {
-      const r = await new Deno.Command(call[0], {
-        args: [...call.slice(1), ...args],
-        cwd: dir.path,
-        env: { PATH: `${bin}:${Deno.env.get("PATH") ?? "/usr/bin:/bin"}` },
-        stdin: "null",
-      }).output();
-      const theirs = await qemuImg(args, dir.path);
-      const text = new TextDecoder();
-      assertEquals(
-        { stdout: text.decode(r.stdout), stderr: text.decode(r.stderr), code: r.code },
-        { stdout: theirs.stdout, stderr: theirs.stderr, code: theirs.code },
-        args.join(" "),
-      );
+      const ours = await runWithPath(bin, [...call, ...args], dir.path);
+      assertEquals(ours, await qemuImg(args, dir.path), args.join(" "));
     }
+    // A compressing convert crashes under the limit without MALLOC_ARENA_MAX; with it, it completes.
+    await sh("head -c 20000000 /dev/urandom > r20.raw", dir.path);
+    const r = await runWithPath(bin, [
+      ...call,
+      "convert",
+      "-c",
+      "-O",
+      "qcow2",
+      "r20.raw",
+      "o.qcow2",
+    ], dir.path);
+    assertEquals(r, { stdout: "", stderr: "", code: 0 });
+    assertEquals(
+      (await qemuImg(["compare", "r20.raw", "o.qcow2"], dir.path)).stdout,
+      "Images are identical.\n",
+    );
   },
 });
 
