@@ -49,10 +49,10 @@ function writer(fd: number): (text: string) => void {
 
 /**
  * An Io over Node: node:fs files and descriptors 1 and 2. Every call is
- * synchronous: node:fs's async calls start libuv's thread pool, 4 threads
- * that each reserve a stack and a glibc malloc arena (64 MiB of address
- * space apiece), enough to crash a convert under `prlimit --as=1GiB`, where
- * Node itself already reserves about 710 MiB (most of it V8's code range).
+ * synchronous, as NodeFile's are: nothing here needs libuv's thread pool,
+ * whose threads each can take a 64 MiB glibc malloc arena out of the 1 GiB
+ * that `prlimit --as` callers allow (Node's ESM loader starts the pool anyway;
+ * the README's wrapper sets MALLOC_ARENA_MAX for that).
  */
 export const nodeIo: Io = {
   stdout: writer(1),
