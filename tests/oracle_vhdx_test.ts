@@ -500,16 +500,16 @@ Deno.test("openVhdx() ends hostile headers, region tables, metadata and BATs wit
     const file = `${name}.vhdx`;
     await sh(`cp base.vhdx ${file}`, dir.path);
     await mutate(`${dir.path}/${file}`);
-    for (
-      const args of [
-        ["info", "-f", "vhdx", file],
-        ["check", "-f", "vhdx", file],
-        ["convert", "-f", "vhdx", "-O", "raw", file, `${file}.raw`],
-      ]
-    ) {
+    const info = await assertSameAsQemu(["info", "-f", "vhdx", file], dir.path);
+    // check opens without the BAT check (qemu's BDRV_O_CHECK); a convert only adds to an image that opens.
+    const more = [["check", "-f", "vhdx", file], ["check", "-r", "all", "-f", "vhdx", file]];
+    if (info.code === 0) more.unshift(["convert", "-f", "vhdx", "-O", "raw", file, `${file}.raw`]);
+    // One command at a time per file: qemu locks the image.
+    for (const args of more) {
       const r = await assertSameAsQemu(args, dir.path);
       assertEquals(r.stderr.includes("internal error"), false, r.stderr);
     }
+    assertEquals(info.stderr.includes("internal error"), false, info.stderr);
   };
   for (let i = 0; i < cases.length; i += 6) await Promise.all(cases.slice(i, i + 6).map(runCase));
 });
