@@ -444,13 +444,17 @@ export class Qcow2Writer {
   }
 
   /** Drops this layer's reference to the cluster an L2 entry held. */
-  async #release(e: L2Entry): Promise<void> {
+  async #release(e: L2Entry, discard = false): Promise<void> {
     const refs = await this.#refcounts();
+    const cs = this.#header.clusterSize;
     if (e.compressed) {
       const d = compressedDescriptor(e.hi, e.lo, this.#header.clusterBits);
       await refs.changeRange(d.hostOffset & ~511, d.size + (d.hostOffset & 511), -1);
     } else if (e.offset) {
-      await refs.change(e.offset / this.#header.clusterSize, -1);
+      await refs.change(e.offset / cs, -1);
+      // A guest's unmap request reaches the file once the cluster is free
+      // (qemu's pass-discard-request), as a punched hole.
+      if (discard && await refs.get(e.offset / cs) === 0) await this.#file.discard?.(e.offset, cs);
     }
   }
 
@@ -784,6 +788,12 @@ export class Qcow2Writer {
         pos = chunkEnd; // reads as zeroes already
         continue;
       }
+      if (!v3 && mayUnmap && !this.#options.hasBacking) {
+        // No zero flag, but nothing below: unallocated clusters read as zeroes.
+        await this.#unmapClusters(l1Index, pos, chunkEnd);
+        pos = chunkEnd;
+        continue;
+      }
       if (!v3) {
         // No zero flag: explicit zeroes where the clusters do not read as zero.
         for (let c = pos; c < chunkEnd; c += cs) {
@@ -807,7 +817,7 @@ export class Qcow2Writer {
         const flag = ext ? 0n : BigInt(OFLAG_ZERO);
         if (unmap || !e.offset) {
           setEntry(view, i, ext, flag, BITMAP_ZERO);
-          if (unmap) await this.#release(e);
+          if (unmap) await this.#release(e, mayUnmap);
         } else {
           setEntry(view, i, ext, (e.copied ? COPIED : 0n) | BigInt(e.offset) | flag, BITMAP_ZERO);
         }
@@ -815,6 +825,22 @@ export class Qcow2Writer {
       await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
       pos = chunkEnd;
     }
+  }
+
+  /** Deallocates the clusters [start, end) of L1 entry `l1Index` (v2 images without a backing file). */
+  async #unmapClusters(l1Index: number, start: number, end: number): Promise<void> {
+    const cs = this.#header.clusterSize;
+    const span = this.#mapper.l2Span;
+    const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const base = l1Index * span;
+    for (let i = (start - base) / cs; base + i * cs < end; i++) {
+      const e = readEntry(view, i, false);
+      if (!e.offset && !e.compressed) continue;
+      setEntry(view, i, false, 0n);
+      await this.#release(e, true);
+    }
+    await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
   }
 
   /**

@@ -343,3 +343,32 @@ Deno.test("Qcow2Image.write and writeZeroes on extended L2 images keep subcluste
     (await Deno.stat(`${dir.path}/twin.qcow2`)).size,
   );
 });
+
+Deno.test("convert -n onto a full qcow2 unmaps zero runs as qemu-img (zero clusters on v3, deallocation on v2, holes punched)", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  for (const compat of ["1.1", "0.10"]) {
+    for (const side of ["q", "o"]) {
+      await sh(
+        `rm -f ${side}.qcow2 && qemu-img create -q -f qcow2 -o compat=${compat} ${side}.qcow2 3M && ` +
+          `qemu-io -c 'write -P 9 0 3M' ${side}.qcow2 >/dev/null`,
+        dir.path,
+      );
+    }
+    await sh("qemu-img convert -n -O qcow2 r.raw q.qcow2", dir.path);
+    const o = await qimg(["convert", "-n", "-O", "qcow2", "r.raw", "o.qcow2"], dir.path);
+    assertEquals(o, { stdout: "", stderr: "", code: 0 });
+    await qemuCheck(`${dir.path}/o.qcow2`);
+    await qemuCompare(`${dir.path}/r.raw`, `${dir.path}/o.qcow2`);
+    const map = (f: string) =>
+      runProgram("qemu-img", ["map", "--output=json", f], dir.path).then((r) => r.stdout);
+    assertEquals(await map("o.qcow2"), await map("q.qcow2"), `compat=${compat}`);
+    const sq = await Deno.stat(`${dir.path}/q.qcow2`);
+    const so = await Deno.stat(`${dir.path}/o.qcow2`);
+    assertEquals(so.size, sq.size);
+    assertTrue(
+      Math.abs((so.blocks ?? 0) - (sq.blocks ?? 0)) <= 16,
+      `blocks ${so.blocks} vs ${sq.blocks}`,
+    );
+  }
+});
