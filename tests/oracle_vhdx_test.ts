@@ -208,6 +208,18 @@ Deno.test("VhdxImage.write() allocates blocks: convert -O vhdx output qemu-img r
     await assertReadsLikeQemu(dir.path, "mine.vhdx");
     await sh("rm -f mine.vhdx theirs.vhdx", dir.path);
   }
+  // convert -n writes zero runs too (no zero-init target): qemu's zero writes allocate blocks.
+  await sh(
+    "qemu-img create -q -f vhdx n1.vhdx 40M && cp n1.vhdx n2.vhdx && qemu-img convert -n -O vhdx src.qcow2 n1.vhdx",
+    dir.path,
+  );
+  const n = await qimg(["convert", "-n", "-O", "vhdx", "src.qcow2", "n2.vhdx"], dir.path);
+  assertEquals(n.code, 0, n.stderr);
+  assertEquals(
+    maskRandom(await Deno.readFile(`${dir.path}/n2.vhdx`)),
+    maskRandom(await Deno.readFile(`${dir.path}/n1.vhdx`)),
+    "convert -n",
+  );
   // Out-of-order parallel writes (-W) read the same.
   const r = await qimg(["convert", "-W", "-m", "8", "-O", "vhdx", "src.qcow2", "w.vhdx"], dir.path);
   assertEquals(r.code, 0, r.stderr);
