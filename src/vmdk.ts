@@ -676,6 +676,14 @@ export class VmdkImage implements FormatImage {
     if (e.flat && first.kind === "ok") {
       return await this.#flatStatus(e, first.hostOffset + inCluster, n);
     }
+    if (first.kind === "unalloc" && first.l2Offset === undefined && !e.se) {
+      // No grain table here: the run goes on over all following empty directory entries.
+      const l1Sectors = e.l1EntrySectors;
+      let index = Math.floor(rel / SECTOR / l1Sectors) + 1;
+      while (index < e.l1Size && !(index < e.l1.length ? e.l1[index] : 0)) index++;
+      const end = Math.min(e.endSector * SECTOR, (e.startSector + index * l1Sectors) * SECTOR);
+      return { length: Math.max(n, Math.min(length, end - offset)), data: false, zero: false };
+    }
     // Extend over following grains of the same kind (one grain table at most).
     const l1End = Math.min(
       e.endSector * SECTOR,
