@@ -131,11 +131,6 @@ async function readAt(file: BlockFile, offset: number, buf: Uint8Array): Promise
   if (n < buf.length) buf.fill(0, n);
 }
 
-/** A u64 as a number, or Infinity above 2^53 (offsets that large fail later checks). */
-function u64(b: Uint8Array, off: number): number {
-  return le64(b, off);
-}
-
 /** One header copy. */
 interface Header {
   raw: Uint8Array;
@@ -153,7 +148,7 @@ function parseHeader(raw: Uint8Array): Header | undefined {
     sequence: new DataView(raw.buffer, raw.byteOffset).getBigUint64(8, true),
     logGuid: raw.slice(48, 64),
     logLength: le32(raw, 68),
-    logOffset: u64(raw, 72),
+    logOffset: le64(raw, 72), /* Infinity above 2^53: fails later checks */
   };
 }
 
@@ -633,7 +628,7 @@ async function readLayout(
   let meta: { offset: number; length: number } | undefined;
   for (let i = 0; i < count; i++) {
     const e = rt.subarray(16 + i * 32, 48 + i * 32);
-    const offset = u64(e, 16);
+    const offset = le64(e, 16);
     const length = le32(e, 24);
     const r = overlapping(regions, offset, length);
     if (r) {
