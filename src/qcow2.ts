@@ -341,6 +341,7 @@ export class Qcow2Image implements FormatImage {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     this.#writer ??= new Qcow2Writer(this.file, this.header, this.mapper, {
       hasBacking: this.backing !== undefined,
+      dataFile: this.dataFile,
       // A freed compressed cluster's bytes may be reused: forget the decompressed copy.
       onChange: () => this.#cached = undefined,
     });

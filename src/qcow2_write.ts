@@ -288,6 +288,8 @@ export class Qcow2Refcounts {
 export interface Qcow2WriterOptions {
   /** Whether the image has a backing file (unallocated clusters then read from it). */
   hasBacking: boolean;
+  /** The external data file, when the image has one. */
+  dataFile?: BlockFile;
   /** Called after metadata changes that can make cached decompressed data stale. */
   onChange?: () => void;
 }
@@ -295,6 +297,8 @@ export interface Qcow2WriterOptions {
 /** The parts of an L2 entry the writer looks at. */
 interface L2Entry {
   offset: number;
+  /** Has a host cluster (offset 0 counts with an external data file and COPIED). */
+  host: boolean;
   copied: boolean;
   compressed: boolean;
   /** The whole cluster reads as zeroes whatever its host cluster holds. */
@@ -310,20 +314,21 @@ interface L2Entry {
 const ALL = 0xffffffff;
 
 /** Entry `i` of an L2 table (16-byte entries with extended L2). */
-function readEntry(view: DataView, i: number, ext: boolean): L2Entry {
+function readEntry(view: DataView, i: number, ext: boolean, dataFile: boolean): L2Entry {
   const at = i * (ext ? 16 : 8);
   const hi = view.getUint32(at);
   const lo = view.getUint32(at + 4);
   const compressed = (hi & OFLAG_COMPRESSED_HI) !== 0;
   const offset = compressed ? 0 : entryOffset(hi, lo);
   const copied = (hi & OFLAG_COPIED_HI) !== 0;
+  const host = offset !== 0 || (dataFile && copied && !compressed);
   if (ext) {
     const bits = { alloc: view.getUint32(at + 12), zero: view.getUint32(at + 8) };
     const zero = !compressed && bits.alloc === 0 && bits.zero === ALL;
-    return { hi, lo, compressed, offset, copied, zero, full: bits.alloc === ALL, ext: bits };
+    return { hi, lo, compressed, offset, host, copied, zero, full: bits.alloc === ALL, ext: bits };
   }
   const zero = !compressed && (lo & OFLAG_ZERO) !== 0;
-  return { hi, lo, compressed, offset, copied, zero, full: !zero };
+  return { hi, lo, compressed, offset, host, copied, zero, full: !zero };
 }
 
 /** Bitmaps of an extended L2 entry: all allocated, all zero, none (compressed). */
@@ -339,6 +344,7 @@ function setEntry(view: DataView, i: number, ext: boolean, value: bigint, bitmap
 /** An unallocated cluster. */
 const NO_ENTRY: L2Entry = {
   offset: 0,
+  host: false,
   copied: false,
   compressed: false,
   zero: false,
@@ -374,6 +380,16 @@ export class Qcow2Writer {
     this.#options = options;
   }
 
+  /** Guest data lives in an external data file, at the guest offsets (no refcounts). */
+  get #dataMode(): boolean {
+    return this.#mapper.hasDataFile;
+  }
+
+  /** Where guest data lives. */
+  get #data(): BlockFile {
+    return this.#options.dataFile ?? this.#file;
+  }
+
   /** The L1 table (a resize may replace it). */
   get #l1View(): DataView {
     const l1 = this.#mapper.l1;
@@ -387,8 +403,8 @@ export class Qcow2Writer {
     if (h.cryptMethod !== CRYPT_NONE) {
       throw new QimgError("writing encrypted qcow2 images: not supported yet");
     }
-    if (this.#mapper.hasDataFile) {
-      throw new QimgError("writing qcow2 images with an external data file: not supported yet");
+    if (this.#dataMode && !this.#options.dataFile) {
+      throw new QimgError("'data-file' is required for this image");
     }
     // qemu repairs the refcounts of an image left dirty (lazy refcounts) before writing.
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
@@ -443,6 +459,13 @@ export class Qcow2Writer {
     return { offset, table };
   }
 
+  /** Host clusters for `count` new data clusters from guest offset `guest`. */
+  async #allocData(guest: number, count: number): Promise<number> {
+    // An external data file maps guest offsets one to one, without refcounts.
+    if (this.#dataMode) return guest;
+    return await (await this.#refcounts()).allocClusters(count);
+  }
+
   /** Drops this layer's reference to the cluster an L2 entry held. */
   async #release(e: L2Entry, discard = false): Promise<void> {
     const refs = await this.#refcounts();
@@ -450,7 +473,7 @@ export class Qcow2Writer {
     if (e.compressed) {
       const d = compressedDescriptor(e.hi, e.lo, this.#header.clusterBits);
       await refs.changeRange(d.hostOffset & ~511, d.size + (d.hostOffset & 511), -1);
-    } else if (e.offset) {
+    } else if (e.host && !this.#dataMode) {
       await refs.change(e.offset / cs, -1);
       // A guest's unmap request reaches the file once the cluster is free
       // (qemu's pass-discard-request), as a punched hole.
@@ -475,13 +498,13 @@ export class Qcow2Writer {
       if ((bits.alloc | bits.zero) >>> 0 !== ALL && this.#options.hasBacking) {
         buf.set(await this.#oldCluster(NO_ENTRY, guestCluster, backingRead));
       }
-      const host = e.offset ? await readPadded(this.#file, e.offset, cs) : undefined;
+      const host = e.host ? await readPadded(this.#data, e.offset, cs) : undefined;
       for (let s = 0; s < 32; s++) {
         if ((bits.alloc >>> s) & 1) buf.set(host!.subarray(s * sc, (s + 1) * sc), s * sc);
         else if ((bits.zero >>> s) & 1) buf.fill(0, s * sc, (s + 1) * sc);
       }
-    } else if (e.offset) {
-      const n = await this.#file.read(e.offset, buf);
+    } else if (e.host) {
+      const n = await this.#data.read(e.offset, buf);
       if (n < cs) buf.fill(0, Math.max(n, 0));
     } else if (this.#options.hasBacking) {
       const read = backingRead ?? this.#backingRead;
@@ -527,7 +550,6 @@ export class Qcow2Writer {
     data: Uint8Array,
     backingRead?: BackingReader,
   ): Promise<void> {
-    const refs = await this.#refcounts();
     const cs = this.#header.clusterSize;
     const span = this.#mapper.l2Span;
     const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
@@ -538,9 +560,9 @@ export class Qcow2Writer {
     const last = Math.floor((end - 1 - base) / cs);
     let i = first;
     while (i <= last) {
-      const e = readEntry(view, i, ext);
+      const e = readEntry(view, i, ext, this.#dataMode);
       const cStart = base + i * cs;
-      if (e.offset && e.copied) {
+      if (e.host && e.copied) {
         // Ours alone: in place; what the cluster read as before (zeroes, backing
         // data for unallocated subclusters) is filled in around a partial write.
         const from = Math.max(pos, cStart);
@@ -554,9 +576,9 @@ export class Qcow2Writer {
         if (!e.full && (from > cStart || to < cStart + cs)) {
           const buf = await this.#oldCluster(e, cStart, backingRead);
           buf.set(data.subarray(from - pos, to - pos), from - cStart);
-          await this.#file.write(e.offset, buf);
+          await this.#data.write(e.offset, buf);
         } else {
-          await this.#file.write(e.offset + (from - cStart), data.subarray(from - pos, to - pos));
+          await this.#data.write(e.offset + (from - cStart), data.subarray(from - pos, to - pos));
         }
         if (!e.full) setEntry(view, i, ext, COPIED | BigInt(e.offset), BITMAP_DATA);
         i++;
@@ -565,8 +587,8 @@ export class Qcow2Writer {
       // A run of clusters that need new host clusters, allocated together.
       let j = i;
       while (j + 1 <= last) {
-        const n = readEntry(view, j + 1, ext);
-        if (n.offset && n.copied) break;
+        const n = readEntry(view, j + 1, ext, this.#dataMode);
+        if (n.host && n.copied) break;
         j++;
       }
       const count = j - i + 1;
@@ -576,12 +598,12 @@ export class Qcow2Writer {
       const to = Math.min(end, runEnd);
       let fresh = ext;
       for (let k = i; k <= j && fresh; k++) {
-        const n = readEntry(view, k, ext);
-        fresh = !n.offset && !n.compressed;
+        const n = readEntry(view, k, ext, this.#dataMode);
+        fresh = !n.host && !n.compressed;
       }
       if (fresh) {
         // Extended L2, nothing allocated yet: only the subclusters written.
-        const host = await refs.allocClusters(count);
+        const host = await this.#allocData(runStart, count);
         const bytes = data.subarray(from - pos, to - pos);
         await this.#writeSubclusters(view, i, count, host, from, to, bytes, backingRead);
         i = j + 1;
@@ -595,15 +617,19 @@ export class Qcow2Writer {
         if (from > runStart) buf.set(await this.#oldCluster(e, runStart, backingRead));
         if (to < runEnd && (count > 1 || from === runStart)) {
           const lastStart = runEnd - cs;
-          const old = await this.#oldCluster(readEntry(view, j, ext), lastStart, backingRead);
+          const old = await this.#oldCluster(
+            readEntry(view, j, ext, this.#dataMode),
+            lastStart,
+            backingRead,
+          );
           buf.set(old, count * cs - cs);
         }
         buf.set(data.subarray(from - pos, to - pos), from - runStart);
       }
-      const host = await refs.allocClusters(count);
-      await this.#file.write(host, buf);
+      const host = await this.#allocData(runStart, count);
+      await this.#data.write(host, buf);
       for (let k = 0; k < count; k++) {
-        const old = readEntry(view, i + k, ext);
+        const old = readEntry(view, i + k, ext, this.#dataMode);
         setEntry(view, i + k, ext, COPIED | BigInt(host + k * cs), BITMAP_DATA);
         await this.#release(old);
       }
@@ -636,23 +662,27 @@ export class Qcow2Writer {
     const wTo = Math.min(runStart + count * cs, alignUp(to, sc));
     const buf = new Uint8Array(wTo - wFrom);
     if (from > wFrom) {
-      const old = await this.#oldCluster(readEntry(view, i, true), runStart, backingRead);
+      const old = await this.#oldCluster(
+        readEntry(view, i, true, this.#dataMode),
+        runStart,
+        backingRead,
+      );
       buf.set(old.subarray(wFrom - runStart, from - runStart));
     }
     if (to < wTo) {
       const tailStart = runStart + (count - 1) * cs;
-      const tail = readEntry(view, i + count - 1, true);
+      const tail = readEntry(view, i + count - 1, true, this.#dataMode);
       const old = await this.#oldCluster(tail, tailStart, backingRead);
       buf.set(old.subarray(to - tailStart, wTo - tailStart), to - wFrom);
     }
     buf.set(data, from - wFrom);
-    await this.#file.write(host + (wFrom - runStart), buf);
+    await this.#data.write(host + (wFrom - runStart), buf);
     for (let k = 0; k < count; k++) {
       const cStart = runStart + k * cs;
       const s0 = Math.max(0, Math.floor((wFrom - cStart) / sc));
       const s1 = Math.min(32, Math.ceil((wTo - cStart) / sc));
       const mask = (2 ** s1 - 2 ** s0) >>> 0;
-      const bits = readEntry(view, i + k, true).ext!;
+      const bits = readEntry(view, i + k, true, this.#dataMode).ext!;
       const alloc = (bits.alloc | mask) >>> 0;
       const zero = (bits.zero & ~mask) >>> 0;
       setEntry(
@@ -687,6 +717,7 @@ export class Qcow2Writer {
   ): Promise<void> {
     const cs = this.#header.clusterSize;
     const ext = this.#header.extendedL2;
+    if (this.#dataMode) return await this.#writeZeroData(offset, length, options.backingRead);
     // Extended L2 zeroes subcluster by subcluster.
     const unit = ext ? cs / 32 : cs;
     const size = this.#header.size;
@@ -723,6 +754,23 @@ export class Qcow2Writer {
     }
   }
 
+  /**
+   * With an external data file, zeroes are written as data where the range
+   * does not read as zeroes already: the data file (raw or not) then holds
+   * them too, and the clusters map as data at their guest offsets, as qemu's.
+   */
+  async #writeZeroData(offset: number, length: number, backingRead?: BackingReader) {
+    const cs = this.#header.clusterSize;
+    const end = Math.min(offset + length, this.#header.size);
+    for (let pos = offset; pos < end;) {
+      const to = Math.min(end, pos - (pos % cs) + cs);
+      if (!isZero(await this.#readRange(pos, to - pos, backingRead))) {
+        await this.#write(pos, new Uint8Array(to - pos), backingRead);
+      }
+      pos = to;
+    }
+  }
+
   /** Reads `length` guest bytes of this image (with its backing file), within one cluster. */
   async #readRange(offset: number, length: number, backingRead?: BackingReader) {
     const cs = this.#header.clusterSize;
@@ -733,9 +781,9 @@ export class Qcow2Writer {
     if (l2) {
       const t = await this.#mapper.l2Table(l2);
       const view = new DataView(t.buffer, t.byteOffset, t.byteLength);
-      e = readEntry(view, (cStart % span) / cs, this.#header.extendedL2);
+      e = readEntry(view, (cStart % span) / cs, this.#header.extendedL2, this.#dataMode);
     }
-    if (!e.offset && !e.compressed && !e.zero && !this.#options.hasBacking) {
+    if (!e.host && !e.compressed && !e.zero && !this.#options.hasBacking) {
       return new Uint8Array(length);
     }
     const old = await this.#oldCluster(e, cStart, backingRead);
@@ -759,7 +807,7 @@ export class Qcow2Writer {
     const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
     const i = (cStart % span) / cs;
-    const e = readEntry(view, i, true);
+    const e = readEntry(view, i, true, this.#dataMode);
     if (e.compressed) return await this.#write(start, new Uint8Array(end - start), backingRead);
     const bits = e.ext!;
     if (!this.#options.hasBacking && !(bits.alloc & mask)) return; // reads as zeroes already
@@ -809,7 +857,7 @@ export class Qcow2Writer {
       const ext = this.#header.extendedL2;
       const base = l1Index * span;
       for (let i = (pos - base) / cs; base + i * cs < chunkEnd; i++) {
-        const e = readEntry(view, i, ext);
+        const e = readEntry(view, i, ext, this.#dataMode);
         if (e.zero && !e.offset) continue;
         if (!e.offset && !e.compressed && !this.#options.hasBacking && !e.ext?.alloc) continue;
         const unmap = e.compressed || (mayUnmap && e.offset !== 0);
@@ -835,7 +883,7 @@ export class Qcow2Writer {
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
     const base = l1Index * span;
     for (let i = (start - base) / cs; base + i * cs < end; i++) {
-      const e = readEntry(view, i, false);
+      const e = readEntry(view, i, false, this.#dataMode);
       if (!e.offset && !e.compressed) continue;
       setEntry(view, i, false, 0n);
       await this.#release(e, true);
@@ -855,6 +903,8 @@ export class Qcow2Writer {
 
   async #writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     const cs = this.#header.clusterSize;
+    // qemu: compressed clusters cannot live in an external data file.
+    if (this.#dataMode) throw new QimgError("Operation not supported");
     if (data.length === 0) {
       const size = await this.#file.size();
       if (size % 512) await this.#file.truncate(alignUp(size, 512));
@@ -875,7 +925,7 @@ export class Qcow2Writer {
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
     const ext = this.#header.extendedL2;
     const i = (offset % span) / cs;
-    const e = readEntry(view, i, ext);
+    const e = readEntry(view, i, ext, this.#dataMode);
     // Compression never overwrites an allocated cluster (qemu: EIO).
     if (e.offset || e.compressed) throw new IoError("Input/output error");
     const refs = await this.#refcounts();
@@ -892,6 +942,7 @@ export class Qcow2Writer {
     return this.#serial(async () => {
       if (!this.#refs && !this.#l1Dirty) return;
       await this.#flushTables();
+      if (this.#data !== this.#file) await this.#data.flush();
       await this.#file.flush();
     });
   }

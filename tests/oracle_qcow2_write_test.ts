@@ -19,14 +19,14 @@ const INPUTS = [
   "head -c 100000 /dev/urandom > odd.raw",
 ].join(" && ");
 
-async function qemuCheck(path: string): Promise<void> {
-  const r = await runProgram("qemu-img", ["check", path]);
+async function qemuCheck(path: string, cwd?: string): Promise<void> {
+  const r = await runProgram("qemu-img", ["check", path], cwd);
   assertEquals(r.code, 0, `qemu-img check ${path}: ${r.stdout}${r.stderr}`);
   assertTrue(!/ERROR|[Ll]eaked/.test(r.stdout + r.stderr), r.stdout);
 }
 
-async function qemuCompare(a: string, b: string): Promise<void> {
-  const r = await runProgram("qemu-img", ["compare", a, b]);
+async function qemuCompare(a: string, b: string, cwd?: string): Promise<void> {
+  const r = await runProgram("qemu-img", ["compare", a, b], cwd);
   assertEquals(r.code, 0, `qemu-img compare ${a} ${b}: ${r.stdout}${r.stderr}`);
 }
 
@@ -371,4 +371,57 @@ Deno.test("convert -n onto a full qcow2 unmaps zero runs as qemu-img (zero clust
       `blocks ${so.blocks} vs ${sq.blocks}`,
     );
   }
+});
+
+Deno.test("qcow2 with an external data file: convert and partial writes land at guest offsets as qemu's", async () => {
+  await using dir = await tempDir();
+  await sh(INPUTS, dir.path);
+  for (const o of ["data_file=d.raw", "data_file=d.raw,data_file_raw=on"]) {
+    await sh("rm -f q.qcow2 o.qcow2 d.raw qd.raw", dir.path);
+    const q = await runProgram(
+      "qemu-img",
+      ["convert", "-O", "qcow2", "-o", o.replace("d.raw", "qd.raw"), "r.raw", "q.qcow2"],
+      dir.path,
+    );
+    assertEquals(q.code, 0, q.stderr);
+    const out = await qimg(["convert", "-O", "qcow2", "-o", o, "r.raw", "o.qcow2"], dir.path);
+    assertEquals(out, { stdout: "", stderr: "", code: 0 }, o);
+    await qemuCheck("o.qcow2", dir.path);
+    await qemuCompare("r.raw", "o.qcow2", dir.path);
+    const map = (f: string) =>
+      runProgram("qemu-img", ["map", "--output=json", f], dir.path).then((r) =>
+        r.stdout.replace(/"q?d\.raw"/g, "")
+      );
+    assertEquals(await map("o.qcow2"), await map("q.qcow2"), o);
+    assertEquals(
+      (await Deno.stat(`${dir.path}/d.raw`)).size,
+      (await Deno.stat(`${dir.path}/qd.raw`)).size,
+    );
+  }
+  // Compression cannot go to a data file: qemu's ENOTSUP.
+  const c = await qimg([
+    "convert",
+    "-c",
+    "-O",
+    "qcow2",
+    "-o",
+    "data_file=c.raw",
+    "r.raw",
+    "c.qcow2",
+  ], dir.path);
+  assertEquals(c.stderr, "qimg: error while writing at byte 0: Operation not supported\n");
+  // Partial writes, guest cluster 0 (host offset 0) included.
+  await sh(
+    "qemu-img create -q -f qcow2 -o data_file=$PWD/w.raw w.qcow2 2M && " +
+      "qemu-img create -q -f qcow2 -o data_file=$PWD/t.raw t.qcow2 2M && " +
+      "qemu-io -c 'write -P 1 100 1000' -c 'write -P 2 70000 200000' -c 'write -z 0 512' t.qcow2 >/dev/null",
+    dir.path,
+  );
+  const w = await openForWrite(`${dir.path}/w.qcow2`);
+  await w.top.write(100, filled(1000, 1));
+  await w.top.write(70000, filled(200000, 2));
+  await w.top.writeZeroes(0, 512);
+  await w.image.close();
+  await qemuCheck("w.qcow2", dir.path);
+  await qemuCompare("t.qcow2", "w.qcow2", dir.path);
 });
