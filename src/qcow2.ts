@@ -377,9 +377,12 @@ export class Qcow2Image implements FormatImage {
   }
 
   async close(): Promise<void> {
-    await this.#writer?.flush();
-    if (this.dataFile && this.dataFile !== this.file) await this.dataFile.close();
-    await this.file.close();
+    try {
+      await this.#writer?.flush();
+    } finally {
+      if (this.dataFile && this.dataFile !== this.file) await this.dataFile.close();
+      await this.file.close();
+    }
   }
 }
 
