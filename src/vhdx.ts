@@ -395,13 +395,17 @@ async function updateHeaders(
   for (let k = 0; k < 2; k++) {
     const active = l.headers[l.current]!;
     const other = (1 - l.current) as 0 | 1;
-    const raw = active.raw.slice();
+    // The header's fields over the slot's own reserved bytes, which the checksum also covers.
+    const at = other === 0 ? HEADER1 : HEADER2;
+    const raw = new Uint8Array(HEADER_SIZE);
+    await readAt(file, at, raw);
+    raw.set(active.raw.subarray(0, HEADER_STRUCT));
     new DataView(raw.buffer).setBigUint64(8, active.sequence + 1n, true);
     raw.set(session, 16);
     if (dataGuid) raw.set(dataGuid, 32);
     if (o.logGuid) raw.set(o.logGuid, 48);
     seal(raw, 4);
-    await file.write(other === 0 ? HEADER1 : HEADER2, raw);
+    await file.write(at, raw.subarray(0, HEADER_STRUCT));
     l.headers[other] = parseHeader(raw);
     l.current = other;
   }
