@@ -325,6 +325,8 @@ Deno.test({
       `DENO_DIR=${dir.path}/cache`,
       Deno.execPath(),
       "run",
+      // The fresh cache downloads npm dependencies: keep Deno's "Download ..." lines out of stderr.
+      "--quiet",
       "--no-prompt",
       "--allow-read",
       "--allow-write",
