@@ -77,7 +77,10 @@ export class NodeFile implements BlockFile {
   async read(offset: number, buf: Uint8Array): Promise<number> {
     let done = 0;
     while (done < buf.length) {
-      const n = fs.readSync(this.#fd, buf, done, buf.length - done, offset + done);
+      // Past 2^53 node:fs takes the position only as a bigint (a number is a RangeError).
+      const at = offset + done;
+      const position = Number.isSafeInteger(at) ? at : BigInt(at);
+      const n = fs.readSync(this.#fd, buf, done, buf.length - done, position);
       if (n === 0) break;
       done += n;
     }
@@ -86,6 +89,10 @@ export class NodeFile implements BlockFile {
 
   // deno-lint-ignore require-await
   async write(offset: number, data: Uint8Array): Promise<void> {
+    // node:fs's writeSync treats a position past 2^53 (number or bigint) as "no
+    // position" and writes at the file pointer instead: refuse, as the kernel
+    // refuses offsets past the file system's limit.
+    if (!Number.isSafeInteger(offset + data.length)) throw fileTooLarge("write");
     let done = 0;
     while (done < data.length) {
       done += fs.writeSync(this.#fd, data, done, data.length - done, offset + done);
@@ -94,6 +101,8 @@ export class NodeFile implements BlockFile {
 
   // deno-lint-ignore require-await
   async truncate(size: number): Promise<void> {
+    // ftruncateSync takes no bigint and refuses numbers past 2^53 with a RangeError.
+    if (size > Number.MAX_SAFE_INTEGER) throw fileTooLarge("ftruncate");
     fs.ftruncateSync(this.#fd, size);
   }
 
@@ -117,4 +126,15 @@ export class NodeFile implements BlockFile {
   async extent(_offset: number, length: number): Promise<HostExtent> {
     return { length, data: true };
   }
+}
+
+/**
+ * EFBIG as node:fs reports it, for offsets node:fs cannot pass to the kernel;
+ * strerror() turns it into qemu's "File too large".
+ */
+function fileTooLarge(syscall: string): Error {
+  return Object.assign(new Error(`EFBIG: file too large, ${syscall}`), {
+    code: "EFBIG",
+    syscall,
+  });
 }

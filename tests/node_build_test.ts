@@ -149,6 +149,26 @@ Deno.test("NodeFile.open() keeps errno codes for qemu's text and refuses directo
   await rw.close();
 });
 
+Deno.test("NodeFile past 2^53: reads find end of file, writes and truncates fail with EFBIG, never misplaced", async () => {
+  await using dir = await tempDir();
+  const f = await NodeFile.open(`${dir.path}/f`, { create: true });
+  try {
+    await f.write(0, new Uint8Array([7, 7]));
+    assertEquals(await f.read(2 ** 60, new Uint8Array(4)), 0);
+    // node:fs would write these two bytes at the file pointer (offset 0 or 2) instead.
+    const w = await f.write(2 ** 60, new Uint8Array([1, 1])).then(() => null, (e) => e);
+    assertEquals(strerror(w), "File too large");
+    const t = await f.truncate(7 * 2 ** 60).then(() => null, (e) => e);
+    assertEquals(strerror(t), "File too large");
+    assertEquals(await f.size(), 2);
+    const b = new Uint8Array(2);
+    await f.read(0, b);
+    assertEquals([...b], [7, 7]);
+  } finally {
+    await f.close();
+  }
+});
+
 Deno.test("nodeIo opens, tests for and removes files through node:fs (node_cli.ts, imported without running)", async () => {
   await using dir = await tempDir();
   const path = `${dir.path}/f`;
@@ -192,6 +212,8 @@ const ORACLE: string[][] = [
   ["check", "raw.img"],
   ["convert", "-O", "raw", "missing.img", "out.raw"],
   ["info", "huge_l1.qcow2"],
+  // A size node:fs cannot pass to ftruncate: EFBIG, as the kernel answers qemu-img.
+  ["create", "-q", "-f", "raw", "huge.raw", "7E"],
 ];
 
 Deno.test({
