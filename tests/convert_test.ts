@@ -208,14 +208,14 @@ Deno.test("convert() fails with qemu-img's read and write messages", async () =>
   src.failAt = 3 * MiB;
   await assertRejects(
     () => convert([src], new FakeTarget(src.size), {}),
-    /^QimgError: error while reading at byte 2097152: Input\/output error$/,
+    /^CopyError: error while reading at byte 2097152: Input\/output error$/,
   );
   const ok = new FakeSource([{ length: 4 * MiB, fill: 1 }]);
   const target = new FakeTarget(ok.size);
   target.failAt = 100;
   await assertRejects(
     () => convert([ok], target, {}),
-    /^QimgError: error while writing at byte 0: No space left on device$/,
+    /^CopyError: error while writing at byte 0: No space left on device$/,
   );
   const salvaged = new FakeSource([{ length: 4 * MiB, fill: 1 }]);
   salvaged.failAt = 3 * MiB;
