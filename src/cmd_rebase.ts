@@ -9,6 +9,7 @@ import { findFormat } from "./formats.ts";
 import { Image, openImageChain } from "./image.ts";
 import type { FormatImage } from "./driver.ts";
 import { Progress } from "./progress.ts";
+import { backingChangeError } from "./qcow2_amend.ts";
 import {
   checkCacheMode,
   expectOneImage,
@@ -138,9 +139,24 @@ export async function run(args: string[], io: Io): Promise<number> {
         // stops before writing; where it is refused (no backing format, a
         // driver without backing files), qimg copies and fails as qemu.
         const refused = !!backing && backingFormat === undefined;
+        const top = image.chain[0].image;
+        if (top.setBacking && !refused) {
+          // Removing the backing file safely copies all of it (qemu compares with zeroes).
+          if (newBacking || (!unsafe && backing === "")) {
+            await copyDifferences(image, newBacking, meter, top);
+          }
+          await opened?.close();
+          opened = undefined;
+          try {
+            await top.setBacking(backing, backingFormat);
+          } catch (e) {
+            throw backingChangeError(backing, e);
+          }
+          meter.print(100, 0);
+          return 0;
+        }
         if (BACKING_FORMATS.has(image.format) && !refused) throw notSupportedYet("rebase");
         if (newBacking) {
-          const top = image.chain[0].image;
           if (top.write) await copyDifferences(image, newBacking, meter, top);
           else if (await copyDifferences(image, newBacking, meter)) {
             throw notSupportedYet("rebase");
@@ -194,14 +210,15 @@ interface Run {
  */
 async function copyDifferences(
   image: Image,
-  newBacking: Image,
+  newBacking: Image | undefined,
   meter: Progress,
   top?: FormatImage,
 ): Promise<boolean> {
   const size = image.size;
   if (size === 0) return false;
   // The new backing file may be a layer of the old chain (qemu's prefix_chain_bs).
-  const prefix = image.chain.indexOf(newBacking.chain[0]);
+  const prefix = newBacking ? image.chain.indexOf(newBacking.chain[0]) : -1;
+  const newSize = newBacking?.size ?? 0;
   const runs: (Run & { start: number })[] = [];
   for await (const e of image.extents()) {
     const own = e.present && e.depth === 0;
@@ -244,7 +261,7 @@ async function copyDifferences(
     }
     if (!run.own && (prefix < 0 || run.above)) {
       // Reads stop at the end of the shorter backing file.
-      for (const end of [oldSize, newBacking.size]) {
+      for (const end of [oldSize, newSize]) {
         if (offset < end && offset + n > end) n = end - offset;
       }
     }
@@ -255,7 +272,7 @@ async function copyDifferences(
     const y = new Uint8Array(n);
     const oldIsZero = start >= oldSize;
     if (!oldIsZero) await oldBacking.read(start, x);
-    if (start < newBacking.size) await newBacking.read(start, y);
+    if (start < newSize) await newBacking!.read(start, y);
     for (let done = 0; done < n;) {
       const [differ, len] = compareSectors(x.subarray(done), y.subarray(done));
       if (differ) {

@@ -179,6 +179,11 @@ export interface FormatImage {
    * `snapshots()`), as qemu's bdrv_snapshot_load_tmp: measure -l, convert -l.
    */
   atSnapshot?(snapshot: SnapshotInfo): Promise<FormatImage>;
+  /**
+   * Changes the stored backing file reference (rebase, amend); an empty or
+   * undefined name removes it. Writes no guest data.
+   */
+  setBacking?(name: string | undefined, format: string | undefined): Promise<void>;
   /** Changes the virtual size. */
   resize?(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void>;
 }

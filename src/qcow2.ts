@@ -22,6 +22,7 @@ import type {
 } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
+import { changeBacking } from "./qcow2_amend.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { decompressCluster } from "./codec.ts";
 import {
@@ -71,7 +72,7 @@ export class Qcow2Image implements FormatImage {
   /** Where guest data lives: the external data file, or `file`. */
   readonly dataFile: BlockFile | undefined;
   readonly mapper: ClusterMapper;
-  readonly backing?: BackingRef;
+  backing?: BackingRef;
   /** The LUKS header as `info` shows it, for LUKS-encrypted images. */
   luks?: LuksInfo;
   /** The bitmap directory (empty without bitmaps). */
@@ -370,6 +371,16 @@ export class Qcow2Image implements FormatImage {
   /** Grows the virtual size (qcow2_write.ts). */
   async resize(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void> {
     return await this.#w().resize(size, options);
+  }
+
+  /** Rewrites the backing file reference in the header (qcow2_amend.ts). */
+  async setBacking(name: string | undefined, format: string | undefined): Promise<void> {
+    if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
+    await this.#writer?.flush();
+    await changeBacking(this.file, this.header, name, format);
+    this.backing = this.header.backingFile
+      ? { name: this.header.backingFile, format: this.header.backingFormat }
+      : undefined;
   }
 
   flush(): Promise<void> {

@@ -1,0 +1,74 @@
+import { assertEquals } from "./_assert.ts";
+import { hashFile, qemuImg, qimg, sh, tempDir } from "./_util.ts";
+
+/** A qcow2 overlay over base.qcow2, plus a second base, in q/ (for qemu-img) and m/ (for qimg). */
+async function chainDir(clusterSize = 65536) {
+  const dir = await tempDir();
+  await sh(
+    "mkdir q && cd q && " +
+      `qemu-img create -q -f qcow2 -o cluster_size=${clusterSize} base.qcow2 4M && ` +
+      "qemu-io -c 'write -P 1 0 2M' base.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 base2.qcow2 4M && " +
+      "qemu-io -c 'write -P 2 1M 2M' base2.qcow2 >/dev/null && " +
+      `qemu-img create -q -f qcow2 -o cluster_size=${clusterSize} -b base.qcow2 -F qcow2 top.qcow2 4M && ` +
+      "qemu-io -c 'write -P 3 512k 64k' -c 'write -z 3M 64k' top.qcow2 >/dev/null && " +
+      "cd .. && cp -r q m",
+    dir.path,
+  );
+  return dir;
+}
+
+/** Runs the command with both tools in their own copy and compares results. */
+async function compareRun(dir: string, args: string[], files: string[]): Promise<void> {
+  const theirs = await qemuImg(args, `${dir}/q`);
+  const ours = await qimg(args, `${dir}/m`);
+  assertEquals(
+    { stdout: ours.stdout, stderr: ours.stderr, code: ours.code },
+    { stdout: theirs.stdout, stderr: theirs.stderr, code: theirs.code },
+    args.join(" "),
+  );
+  for (const f of files) {
+    assertEquals(await hashFile(`${dir}/m/${f}`), await hashFile(`${dir}/q/${f}`), f);
+  }
+  const check = await qemuImg(["check", `${dir}/m/${files[0]}`]);
+  assertEquals(check.code, 0, check.stdout + check.stderr);
+}
+
+Deno.test("rebase -u on qcow2 rewrites the backing reference byte for byte as qemu-img", async () => {
+  for (const cs of [512, 4096, 65536]) {
+    await using dir = await chainDir(cs);
+    await compareRun(dir.path, ["rebase", "-u", "-b", "base2.qcow2", "-F", "qcow2", "top.qcow2"], [
+      "top.qcow2",
+    ]);
+    await compareRun(dir.path, ["rebase", "-u", "-b", "", "top.qcow2"], ["top.qcow2"]);
+    await compareRun(dir.path, ["rebase", "-u", "-b", "base.qcow2", "-F", "raw", "top.qcow2"], [
+      "top.qcow2",
+    ]);
+  }
+});
+
+Deno.test("rebase on qcow2 copies differences then changes the reference as qemu-img", async () => {
+  for (
+    const args of [
+      ["rebase", "-b", "base2.qcow2", "-F", "qcow2", "top.qcow2"],
+      ["rebase", "-p", "-b", "base2.qcow2", "-F", "qcow2", "top.qcow2"],
+      ["rebase", "-b", "", "top.qcow2"],
+      ["rebase", "-b", "base2.qcow2", "top.qcow2"],
+    ]
+  ) {
+    await using dir = await chainDir();
+    await compareRun(dir.path, args, ["top.qcow2", "base.qcow2", "base2.qcow2"]);
+  }
+});
+
+Deno.test("rebase -u on a qcow2 v2 image rewrites its header as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "mkdir q && cd q && qemu-img create -q -f qcow2 -o compat=0.10 top.qcow2 1M && qemu-img create -q -f qcow2 x.qcow2 1M && cd .. && cp -r q m",
+    dir.path,
+  );
+  await compareRun(dir.path, ["rebase", "-u", "-b", "x.qcow2", "-F", "qcow2", "top.qcow2"], [
+    "top.qcow2",
+  ]);
+  await compareRun(dir.path, ["rebase", "-u", "-b", "", "top.qcow2"], ["top.qcow2"]);
+});
