@@ -53,6 +53,7 @@ import {
   readL1Table,
 } from "./qcow2_cluster.ts";
 import { checkQcow2 } from "./qcow2_refcount.ts";
+import { Qcow2Repairer } from "./qcow2_repair.ts";
 import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_snapshot.ts";
 import { createQcow2 } from "./qcow2_create.ts";
 import { Qcow2Writer } from "./qcow2_write.ts";
@@ -302,16 +303,15 @@ export class Qcow2Image implements FormatImage {
     return Promise.resolve(this.hasDataFile ? [] : this.snapshotList);
   }
 
-  /** Checks the metadata (qcow2_refcount.ts); repair is not implemented yet. */
+  /** Checks the metadata (qcow2_refcount.ts), repairing with -r (qcow2_repair.ts). */
   async check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
-    const result = await checkQcow2(this.file, this.header, { hasDataFile: this.hasDataFile });
-    // Repairing is not implemented yet; with nothing to repair (and no dirty
-    // bit to clear) qemu's -r run prints exactly what a plain check does.
+    // qemu repairs a dirty image (lazy refcounts) while opening it: not written yet.
     const dirty = (this.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
-    if (options.repair && (result.corruptions || result.leaks || result.checkErrors || dirty)) {
-      throw new QimgError("check -r: not supported yet");
-    }
-    return result;
+    if (options.repair && dirty) throw new QimgError("check -r: not supported yet");
+    const repair = options.repair
+      ? new Qcow2Repairer(this.file, this.header, options.repair)
+      : undefined;
+    return await checkQcow2(this.file, this.header, { hasDataFile: this.hasDataFile, repair });
   }
 
   /**

@@ -4,7 +4,8 @@
  * L1/L2 tables and data clusters of the active image and of each snapshot,
  * the snapshot table, refcount structures, crypto header, bitmaps), then
  * compares with the stored refcounts and the OFLAG_COPIED bits, printing
- * qemu's lines in qemu's order. Read-only: repairs are a later issue.
+ * qemu's lines in qemu's order. With a Qcow2Repairer (check -r) it also
+ * fixes refcounts and OFLAG_COPIED as qemu does, through qcow2_repair.ts.
  */
 
 import type { BlockFile } from "./file.ts";
@@ -20,6 +21,7 @@ import {
   SNAPSHOT_ENTRY_SIZE,
   SnapshotTableError,
 } from "./qcow2_snapshot.ts";
+import type { Qcow2Repairer } from "./qcow2_repair.ts";
 
 const INT_MAX = 0x7fffffff;
 const INT64_MAX = 2n ** 63n - 1n;
@@ -201,6 +203,8 @@ class Imrt {
 export interface CheckOptions {
   /** Guest data lives in an external data file (its clusters are not counted). */
   hasDataFile: boolean;
+  /** Set for `check -r`: what to fix and how to write it. */
+  repair?: Qcow2Repairer;
 }
 
 /**
@@ -273,8 +277,33 @@ class Checker {
     this.refs = await RefcountReader.open(this.file, this.h, (t) => this.signal(t));
     this.imrt = new Imrt(nbClusters, this.h.refcountOrder);
     await this.calculate();
-    const highest = await this.compare();
-    await this.checkCopied();
+    const repair = this.opts.repair;
+    const before = { ...this.res };
+    const compared = await this.compare();
+    let highest = compared.highest;
+    if (repair) {
+      if (
+        before.corruptions || before.checkErrors || this.res.checkErrors ||
+        (compared.rebuild && repair.mode === "all")
+      ) {
+        // qemu repairs these (or rebuilds the refcount structures) in ways not written yet.
+        throw new QimgError("check -r: repairing this image: not supported yet");
+      }
+      if (compared.rebuild) {
+        this.say("ERROR need to rebuild refcount structures");
+        this.res.checkErrors++;
+        this.fail("Input/output error");
+      }
+      if (this.res.leaks || this.res.corruptions) {
+        // The second pass repairs: its counts replace the first one's.
+        this.res.leaks = before.leaks;
+        this.res.corruptions = before.corruptions;
+        highest = (await this.compare(repair)).highest;
+        await repair.flush();
+        this.refs = await RefcountReader.open(this.file, this.h, (t) => this.signal(t));
+      }
+    }
+    await this.checkCopied(repair && this.copiedRepairable(repair) ? repair : undefined);
     this.res.imageEndOffset = (highest + 1) * this.cs;
     return this.res;
   }
@@ -663,9 +692,23 @@ class Checker {
     }
   }
 
-  /** Stored against computed refcounts; returns the highest cluster in use. */
-  async compare(): Promise<number> {
+  /**
+   * Whether OFLAG_COPIED gets fixed: always with -r all; with -r leaks only
+   * when the refcounts it relies on are now right (as qemu decides).
+   */
+  copiedRepairable(repair: Qcow2Repairer): boolean {
+    return repair.mode === "all" ||
+      !(this.res.checkErrors || this.res.corruptions || this.res.leaks);
+  }
+
+  /**
+   * Stored against computed refcounts, fixing what `repair` allows; returns
+   * the highest cluster in use and whether a referenced cluster has
+   * refcount 0 (qemu then needs to rebuild the refcount structures).
+   */
+  async compare(repair?: Qcow2Repairer): Promise<{ highest: number; rebuild: boolean }> {
     let highest = 0;
+    let rebuild = false;
     const t = this.imrt;
     const per = this.refs.blockEntries;
     const order = this.h.refcountOrder;
@@ -690,6 +733,17 @@ class Checker {
         highest = i;
         if (typeof stored === "bigint" || stored !== computed) {
           const isLeak = typeof stored === "bigint" || stored > computed;
+          if (stored === 0) rebuild = true;
+          else if (repair && (isLeak || repair.mode === "all")) {
+            if (typeof stored === "bigint") {
+              throw new QimgError("check -r: repairing 64-bit refcounts: not supported yet");
+            }
+            this.say(`Repairing cluster ${i} refcount=${stored} reference=${computed}`);
+            await repair.setRefcount(i, stored, computed);
+            if (isLeak) this.res.leaksFixed++;
+            else this.res.corruptionsFixed++;
+            continue;
+          }
           this.say(
             `${isLeak ? "Leaked" : "ERROR"} cluster ${i} refcount=${stored} reference=${computed}`,
           );
@@ -698,11 +752,11 @@ class Checker {
         }
       }
     }
-    return highest;
+    return { highest, rebuild };
   }
 
   /** OFLAG_COPIED of the active L1 and L2 entries against the stored refcounts. */
-  async checkCopied(): Promise<void> {
+  async checkCopied(repair?: Qcow2Repairer): Promise<void> {
     const h = this.h;
     const l1 = await this.read(this.l1Offset, h.l1Size * 8);
     const cs = BigInt(this.cs);
@@ -719,12 +773,16 @@ class Checker {
         continue;
       }
       if ((refcount === 1) !== ((l1Entry & OFLAG_COPIED) !== 0n)) {
-        this.res.corruptions++;
         this.say(
-          `ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${
+          `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${
             hex(l1Entry)
           } refcount=${refcount}`,
         );
+        if (repair) {
+          const fixed = refcount === 1 ? l1Entry | OFLAG_COPIED : l1Entry & ~OFLAG_COPIED;
+          await repair.writeL1Entry(this.l1Offset, i, fixed);
+          this.res.corruptionsFixed++;
+        } else this.res.corruptions++;
       }
       if (l2Offset >= BigInt(this.fileLength)) continue; // reads as zeroes
       let table: Uint8Array;
@@ -736,6 +794,7 @@ class Checker {
         this.fail(strerror(e));
       }
       const tv = dataView(table);
+      let l2Dirty = false;
       for (let j = 0; j < h.l2Size; j++) {
         if (isZero64(tv, j * h.l2EntrySize)) continue;
         const entry = tv.getBigUint64(j * h.l2EntrySize);
@@ -750,10 +809,20 @@ class Checker {
           }
         }
         if ((rc === 1) !== ((entry & OFLAG_COPIED) !== 0n)) {
-          this.res.corruptions++;
-          this.say(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex(entry)} refcount=${rc}`);
+          this.say(
+            `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED data cluster: l2_entry=${
+              hex(entry)
+            } refcount=${rc}`,
+          );
+          if (repair) {
+            const fixed = rc === 1 ? entry | OFLAG_COPIED : entry & ~OFLAG_COPIED;
+            tv.setBigUint64(j * h.l2EntrySize, fixed);
+            l2Dirty = true;
+            this.res.corruptionsFixed++;
+          } else this.res.corruptions++;
         }
       }
+      if (repair && l2Dirty) await repair.writeL2(l2Offset, table);
     }
   }
 }
