@@ -118,7 +118,10 @@ const MAKE_EMPTY_FORMATS = new Set(["qcow2", "qed"]);
  */
 async function commitInto(image: Image, depth: number, drop: boolean, io: Io): Promise<void> {
   const keep = drop || !MAKE_EMPTY_FORMATS.has(image.format);
-  if (depth !== 1 || !keep) throw notSupportedYet("commit");
+  const top = image.chain[0].image;
+  if (depth !== 1 || (!keep && !top.makeEmpty)) throw notSupportedYet("commit");
+  // Refuse before writing anything when the overlay cannot be emptied.
+  if (!keep) await top.makeEmpty!({ dryRun: true });
   const layer = image.chain[1];
   const target = await openForCommand(layer.filename, io, {
     format: layer.driver.name,
@@ -150,4 +153,6 @@ async function commitInto(image: Image, depth: number, drop: boolean, io: Io): P
   } finally {
     await target.close();
   }
+  // As qemu: the overlay's data now lives below it; drop it.
+  if (!keep) await top.makeEmpty!();
 }

@@ -184,6 +184,12 @@ export interface FormatImage {
    * undefined name removes it. Writes no guest data.
    */
   setBacking?(name: string | undefined, format: string | undefined): Promise<void>;
+  /**
+   * Drops all of this layer's data, so it reads through to its backing file
+   * (commit without -d, qemu's bdrv_make_empty). With `dryRun`, only throws
+   * where it cannot, writing nothing.
+   */
+  makeEmpty?(options?: { dryRun?: boolean }): Promise<void>;
   /** Changes the virtual size. */
   resize?(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void>;
 }

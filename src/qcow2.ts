@@ -22,7 +22,7 @@ import type {
 } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
-import { changeBacking } from "./qcow2_amend.ts";
+import { changeBacking, makeCompletelyEmpty, makeEmptyObstacle } from "./qcow2_amend.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { decompressCluster } from "./codec.ts";
 import {
@@ -381,6 +381,19 @@ export class Qcow2Image implements FormatImage {
     this.backing = this.header.backingFile
       ? { name: this.header.backingFile, format: this.header.backingFormat }
       : undefined;
+  }
+
+  /** Drops all clusters, as qemu's make_completely_empty (qcow2_amend.ts). */
+  async makeEmpty(options: { dryRun?: boolean } = {}): Promise<void> {
+    if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
+    const obstacle = makeEmptyObstacle(this.header);
+    if (obstacle) throw new QimgError(`${obstacle}: not supported yet`);
+    if (options.dryRun) return;
+    await this.#writer?.flush();
+    this.#writer = undefined;
+    await makeCompletelyEmpty(this.file, this.header);
+    this.mapper.l1.fill(0);
+    this.#cached = undefined;
   }
 
   flush(): Promise<void> {

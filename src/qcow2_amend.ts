@@ -8,13 +8,17 @@ import { QimgError } from "./errors.ts";
 import { putBe32, putBe64 } from "./bytes.ts";
 import {
   AUTOCLEAR_BITMAPS,
+  CRYPT_LUKS,
   EXT_BACKING_FORMAT,
   EXT_BITMAPS,
   EXT_CRYPTO_HEADER,
   EXT_DATA_FILE,
   EXT_FEATURE_TABLE,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
   type Qcow2Header,
 } from "./qcow2_header.ts";
+import { setRefcount } from "./qcow2_write.ts";
 
 /** The feature name table qemu 7.2 writes into v3 images: [type, bit, name]. */
 const FEATURE_NAMES: [number, number, string][] = [
@@ -149,4 +153,60 @@ export async function changeBacking(
 export function backingChangeError(name: string | undefined, e: unknown): unknown {
   if (!(e instanceof HeaderError)) return e;
   return new QimgError(`Could not change the backing file to '${name ?? "(null)"}': ${e.message}`);
+}
+
+/**
+ * Why qemu's make_completely_empty cannot empty this image (qemu then
+ * discards cluster by cluster, which qimg does not do yet), or undefined.
+ */
+export function makeEmptyObstacle(h: Qcow2Header): string | undefined {
+  const l1Clusters = Math.ceil(h.l1Size * 8 / h.clusterSize);
+  const blockEntries = h.clusterSize * 8 / (1 << h.refcountOrder);
+  if (
+    h.version < 3 || h.nbSnapshots > 0 || (h.bitmaps && h.bitmaps.nbBitmaps > 0) ||
+    3 + l1Clusters > blockEntries || h.cryptMethod === CRYPT_LUKS ||
+    (h.incompatibleFeatures & INCOMPAT_DATA_FILE)
+  ) {
+    return "emptying this qcow2 image";
+  }
+  return undefined;
+}
+
+/**
+ * Empties a qcow2 v3 image as qemu's make_completely_empty (commit without
+ * -d): header, a one-cluster refcount table, one refcount block and a
+ * zeroed L1 table at cluster 3; the file ends there.
+ */
+export async function makeCompletelyEmpty(file: BlockFile, h: Qcow2Header): Promise<void> {
+  const cs = h.clusterSize;
+  const l1Clusters = Math.ceil(h.l1Size * 8 / cs);
+  const zeroes = (offset: number, length: number) =>
+    length > 0 ? file.write(offset, new Uint8Array(length)) : Promise.resolve();
+  // qemu marks the image dirty while its refcounts are being rebuilt.
+  const incompat = new Uint8Array(8);
+  putBe64(incompat, 0, h.incompatibleFeatures | INCOMPAT_DIRTY);
+  await file.write(72, incompat);
+  await file.flush();
+  await zeroes(h.l1TableOffset, l1Clusters * cs);
+  await zeroes(cs, 2 * cs);
+  const fields = new Uint8Array(20);
+  putBe64(fields, 0, 3 * cs);
+  putBe64(fields, 8, cs);
+  putBe32(fields, 16, 1);
+  await file.write(40, fields);
+  const entry = new Uint8Array(8);
+  putBe64(entry, 0, 2 * cs);
+  await file.write(cs, entry);
+  await file.truncate((3 + l1Clusters) * cs);
+  await zeroes(3 * cs, l1Clusters * cs);
+  const block = new Uint8Array(cs);
+  for (let i = 0; i < 3 + l1Clusters; i++) setRefcount(block, i, h.refcountOrder, 1);
+  await file.write(2 * cs, block);
+  await file.flush();
+  putBe64(incompat, 0, h.incompatibleFeatures);
+  await file.write(72, incompat);
+  await file.flush();
+  h.l1TableOffset = 3 * cs;
+  h.refcountTableOffset = cs;
+  h.refcountTableClusters = 1;
 }
