@@ -42,6 +42,8 @@ export interface CopyTarget {
    * marks the end of the stream (qemu aligns the file end then).
    */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
+  /** Starts compressing a cluster ahead (in parallel) for the writeCompressed of the same offset. */
+  prepareCompressed?(offset: number, data: Uint8Array): void;
 }
 
 /** How to convert. Sizes are in bytes. */
@@ -248,6 +250,9 @@ export function imageTarget(image: Image): CopyTarget {
       : undefined,
     writeCompressed: top.writeCompressed
       ? (offset, data) => top.writeCompressed!(offset, data)
+      : undefined,
+    prepareCompressed: top.prepareCompressed
+      ? (offset, data) => top.prepareCompressed!(offset, data)
       : undefined,
   };
 }
@@ -485,6 +490,14 @@ class Converter {
       } else if (this.#minSparse === 0 && status === Status.Zero) {
         status = Status.Data;
         buf!.fill(0, 0, count * SECTOR);
+      }
+      // Compress while earlier clusters are still waiting to be written in order.
+      if (
+        this.#o.compressed && status === Status.Data && this.#error === undefined &&
+        this.#target.prepareCompressed
+      ) {
+        const bytes = buf!.subarray(0, count * SECTOR);
+        if (!isZero(bytes)) this.#target.prepareCompressed(sector * SECTOR, bytes);
       }
       if (!this.#o.outOfOrder) {
         while (this.#writeOffset !== sector && this.#error === undefined) {

@@ -165,6 +165,8 @@ export interface FormatImage {
    * zero-length write at offset 0 ends the stream (qemu aligns the file end).
    */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
+  /** Starts compressing a whole cluster ahead (other threads) for the writeCompressed that follows. */
+  prepareCompressed?(offset: number, data: Uint8Array): void;
   /** Checks metadata consistency; repairs when `repair` is set. */
   check?(options: { repair?: "leaks" | "all" }): Promise<CheckResult>;
   /** The internal snapshots, in table order. */

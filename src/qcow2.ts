@@ -363,6 +363,11 @@ export class Qcow2Image implements FormatImage {
     return await this.#w().writeZeroes(offset, length, options);
   }
 
+  /** Starts compressing a cluster ahead of its writeCompressed (qcow2_write.ts). */
+  prepareCompressed(offset: number, data: Uint8Array): void {
+    this.#w().prepareCompressed(offset, data);
+  }
+
   /** Writes one cluster compressed (qcow2_write.ts). */
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     return await this.#w().writeCompressed(offset, data);

@@ -17,6 +17,7 @@ import type { BlockFile } from "./file.ts";
 import { IoError, QimgError } from "./errors.ts";
 import { MetadataCache } from "./cache.ts";
 import { decompressCluster } from "./codec.ts";
+import { CompressPool } from "./compress_pool.ts";
 import { alignUp, isZero, putBe32, putBe64 } from "./bytes.ts";
 import { CRYPT_NONE, INCOMPAT_DIRTY, type Qcow2Header, readPadded } from "./qcow2_header.ts";
 import {
@@ -898,10 +899,37 @@ export class Qcow2Writer {
    */
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     this.#assertWritable();
-    return await this.#serial(() => this.#writeCompressed(offset, data));
+    const prepared = this.#prepared.get(offset);
+    this.#prepared.delete(offset);
+    // Compressed ahead (prepareCompressed): wait outside the lock.
+    const out = prepared ? await prepared : undefined;
+    if (data.length === 0) this.#pool?.close();
+    return await this.#serial(() => this.#writeCompressed(offset, data, out));
   }
 
-  async #writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+  /** Worker threads compressing clusters ahead of writeCompressed (compress_pool.ts). */
+  #pool?: CompressPool;
+  #prepared = new Map<number, Promise<Uint8Array>>();
+
+  /**
+   * Starts compressing the cluster at `offset` on a worker thread, for the
+   * writeCompressed call that follows (convert compresses ahead, writes in order).
+   */
+  prepareCompressed(offset: number, data: Uint8Array): void {
+    const cs = this.#header.clusterSize;
+    if (this.#dataMode || data.length === 0 || data.length > cs || offset % cs) return;
+    let cluster = data;
+    if (data.length < cs) {
+      cluster = new Uint8Array(cs);
+      cluster.set(data);
+    }
+    this.#pool ??= new CompressPool(this.#header.compressionType);
+    const p = this.#pool.compress(cluster);
+    p.catch(() => {}); // awaited (and thrown) by writeCompressed
+    this.#prepared.set(offset, p);
+  }
+
+  async #writeCompressed(offset: number, data: Uint8Array, ready?: Uint8Array): Promise<void> {
     const cs = this.#header.clusterSize;
     // qemu: compressed clusters cannot live in an external data file.
     if (this.#dataMode) throw new QimgError("Operation not supported");
@@ -916,7 +944,7 @@ export class Qcow2Writer {
       cluster = new Uint8Array(cs);
       cluster.set(data);
     }
-    const out = compressCluster(this.#header.compressionType, cluster);
+    const out = ready ?? compressCluster(this.#header.compressionType, cluster);
     // qemu gives the compressor cluster_size - 1 bytes of room.
     if (!out || out.length > cs - 1) return await this.#write(offset, data);
     const span = this.#mapper.l2Span;
