@@ -282,14 +282,13 @@ class Checker {
     const compared = await this.compare();
     let highest = compared.highest;
     if (repair) {
-      if (
-        before.corruptions || before.checkErrors || this.res.checkErrors ||
-        (compared.rebuild && repair.mode === "all")
-      ) {
-        // qemu repairs these (or rebuilds the refcount structures) in ways not written yet.
+      if (before.corruptions || before.checkErrors || this.res.checkErrors) {
+        // qemu repairs these in ways not written yet.
         throw new QimgError("check -r: repairing this image: not supported yet");
       }
-      if (compared.rebuild) {
+      if (compared.rebuild && repair.mode === "all") {
+        highest = await this.rebuild(repair);
+      } else if (compared.rebuild) {
         this.say("ERROR need to rebuild refcount structures");
         this.res.checkErrors++;
         this.fail("Input/output error");
@@ -693,6 +692,39 @@ class Checker {
   }
 
   /**
+   * Replaces the refcount structures with ones built from the computed
+   * refcounts, then counts again and frees the old structures as leaks,
+   * reporting as qemu what the rebuild fixed.
+   */
+  async rebuild(repair: Qcow2Repairer): Promise<number> {
+    const old = { corruptions: this.res.corruptions, leaks: this.res.leaks };
+    this.say("Rebuilding refcount structure");
+    const { offset } = await repair.rebuild(this.imrt);
+    this.reftableOffset = BigInt(offset);
+    this.res.corruptions = 0;
+    this.res.leaks = 0;
+    this.fileLength = await this.file.size();
+    this.refs = await RefcountReader.open(this.file, this.h, (t) => this.signal(t));
+    this.imrt = new Imrt(this.imrt.length, this.h.refcountOrder);
+    await this.calculate();
+    // The old structures are now leaks: freed here, counted in neither report.
+    const saved = { ...this.res };
+    Object.assign(this.res, { corruptions: 0, leaks: 0, checkErrors: 0 });
+    const again = await this.compare(repair, "leaks");
+    if (again.rebuild) this.say("ERROR rebuilt refcount structure is still broken");
+    const freshLeaks = this.res.leaks;
+    Object.assign(this.res, saved, { messages: this.messages });
+    await repair.flush();
+    this.refs = await RefcountReader.open(this.file, this.h, (t) => this.signal(t));
+    if (this.res.corruptions < old.corruptions) {
+      this.res.corruptionsFixed += old.corruptions - this.res.corruptions;
+    }
+    if (this.res.leaks < old.leaks) this.res.leaksFixed += old.leaks - this.res.leaks;
+    this.res.leaks += freshLeaks;
+    return again.highest;
+  }
+
+  /**
    * Whether OFLAG_COPIED gets fixed: always with -r all; with -r leaks only
    * when the refcounts it relies on are now right (as qemu decides).
    */
@@ -706,7 +738,10 @@ class Checker {
    * the highest cluster in use and whether a referenced cluster has
    * refcount 0 (qemu then needs to rebuild the refcount structures).
    */
-  async compare(repair?: Qcow2Repairer): Promise<{ highest: number; rebuild: boolean }> {
+  async compare(
+    repair?: Qcow2Repairer,
+    mode = repair?.mode,
+  ): Promise<{ highest: number; rebuild: boolean }> {
     let highest = 0;
     let rebuild = false;
     const t = this.imrt;
@@ -734,7 +769,7 @@ class Checker {
         if (typeof stored === "bigint" || stored !== computed) {
           const isLeak = typeof stored === "bigint" || stored > computed;
           if (stored === 0) rebuild = true;
-          else if (repair && (isLeak || repair.mode === "all")) {
+          else if (repair && (isLeak || mode === "all")) {
             if (typeof stored === "bigint") {
               throw new QimgError("check -r: repairing 64-bit refcounts: not supported yet");
             }
