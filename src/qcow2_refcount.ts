@@ -238,6 +238,10 @@ class Checker {
   reftableOffset = 0n;
   snapshotsSize = 0;
   signaled = false;
+  /** Corruptions of the refcount table that qemu's repair rebuilds the structures for. */
+  refblockRebuild = 0;
+  /** Whether one of them is a table entry with reserved bits (its rebuild is not written yet). */
+  refblockReserved = false;
 
   constructor(file: BlockFile, header: Qcow2Header, opts: CheckOptions) {
     this.file = file;
@@ -282,13 +286,17 @@ class Checker {
     const compared = await this.compare();
     let highest = compared.highest;
     if (repair) {
-      if (before.corruptions || before.checkErrors || this.res.checkErrors) {
+      if (
+        before.corruptions !== this.refblockRebuild || before.checkErrors ||
+        this.res.checkErrors || (this.refblockReserved && repair.mode === "all")
+      ) {
         // qemu repairs these in ways not written yet.
         throw new QimgError("check -r: repairing this image: not supported yet");
       }
-      if (compared.rebuild && repair.mode === "all") {
+      const rebuild = compared.rebuild || this.refblockRebuild > 0;
+      if (rebuild && repair.mode === "all") {
         highest = await this.rebuild(repair);
-      } else if (compared.rebuild) {
+      } else if (rebuild) {
         this.say("ERROR need to rebuild refcount structures");
         this.res.checkErrors++;
         this.fail("Input/output error");
@@ -657,6 +665,8 @@ class Checker {
   }
 
   checkRefblocks(): void {
+    this.refblockRebuild = 0;
+    this.refblockReserved = false;
     const table = this.refs.table;
     const cs = BigInt(this.cs);
     for (let i = 0; i < table.length; i++) {
@@ -666,6 +676,8 @@ class Checker {
       if (raw & REFT_RESERVED_MASK) {
         this.say(`ERROR refcount table entry ${i} has reserved bits set`);
         this.res.corruptions++;
+        this.refblockRebuild++;
+        this.refblockReserved = true;
         continue;
       }
       if (offset % cs) {
@@ -673,6 +685,7 @@ class Checker {
           `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`,
         );
         this.res.corruptions++;
+        this.refblockRebuild++;
         continue;
       }
       if (cluster >= BigInt(this.imrt.length)) {
@@ -686,6 +699,7 @@ class Checker {
         if (n !== 1) {
           this.say(`ERROR refcount block ${i} refcount=${n}`);
           this.res.corruptions++;
+          this.refblockRebuild++;
         }
       }
     }

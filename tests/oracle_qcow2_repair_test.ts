@@ -29,6 +29,9 @@ clear_copied('l1copied.qcow2', 0x30000)
 poke('zerol2.qcow2', 'ok.qcow2', 0x20000 + 2 * 4, '>H', 0)
 poke('noblock.qcow2', 'ok.qcow2', 0x10000, '>Q', 0)
 poke('mixed.qcow2', 'zerol2.qcow2', 0x20000 + 2 * 5, '>H', 7)
+poke('rbdup.qcow2', 'ok.qcow2', 0x10008, '>Q', 0x20000)
+poke('rbunaligned.qcow2', 'ok.qcow2', 0x10008, '>Q', 0x20200)
+poke('rbreserved.qcow2', 'ok.qcow2', 0x10000, '>Q', 0x20001)
 h = open('small.qcow2', 'rb').read()
 poke('smallgap.qcow2', 'small.qcow2', struct.unpack('>Q', h[48:56])[0] + 8, '>Q', 0)
 PY
@@ -82,17 +85,21 @@ Deno.test("Qcow2Repairer repairs leaks, low refcounts and OFLAG_COPIED as qemu-i
   }
 });
 
-Deno.test("Qcow2Repairer fails -r leaks on a referenced cluster with refcount 0 as qemu-img", async () => {
+Deno.test("Qcow2Repairer fails -r leaks where qemu-img must rebuild the refcount structures", async () => {
   await using dir = await tempDir();
   await sh(SMALL + SETUP, dir.path);
   await assertRepairsAsQemu(dir.path, "zero.qcow2", ["-r", "leaks"]);
   await assertRepairsAsQemu(dir.path, "zero.qcow2", ["-r", "leaks", "--output=json"]);
+  // Broken refcount table entries also need a rebuild.
+  for (const name of ["rbdup", "rbunaligned", "rbreserved"]) {
+    await assertRepairsAsQemu(dir.path, `${name}.qcow2`, ["-r", "leaks"]);
+  }
 });
 
 Deno.test("Qcow2Repairer rebuilds the refcount structures with -r all as qemu-img", async () => {
   await using dir = await tempDir();
   await sh(SMALL + SETUP, dir.path);
-  for (const name of ["zero", "zerol2", "noblock", "mixed", "smallgap"]) {
+  for (const name of ["zero", "zerol2", "noblock", "mixed", "smallgap", "rbdup", "rbunaligned"]) {
     await assertRepairsAsQemu(dir.path, `${name}.qcow2`, ["-r", "all"]);
   }
   await assertRepairsAsQemu(dir.path, "mixed.qcow2", ["-r", "all", "--output=json"]);
