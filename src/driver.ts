@@ -171,6 +171,12 @@ export interface FormatImage {
   check?(options: { repair?: "leaks" | "all" }): Promise<CheckResult>;
   /** The internal snapshots, in table order. */
   snapshots?(): Promise<SnapshotInfo[]>;
+  /** Creates an internal snapshot of the current state (snapshot -c). */
+  createSnapshot?(name: string): Promise<void>;
+  /** Reverts the guest to the snapshot with this ID or name (snapshot -a). */
+  applySnapshot?(name: string): Promise<void>;
+  /** Deletes the first snapshot with this name (snapshot -d). */
+  deleteSnapshot?(name: string): Promise<void>;
   /**
    * A read-only view of the guest as it was at one of `snapshots()`
    * (convert -l/-s); closing the view leaves this image open.

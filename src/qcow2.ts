@@ -57,6 +57,7 @@ import { Qcow2Repairer } from "./qcow2_repair.ts";
 import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_snapshot.ts";
 import { createQcow2 } from "./qcow2_create.ts";
 import { Qcow2Writer } from "./qcow2_write.ts";
+import { applySnapshot, createSnapshot, deleteSnapshot } from "./qcow2_snapshot_write.ts";
 import { QCOW2_CREATE_OPTIONS } from "./options.ts";
 
 /** One bitmap as `info` lists it. */
@@ -301,6 +302,32 @@ export class Qcow2Image implements FormatImage {
   snapshots(): Promise<Qcow2Snapshot[]> {
     // qemu lists none for images with an external data file (ENOTSUP).
     return Promise.resolve(this.hasDataFile ? [] : this.snapshotList);
+  }
+
+  /** Creates an internal snapshot (qcow2_snapshot_write.ts). */
+  async createSnapshot(name: string): Promise<void> {
+    await this.#beforeSnapshotOp();
+    this.snapshotList = await createSnapshot(this.file, this.header, name);
+  }
+
+  /** Reverts to an internal snapshot (qcow2_snapshot_write.ts). */
+  async applySnapshot(name: string): Promise<void> {
+    await this.#beforeSnapshotOp();
+    await applySnapshot(this.file, this.header, name);
+    this.mapper.setL1(await readL1Table(this.file, this.header));
+  }
+
+  /** Deletes an internal snapshot (qcow2_snapshot_write.ts). */
+  async deleteSnapshot(name: string): Promise<void> {
+    await this.#beforeSnapshotOp();
+    this.snapshotList = await deleteSnapshot(this.file, this.header, name);
+  }
+
+  /** Snapshot operations change refcounts and L2 tables on disk: nothing cached may survive. */
+  async #beforeSnapshotOp(): Promise<void> {
+    await this.flush();
+    await this.mapper.l2Cache.clear();
+    this.#writer = undefined;
   }
 
   /** Checks the metadata (qcow2_refcount.ts), repairing with -r (qcow2_repair.ts). */

@@ -1,0 +1,373 @@
+/**
+ * Creating, applying and deleting qcow2 internal snapshots
+ * (docs/interop/qcow2.txt, "Snapshots"). Refcounts count paths: every L1
+ * table (the active one and each snapshot's) adds one reference to each L2
+ * table it points at and, through it, to each data cluster. OFLAG_COPIED
+ * marks active-tree entries whose refcount is exactly 1.
+ *
+ * The steps follow qemu's order (so clusters are allocated where qemu
+ * allocates them): create copies the L1, takes the references, then
+ * rewrites the snapshot table to new clusters; delete rewrites the table,
+ * then drops the references and the snapshot's L1.
+ */
+
+import type { BlockFile } from "./file.ts";
+import { QimgError } from "./errors.ts";
+import { be16, be32, putBe16, putBe32, putBe64 } from "./bytes.ts";
+import {
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  type Qcow2Header,
+  readPadded,
+} from "./qcow2_header.ts";
+import {
+  compressedDescriptor,
+  entryOffset,
+  OFLAG_COMPRESSED_HI,
+  OFLAG_COPIED_HI,
+} from "./qcow2_cluster.ts";
+import { Qcow2Refcounts } from "./qcow2_write.ts";
+import {
+  MAX_SNAPSHOTS,
+  type Qcow2Snapshot,
+  readSnapshotTable,
+  SNAPSHOT_ENTRY_SIZE,
+  validateSnapshotL1,
+} from "./qcow2_snapshot.ts";
+
+/** Header offsets: nb_snapshots (u32) then snapshots_offset (u64). */
+const HDR_NB_SNAPSHOTS = 60;
+/** The extra data qemu 7.2 writes: vm_state_size_large, disk_size, icount. */
+const KNOWN_EXTRA = 24;
+const L1_OFFSET_MASK = 0x00fffffffffffe00n;
+
+/** A table entry to write: the parsed fields plus extra data qemu does not know. */
+interface Entry {
+  sn: Qcow2Snapshot;
+  unknownExtra: Uint8Array;
+}
+
+/** Wall clock as seconds and nanoseconds. */
+export interface WallClock {
+  sec: number;
+  nsec: number;
+}
+
+function wallClock(): WallClock {
+  const ms = Date.now();
+  return { sec: Math.floor(ms / 1000), nsec: (ms % 1000) * 1000000 };
+}
+
+/** The snapshot operations on one open image's file and (mutable) header. */
+class SnapshotWriter {
+  readonly file: BlockFile;
+  readonly h: Qcow2Header;
+  readonly cs: number;
+  refs!: Qcow2Refcounts;
+
+  constructor(file: BlockFile, header: Qcow2Header) {
+    this.file = file;
+    this.h = header;
+    this.cs = header.clusterSize;
+  }
+
+  /** `unsupported`: the message for images with an external data file (qemu's ENOTSUP). */
+  async init(unsupported: string): Promise<void> {
+    if (this.h.incompatibleFeatures & INCOMPAT_DATA_FILE) throw new QimgError(unsupported);
+    // qemu repairs an image left dirty (lazy refcounts) before changing it.
+    if (this.h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      throw new QimgError("snapshots of dirty qcow2 images (lazy refcounts): not supported yet");
+    }
+    if (!this.file.writable) throw new QimgError("Permission denied: image opened read-only");
+    this.refs = await Qcow2Refcounts.open(this.file, this.h);
+  }
+
+  /** The table with each entry's unknown extra data, re-read raw. */
+  async entries(): Promise<Entry[]> {
+    const table = await readSnapshotTable(this.file, this.h);
+    if (table.size === 0) return [];
+    const raw = await readPadded(this.file, this.h.snapshotsOffset, table.size);
+    const out: Entry[] = [];
+    let pos = 0;
+    for (const sn of table.snapshots) {
+      pos = Math.ceil(pos / 8) * 8;
+      const extra = be32(raw, pos + 36);
+      const idSize = be16(raw, pos + 12);
+      const nameSize = be16(raw, pos + 14);
+      const start = pos + SNAPSHOT_ENTRY_SIZE;
+      const unknownExtra = extra > KNOWN_EXTRA
+        ? raw.slice(start + KNOWN_EXTRA, start + extra)
+        : new Uint8Array(0);
+      out.push({ sn, unknownExtra });
+      pos = start + extra + idSize + nameSize;
+    }
+    return out;
+  }
+
+  /**
+   * Adds `addend` references to the tree under an L1 table (0: only
+   * recompute) and sets OFLAG_COPIED where a refcount is 1, as qemu's
+   * qcow2_update_snapshot_refcount. Changed L2 tables are written back;
+   * the caller writes the L1 (`l1` is updated in place).
+   */
+  async updateTree(l1: Uint8Array, addend: number): Promise<void> {
+    const refs = this.refs;
+    const cs = this.cs;
+    const esize = this.h.l2EntrySize;
+    const v1 = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    for (let i = 0; i < l1.length / 8; i++) {
+      const l1e = v1.getBigUint64(i * 8);
+      const l2Offset = Number(l1e & L1_OFFSET_MASK);
+      if (!l2Offset) continue;
+      const l2 = await readPadded(this.file, l2Offset, cs);
+      const v2 = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
+      let modified = false;
+      for (let j = 0; j < cs / esize; j++) {
+        const hi = v2.getUint32(j * esize);
+        const lo = v2.getUint32(j * esize + 4);
+        if (hi & OFLAG_COMPRESSED_HI) {
+          if (addend) {
+            const d = compressedDescriptor(hi, lo, this.h.clusterBits);
+            await this.changeRange(d.hostOffset & ~511, d.size + (d.hostOffset & 511), addend);
+          }
+          continue;
+        }
+        const offset = entryOffset(hi, lo);
+        if (!offset) continue;
+        const index = offset / cs;
+        if (addend) await this.change(index, addend);
+        const rc = await refs.get(index);
+        const want = rc === 1 ? (hi | OFLAG_COPIED_HI) >>> 0 : (hi & ~OFLAG_COPIED_HI) >>> 0;
+        if (want !== hi) {
+          v2.setUint32(j * esize, want);
+          modified = true;
+        }
+      }
+      if (modified) await this.file.write(l2Offset, l2);
+      if (addend) await this.change(l2Offset / cs, addend);
+      const rc = await refs.get(l2Offset / cs);
+      const hi = v1.getUint32(i * 8);
+      v1.setUint32(i * 8, rc === 1 ? (hi | OFLAG_COPIED_HI) >>> 0 : (hi & ~OFLAG_COPIED_HI) >>> 0);
+    }
+  }
+
+  async readActiveL1(): Promise<Uint8Array> {
+    return await readPadded(this.file, this.h.l1TableOffset, this.h.l1Size * 8);
+  }
+
+  async writeActiveL1(l1: Uint8Array): Promise<void> {
+    await this.refs.cache.flush();
+    await this.file.write(this.h.l1TableOffset, l1);
+  }
+
+  /**
+   * Changes a refcount; a cluster that becomes free is discarded (punched),
+   * as qemu's pass-discard-snapshot does by default.
+   */
+  async change(index: number, delta: number): Promise<void> {
+    await this.refs.change(index, delta);
+    if (delta < 0 && await this.refs.get(index) === 0) {
+      await this.file.discard?.(index * this.cs, this.cs);
+    }
+  }
+
+  async changeRange(offset: number, length: number, delta: number): Promise<void> {
+    const last = Math.floor((offset + length - 1) / this.cs);
+    for (let c = Math.floor(offset / this.cs); c <= last; c++) await this.change(c, delta);
+  }
+
+  /** Frees the clusters bytes [offset, offset + length) span. */
+  async free(offset: number, length: number): Promise<void> {
+    if (length > 0) await this.changeRange(offset, length, -1);
+  }
+
+  /** Writes the table to new clusters, points the header at it, frees the old one. */
+  async writeTable(entries: Entry[]): Promise<void> {
+    const parts: Uint8Array[] = [];
+    let size = 0;
+    const enc = new TextEncoder();
+    for (const { sn, unknownExtra } of entries) {
+      const id = enc.encode(sn.id);
+      const name = enc.encode(sn.name);
+      const extraSize = KNOWN_EXTRA + unknownExtra.length;
+      const len = SNAPSHOT_ENTRY_SIZE + extraSize + id.length + name.length;
+      const b = new Uint8Array(Math.ceil(len / 8) * 8);
+      putBe64(b, 0, sn.l1TableOffset);
+      putBe32(b, 8, sn.l1Size);
+      putBe16(b, 12, id.length);
+      putBe16(b, 14, name.length);
+      putBe32(b, 16, sn.dateSec);
+      putBe32(b, 20, sn.dateNsec);
+      putBe64(b, 24, sn.vmClockNsec);
+      putBe32(b, 32, Number(sn.vmStateSize & 0xffffffffn));
+      putBe32(b, 36, extraSize);
+      putBe64(b, 40, sn.vmStateSize);
+      putBe64(b, 48, sn.diskSize);
+      putBe64(b, 56, sn.icount ?? 2n ** 64n - 1n);
+      b.set(unknownExtra, 64);
+      b.set(id, 64 + unknownExtra.length);
+      b.set(name, 64 + unknownExtra.length + id.length);
+      // The last entry is not padded on disk (the table ends where it ends).
+      parts.push(b);
+      size += b.length;
+    }
+    if (parts.length) size -= parts[parts.length - 1].length - lastLength(entries);
+    const oldOffset = this.h.snapshotsOffset;
+    const oldSize = (await readSnapshotTable(this.file, this.h)).size;
+    let offset = 0;
+    if (size > 0) {
+      offset = await this.refs.allocClusters(Math.ceil(size / this.cs));
+      const raw = new Uint8Array(size);
+      let pos = 0;
+      for (const p of parts) {
+        raw.set(p.subarray(0, Math.min(p.length, size - pos)), pos);
+        pos += p.length;
+      }
+      await this.refs.cache.flush();
+      await this.file.write(offset, raw);
+    }
+    const hdr = new Uint8Array(12);
+    putBe32(hdr, 0, entries.length);
+    putBe64(hdr, 4, offset);
+    await this.file.write(HDR_NB_SNAPSHOTS, hdr);
+    this.h.nbSnapshots = entries.length;
+    this.h.snapshotsOffset = offset;
+    if (oldOffset && oldSize) await this.free(oldOffset, oldSize);
+  }
+
+  async finish(): Promise<void> {
+    await this.refs.cache.flush();
+    await this.file.flush();
+  }
+}
+
+function lastLength(entries: Entry[]): number {
+  const { sn, unknownExtra } = entries[entries.length - 1];
+  const enc = new TextEncoder();
+  return SNAPSHOT_ENTRY_SIZE + KNOWN_EXTRA + unknownExtra.length + enc.encode(sn.id).length +
+    enc.encode(sn.name).length;
+}
+
+/** qemu's find_snapshot_by_id_or_name: an ID match first, then a name match. */
+function findByIdOrName(list: Qcow2Snapshot[], s: string): number {
+  const byId = list.findIndex((sn) => sn.id === s);
+  return byId >= 0 ? byId : list.findIndex((sn) => sn.name === s);
+}
+
+/**
+ * `snapshot -c NAME`: a snapshot of the active L1 with the next free
+ * numeric ID. Returns the new table.
+ */
+export async function createSnapshot(
+  file: BlockFile,
+  header: Qcow2Header,
+  name: string,
+  now: WallClock = wallClock(),
+): Promise<Qcow2Snapshot[]> {
+  const w = new SnapshotWriter(file, header);
+  await w.init("-95 (Operation not supported)");
+  const entries = await w.entries();
+  if (entries.length >= MAX_SNAPSHOTS) throw new QimgError("-27 (File too large)");
+  // qemu's find_new_snapshot_id: one past the largest numeric ID.
+  let max = 0;
+  for (const { sn } of entries) {
+    const n = Number.parseInt(sn.id, 10);
+    if (Number.isFinite(n) && n > max) max = n;
+  }
+  const id = String(max + 1);
+  const l1 = await w.readActiveL1();
+  const l1Size = header.l1Size;
+  const l1Offset = l1Size
+    ? await w.refs.allocClusters(Math.ceil(l1Size * 8 / header.clusterSize))
+    : 0;
+  if (l1Size) {
+    await w.refs.cache.flush();
+    await file.write(l1Offset, l1);
+  }
+  try {
+    await w.updateTree(l1, 1);
+  } catch (e) {
+    // qemu reports a refcount that cannot grow as EINVAL.
+    if (e instanceof QimgError && e.message.includes("refcount overflow")) {
+      await w.finish();
+      throw new QimgError("-22 (Invalid argument)");
+    }
+    throw e;
+  }
+  await w.writeActiveL1(l1);
+  const sn: Qcow2Snapshot = {
+    l1TableOffset: BigInt(l1Offset),
+    l1Size,
+    id,
+    name,
+    vmStateSize: 0n,
+    dateSec: now.sec,
+    dateNsec: now.nsec,
+    vmClockNsec: 0n,
+    diskSize: BigInt(header.size),
+    // qemu-img 7.2 stores an instruction count of 0.
+    icount: 0n,
+    extraDataSize: KNOWN_EXTRA,
+  };
+  entries.push({ sn, unknownExtra: new Uint8Array(0) });
+  await w.writeTable(entries);
+  await w.finish();
+  return entries.map((e) => e.sn);
+}
+
+/**
+ * `snapshot -a NAME`: the active L1 becomes a copy of the snapshot's
+ * (found by ID, then by name); the old active tree loses its references.
+ */
+export async function applySnapshot(
+  file: BlockFile,
+  header: Qcow2Header,
+  name: string,
+): Promise<void> {
+  const w = new SnapshotWriter(file, header);
+  await w.init("Failed to load snapshot: Operation not supported");
+  const list = (await w.entries()).map((e) => e.sn);
+  const i = findByIdOrName(list, name);
+  if (i < 0) throw new QimgError("Failed to load snapshot: No such file or directory");
+  const sn = list[i];
+  validateSnapshotL1(sn, header.clusterSize);
+  if (sn.diskSize !== BigInt(header.size)) {
+    throw new QimgError("applying a snapshot of another disk size: not supported yet");
+  }
+  if (sn.l1Size > header.l1Size) {
+    throw new QimgError("applying a snapshot with a larger L1 table: not supported yet");
+  }
+  const snL1 = new Uint8Array(header.l1Size * 8);
+  snL1.set(await readPadded(file, Number(sn.l1TableOffset), sn.l1Size * 8));
+  // The snapshot's own L1 keeps its entries; only refcounts change through it.
+  await w.updateTree(snL1.slice(0, sn.l1Size * 8), 1);
+  const old = await w.readActiveL1();
+  await w.writeActiveL1(snL1);
+  await w.updateTree(old, -1);
+  await w.updateTree(snL1, 0);
+  await w.writeActiveL1(snL1);
+  await w.finish();
+}
+
+/** `snapshot -d NAME`: removes the first snapshot with that name. */
+export async function deleteSnapshot(
+  file: BlockFile,
+  header: Qcow2Header,
+  name: string,
+): Promise<Qcow2Snapshot[]> {
+  const w = new SnapshotWriter(file, header);
+  await w.init("snapshot not found");
+  const entries = await w.entries();
+  const i = entries.findIndex((e) => e.sn.name === name);
+  if (i < 0) throw new QimgError("snapshot not found");
+  const [{ sn }] = entries.splice(i, 1);
+  await w.writeTable(entries);
+  const l1 = await readPadded(file, Number(sn.l1TableOffset), sn.l1Size * 8);
+  await w.updateTree(l1, -1);
+  await w.free(Number(sn.l1TableOffset), sn.l1Size * 8);
+  const active = await w.readActiveL1();
+  await w.updateTree(active, 0);
+  await w.writeActiveL1(active);
+  await w.finish();
+  return entries.map((e) => e.sn);
+}
