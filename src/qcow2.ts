@@ -338,7 +338,12 @@ export class Qcow2Image implements FormatImage {
     const repair = options.repair
       ? new Qcow2Repairer(this.file, this.header, options.repair)
       : undefined;
-    return await checkQcow2(this.file, this.header, { hasDataFile: this.hasDataFile, repair });
+    const result = await checkQcow2(this.file, this.header, {
+      hasDataFile: this.hasDataFile,
+      repair,
+    });
+    if (repair && !result.corruptions && !result.checkErrors) await repair.markConsistent();
+    return result;
   }
 
   /**

@@ -408,7 +408,8 @@ export async function readQcow2Header(
     const ext = readExtensions(cluster, headerLength, extensionsEnd, extContext, true);
     throw new QimgError(unsupportedFeatureMessage(ext.featureTable, unknownIncompat));
   }
-  if ((incompat & INCOMPAT_CORRUPT) && options.write) {
+  // check -r opens corrupt images for writing to repair them (qemu's BDRV_O_CHECK).
+  if ((incompat & INCOMPAT_CORRUPT) && options.write && !options.check) {
     throw new QimgError("qcow2: Image is corrupt; cannot be opened read/write");
   }
   const extendedL2 = (incompat & INCOMPAT_EXTL2) !== 0n;

@@ -7,7 +7,7 @@
  */
 
 import type { BlockFile } from "./file.ts";
-import type { Qcow2Header } from "./qcow2_header.ts";
+import { INCOMPAT_CORRUPT, type Qcow2Header } from "./qcow2_header.ts";
 import { putBe32, putBe64 } from "./bytes.ts";
 import { Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
 
@@ -122,6 +122,17 @@ export class Qcow2Repairer {
     h.refcountTableClusters = clusters;
     this.#refs = undefined;
     return { offset, clusters };
+  }
+
+  /** Clears the header's corrupt bit after a successful repair, as qemu. */
+  async markConsistent(): Promise<void> {
+    const h = this.#header;
+    if (!(h.incompatibleFeatures & INCOMPAT_CORRUPT)) return;
+    h.incompatibleFeatures &= ~INCOMPAT_CORRUPT;
+    const b = new Uint8Array(8);
+    putBe64(b, 0, h.incompatibleFeatures);
+    await this.#file.write(72, b);
+    await this.#file.flush();
   }
 
   /** Writes the changed refcount blocks, so that re-reading them sees the fixes. */

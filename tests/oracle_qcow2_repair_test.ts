@@ -32,6 +32,14 @@ poke('mixed.qcow2', 'zerol2.qcow2', 0x20000 + 2 * 5, '>H', 7)
 poke('rbdup.qcow2', 'ok.qcow2', 0x10008, '>Q', 0x20000)
 poke('rbunaligned.qcow2', 'ok.qcow2', 0x10008, '>Q', 0x20200)
 poke('rbreserved.qcow2', 'ok.qcow2', 0x10000, '>Q', 0x20001)
+def mark_corrupt(name, src):
+    shutil.copy(src, name)
+    with open(name, 'r+b') as f:
+        f.seek(72); v = struct.unpack('>Q', f.read(8))[0]
+        f.seek(72); f.write(struct.pack('>Q', v | 2))
+mark_corrupt('corruptleak.qcow2', 'leak.qcow2')
+mark_corrupt('corruptok.qcow2', 'ok.qcow2')
+mark_corrupt('corruptlow.qcow2', 'low.qcow2')
 h = open('small.qcow2', 'rb').read()
 poke('smallgap.qcow2', 'small.qcow2', struct.unpack('>Q', h[48:56])[0] + 8, '>Q', 0)
 PY
@@ -67,7 +75,7 @@ async function assertRepairsAsQemu(dir: string, name: string, args: string[]): P
   const expected = await qemuImg(["check", "q/img.qcow2"], dir);
   assertEquals(after.code, expected.code, `${what}: re-check`);
   assertEquals(after.stderr, expected.stderr, `${what}: re-check`);
-  const same = await qemuImg(["compare", "m/img.qcow2", "q/img.qcow2"], dir);
+  const same = await qemuImg(["compare", "-U", "m/img.qcow2", "q/img.qcow2"], dir);
   assertEquals(same.code, 0, `${what}: compare`);
 }
 
@@ -110,6 +118,17 @@ Deno.test("Qcow2Repairer rebuilds the refcount structures with -r all as qemu-im
   );
   assertEquals((await qimg(["check", "-q", "-r", "all", "b.qcow2"], dir.path)).code, 0);
   await sh("cmp a.qcow2 b.qcow2", dir.path);
+});
+
+Deno.test("Qcow2Repairer opens images marked corrupt and clears the mark after repairing as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(SMALL + SETUP, dir.path);
+  for (const name of ["corruptleak", "corruptok", "corruptlow"]) {
+    for (const mode of ["leaks", "all"]) {
+      await assertRepairsAsQemu(dir.path, `${name}.qcow2`, ["-r", mode]);
+      await sh("cmp q/img.qcow2 m/img.qcow2", dir.path);
+    }
+  }
 });
 
 Deno.test("Qcow2Repairer punches the clusters it frees as qemu-img (identical files)", async () => {
