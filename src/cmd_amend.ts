@@ -102,8 +102,9 @@ async function amend(
     const table = amendTable(format);
     if (!table) throw refusal(format);
     const warn = (m: string) => io.stderr(`qimg: ${m}\n`);
+    let values;
     try {
-      parseOptionList(options, table, undefined, warn);
+      values = parseOptionList(options, table, undefined, warn).values;
     } catch (e) {
       if (!(e instanceof QimgError)) throw e;
       // qemu tries the create options too, to tell why the option is refused.
@@ -116,7 +117,18 @@ async function amend(
       throw new QimgError(`${e.message}\nThis option is only supported for image creation`);
     }
     o.progress.print(0, 0);
-    throw notSupportedYet("amend"); // no qimg driver changes an image's options yet
+    const top = image.chain[0].image;
+    if (!top.amend) throw notSupportedYet("amend");
+    try {
+      // qemu's amend_status_cb: the percentage in single precision.
+      await top.amend(values, (done, total) => {
+        o.progress.print(Math.fround(Math.fround(100 * done) / total), 0);
+      });
+    } finally {
+      // qemu completes the meter whether or not the driver succeeded.
+      o.progress.print(100, 0);
+    }
+    return 0;
   } finally {
     await image.close();
   }

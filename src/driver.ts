@@ -198,6 +198,11 @@ export interface FormatImage {
    * where it cannot, writing nothing.
    */
   makeEmpty?(options?: { dryRun?: boolean }): Promise<void>;
+  /**
+   * Changes format options (`amend -o`, values parsed against the driver's
+   * amend table); `status` reports progress of long operations.
+   */
+  amend?(options: OptionValues, status?: (done: number, total: number) => void): Promise<void>;
   /** Changes the virtual size. */
   resize?(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void>;
 }

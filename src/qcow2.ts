@@ -22,7 +22,13 @@ import type {
 } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
-import { changeBacking, makeCompletelyEmpty, makeEmptyObstacle } from "./qcow2_amend.ts";
+import {
+  amendQcow2,
+  changeBacking,
+  makeCompletelyEmpty,
+  makeEmptyObstacle,
+} from "./qcow2_amend.ts";
+import type { OptionValues } from "./options.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { decompressCluster } from "./codec.ts";
 import {
@@ -430,6 +436,25 @@ export class Qcow2Image implements FormatImage {
     this.#writer = undefined;
     await makeCompletelyEmpty(this.file, this.header);
     this.mapper.l1.fill(0);
+    this.#cached = undefined;
+  }
+
+  /** `amend -o` (qcow2_amend.ts). */
+  async amend(
+    options: OptionValues,
+    status: (done: number, total: number) => void = () => {},
+  ): Promise<void> {
+    if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
+    await this.#writer?.flush();
+    await amendQcow2({
+      file: this.file,
+      header: this.header,
+      mapper: this.mapper,
+      backing: this.backing,
+      snapshotCount: this.header.nbSnapshots,
+      flush: () => this.flush(),
+      resize: (size) => this.resize(size, {}),
+    }, options, status);
     this.#cached = undefined;
   }
 

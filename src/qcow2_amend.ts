@@ -8,7 +8,10 @@ import { QimgError } from "./errors.ts";
 import { putBe32, putBe64 } from "./bytes.ts";
 import {
   AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
   CRYPT_LUKS,
+  CRYPT_NONE,
   EXT_BACKING_FORMAT,
   EXT_BITMAPS,
   EXT_CRYPTO_HEADER,
@@ -17,8 +20,11 @@ import {
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
   type Qcow2Header,
+  readPadded,
 } from "./qcow2_header.ts";
-import { setRefcount } from "./qcow2_write.ts";
+import { Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
+import { entryOffset, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI, OFLAG_ZERO } from "./qcow2_cluster.ts";
+import type { OptionValues } from "./options.ts";
 
 /** The feature name table qemu 7.2 writes into v3 images: [type, bit, name]. */
 const FEATURE_NAMES: [number, number, string][] = [
@@ -209,4 +215,211 @@ export async function makeCompletelyEmpty(file: BlockFile, h: Qcow2Header): Prom
   h.l1TableOffset = 3 * cs;
   h.refcountTableOffset = cs;
   h.refcountTableClusters = 1;
+}
+
+/** Reports progress of one amend operation: `done` of `total` units. */
+export type AmendStatus = (done: number, total: number) => void;
+
+/** The parts of an open qcow2 image amend works on. */
+export interface AmendTarget {
+  readonly file: BlockFile;
+  readonly header: Qcow2Header;
+  readonly mapper: { l2Offset(index: number): number };
+  readonly backing?: unknown;
+  readonly snapshotCount: number;
+  /** Writes pending metadata. */
+  flush(): Promise<void>;
+  /** Grows the virtual size. */
+  resize(size: number): Promise<void>;
+}
+
+const bad = (message: string) => new QimgError(message);
+const notYet = (what: string) => new QimgError(`${what}: not supported yet`);
+
+/**
+ * `amend -o` on qcow2, in qemu 7.2's order: options checked in table
+ * order, upgrade, backing file (only the same one), lazy refcounts,
+ * header rewrite, size, downgrade. What qimg cannot do yet is refused
+ * before anything is written.
+ */
+export async function amendQcow2(
+  img: AmendTarget,
+  values: OptionValues,
+  status: AmendStatus,
+): Promise<void> {
+  const h = img.header;
+  const has = (k: string) => values[k] !== undefined;
+  const oldVersion = h.version;
+  let newVersion = oldVersion;
+  let lazy = (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+  let refcountBits = 1 << h.refcountOrder;
+  let dataFile: string | undefined;
+  let dataFileRaw = (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+  const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  if (Object.keys(values).some((k) => k.startsWith("encrypt."))) {
+    if (h.cryptMethod === CRYPT_NONE) {
+      throw bad("Can't amend encryption options - encryption not present");
+    }
+    if (h.cryptMethod !== CRYPT_LUKS) throw bad("Only LUKS encryption options can be amended");
+    throw notYet("amend of qcow2 encryption options");
+  }
+  if (has("compat")) {
+    const c = String(values.compat);
+    if (c === "0.10" || c === "v2") newVersion = 2;
+    else if (c === "1.1" || c === "v3") newVersion = 3;
+    else throw bad(`Unknown compatibility level ${c}`);
+  }
+  const newSize = has("size") ? Number(values.size) : 0;
+  const backingFile = has("backing_file") ? String(values.backing_file) : undefined;
+  const backingFormat = has("backing_fmt") ? String(values.backing_fmt) : undefined;
+  if (has("data_file")) {
+    dataFile = String(values.data_file);
+    if (!hasDataFile) {
+      throw bad("data-file can only be set for images that use an external data file");
+    }
+  }
+  if (has("data_file_raw")) {
+    const raw = values.data_file_raw === true;
+    if (raw && !dataFileRaw) throw bad("data-file-raw cannot be set on existing images");
+    dataFileRaw = raw;
+  }
+  if (has("lazy_refcounts")) lazy = values.lazy_refcounts === true;
+  if (has("refcount_bits")) {
+    refcountBits = Number(values.refcount_bits);
+    if (refcountBits <= 0 || refcountBits > 64 || (refcountBits & (refcountBits - 1))) {
+      throw bad("Refcount width must be a power of two and may not exceed 64 bits");
+    }
+  }
+  // What qimg cannot do yet: refused before the first write.
+  const wasLazy = (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+  const backingRefused = (backingFile !== undefined || backingFormat !== undefined) &&
+    (backingFile !== h.backingFile || backingFormat !== h.backingFormat);
+  const lazyRefused = lazy && !wasLazy && newVersion < 3;
+  if (refcountBits !== 1 << h.refcountOrder && !backingRefused && !lazyRefused) {
+    if (newVersion >= 3 || refcountBits === 16) throw notYet("amend -o refcount_bits");
+  }
+  if (newVersion !== oldVersion && img.snapshotCount > 0) {
+    throw notYet("changing the compat level of qcow2 images with snapshots");
+  }
+  if (newVersion !== oldVersion && h.bitmaps) {
+    throw notYet("changing the compat level of qcow2 images with bitmaps");
+  }
+  if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw notYet("amend of dirty qcow2 images");
+  if (newSize && newSize < h.size) throw notYet("amend -o size (shrinking)");
+  if (newVersion < oldVersion && h.compressionType === "zstd") {
+    throw notYet("downgrading qcow2 images with zstd compression");
+  }
+
+  if (newVersion > oldVersion) {
+    // qemu's qcow2_upgrade reports two steps.
+    status(0, 2);
+    status(1, 2);
+    h.version = 3;
+    await writeHeader(img.file, h);
+    status(2, 2);
+  }
+  if (backingRefused) {
+    throw bad("Cannot amend the backing file\nYou can use 'qimg rebase' instead.");
+  }
+  if (lazy !== wasLazy) {
+    if (lazyRefused) {
+      throw bad(
+        "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+      );
+    }
+    h.compatibleFeatures = lazy
+      ? h.compatibleFeatures | COMPAT_LAZY_REFCOUNTS
+      : h.compatibleFeatures & ~COMPAT_LAZY_REFCOUNTS;
+    await writeHeader(img.file, h);
+  }
+  if (refcountBits !== 1 << h.refcountOrder) {
+    throw bad(
+      "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+    );
+  }
+  h.autoclearFeatures = dataFileRaw
+    ? h.autoclearFeatures | AUTOCLEAR_DATA_FILE_RAW
+    : h.autoclearFeatures & ~AUTOCLEAR_DATA_FILE_RAW;
+  if (dataFile !== undefined) h.dataFile = dataFile || undefined;
+  await writeHeader(img.file, h);
+  if (newSize && newSize !== h.size) await img.resize(newSize);
+  if (newVersion < oldVersion) await downgrade(img, status);
+}
+
+/** Rewrites the header cluster from `h`. */
+async function writeHeader(file: BlockFile, h: Qcow2Header): Promise<void> {
+  try {
+    await file.write(0, headerCluster(h));
+  } catch (e) {
+    if (e instanceof HeaderError) throw bad(`Failed to update the image header: ${e.message}`);
+    throw e;
+  }
+  await file.flush();
+}
+
+/** qemu's qcow2_downgrade to v2: refusals, zero clusters expanded, v2 header. */
+async function downgrade(img: AmendTarget, status: AmendStatus): Promise<void> {
+  const h = img.header;
+  if (h.refcountOrder !== 4) throw bad("compat=0.10 requires refcount_bits=16");
+  if (h.incompatibleFeatures & INCOMPAT_DATA_FILE) {
+    throw bad("Cannot downgrade an image with a data file");
+  }
+  if (h.incompatibleFeatures) {
+    throw bad(
+      `Cannot downgrade an image with incompatible features 0x${
+        h.incompatibleFeatures.toString(16)
+      } set`,
+    );
+  }
+  h.compatibleFeatures = 0n;
+  h.autoclearFeatures = 0n;
+  await img.flush();
+  await expandZeroClusters(img, status);
+  h.version = 2;
+  await writeHeader(img.file, h);
+}
+
+/**
+ * v2 has no zero flag: zero clusters become unallocated (no backing file)
+ * or clusters of zeroes, as qemu's qcow2_expand_zero_clusters.
+ */
+async function expandZeroClusters(img: AmendTarget, status: AmendStatus): Promise<void> {
+  const h = img.header;
+  const cs = h.clusterSize;
+  const file = img.file;
+  let refs: Qcow2Refcounts | undefined;
+  for (let i = 0; i < h.l1Size; i++) {
+    const l2 = img.mapper.l2Offset(i);
+    if (l2) {
+      const table = await readPadded(file, l2, cs);
+      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      let dirty = false;
+      for (let j = 0; j < cs / 8; j++) {
+        const hi = view.getUint32(j * 8);
+        const lo = view.getUint32(j * 8 + 4);
+        if ((hi & OFLAG_COMPRESSED_HI) || !(lo & OFLAG_ZERO)) continue;
+        dirty = true;
+        let host = entryOffset(hi, lo);
+        let copied = (hi & OFLAG_COPIED_HI) !== 0;
+        if (!host) {
+          if (!img.backing) {
+            view.setBigUint64(j * 8, 0n);
+            continue;
+          }
+          refs ??= await Qcow2Refcounts.open(file, h);
+          host = await refs.allocClusters(1);
+          copied = true;
+        }
+        await file.write(host, new Uint8Array(cs));
+        view.setBigUint64(j * 8, BigInt(host) | (copied ? 1n << 63n : 0n));
+      }
+      if (dirty) {
+        // Refcounts reach the disk before the entries that rely on them.
+        await refs?.cache.flush();
+        await file.write(l2, table);
+      }
+    }
+    status(i + 1, h.l1Size);
+  }
+  await file.flush();
 }

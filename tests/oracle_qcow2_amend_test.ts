@@ -1,0 +1,106 @@
+import { assertEquals } from "./_assert.ts";
+import { hashFile, qemuImg, qimg, sh, tempDir } from "./_util.ts";
+
+/** Test images, created by qemu-img. */
+const SETUP = [
+  "qemu-img create -q -f qcow2 v3.qcow2 1M",
+  "qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1M",
+  "qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 1M",
+  "qemu-img create -q -f qcow2 zero.qcow2 1M",
+  "qemu-io -c 'write -z 0 64k' -c 'write -P 1 64k 64k' -c 'write -P 2 128k 64k' -c 'write -z 128k 64k' zero.qcow2 >/dev/null",
+  "qemu-img create -q -f qcow2 base.qcow2 1M",
+  "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 over.qcow2",
+  "qemu-io -c 'write -z 0 64k' -c 'write -P 2 128k 64k' -c 'write -z 128k 64k' over.qcow2 >/dev/null",
+  "qemu-img create -q -f qcow2 -o cluster_size=512 small.qcow2 64M",
+  "qemu-io -c 'write -z 0 64k' -c 'write -z 40M 64k' small.qcow2 >/dev/null",
+  "qemu-img create -q -f qcow2 -o refcount_bits=8 r8.qcow2 1M",
+  "qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 1M",
+].join(" && ");
+
+/**
+ * Runs `amend <args> <copy of image>` with qemu-img and qimg; asserts the
+ * same stdout, stderr, exit code and resulting bytes, and a clean check.
+ */
+async function sameAmend(dir: string, image: string, args: string[]): Promise<void> {
+  await sh(`cp ${image} q.qcow2 && cp ${image} m.qcow2`, dir);
+  const theirs = await qemuImg(["amend", ...args, "q.qcow2"], dir);
+  const ours = await qimg(["amend", ...args, "m.qcow2"], dir);
+  const what = `amend ${args.join(" ")} ${image}`;
+  assertEquals(
+    { stdout: ours.stdout, stderr: ours.stderr.replaceAll("m.qcow2", "q.qcow2"), code: ours.code },
+    { stdout: theirs.stdout, stderr: theirs.stderr, code: theirs.code },
+    what,
+  );
+  assertEquals(await hashFile(`${dir}/m.qcow2`), await hashFile(`${dir}/q.qcow2`), what);
+  const check = await qemuImg(["check", "m.qcow2"], dir);
+  assertEquals(check.code, 0, `${what}: ${check.stdout}${check.stderr}`);
+}
+
+Deno.test("amend lazy_refcounts, compat and data_file_raw on qcow2 byte for byte as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(SETUP, dir.path);
+  const cases: [string, string][] = [
+    ["v3.qcow2", "lazy_refcounts=on"],
+    ["v3.qcow2", "lazy_refcounts=off"],
+    ["lazy.qcow2", "lazy_refcounts=off"],
+    ["lazy.qcow2", "compat=0.10"],
+    ["v3.qcow2", "compat=1.1"],
+    ["v3.qcow2", "compat=v2"],
+    ["v2.qcow2", "compat=1.1"],
+    ["v2.qcow2", "compat=v3,lazy_refcounts=on"],
+    ["v3.qcow2", "data_file_raw=off"],
+    ["v3.qcow2", "size=2M"],
+    ["v2.qcow2", "size=3M"],
+    ["v3.qcow2", "refcount_bits=16"],
+  ];
+  for (const [image, o] of cases) await sameAmend(dir.path, image, ["-o", o]);
+});
+
+Deno.test("amend compat=0.10 expands qcow2 zero clusters as qemu-img, with its progress", async () => {
+  await using dir = await tempDir();
+  await sh(SETUP, dir.path);
+  for (const image of ["zero.qcow2", "over.qcow2", "small.qcow2", "v3.qcow2"]) {
+    await sameAmend(dir.path, image, ["-p", "-o", "compat=0.10"]);
+  }
+  await sameAmend(dir.path, "v2.qcow2", ["-p", "-o", "compat=1.1"]);
+  await sameAmend(dir.path, "lazy.qcow2", ["-p", "-o", "lazy_refcounts=off"]);
+});
+
+Deno.test("amend refuses on qcow2 what qemu-img refuses, with its messages", async () => {
+  await using dir = await tempDir();
+  await sh(SETUP, dir.path);
+  const cases: [string, string[]][] = [
+    ["v3.qcow2", ["-o", "compat=2"]],
+    ["v3.qcow2", ["-o", "cluster_size=4k"]],
+    ["v3.qcow2", ["-o", "refcount_bits=3"]],
+    ["v3.qcow2", ["-o", "backing_file=x.qcow2"]],
+    ["v3.qcow2", ["-o", "backing_fmt=qcow2"]],
+    ["over.qcow2", ["-o", "backing_file=base.qcow2"]],
+    ["over.qcow2", ["-o", "backing_file=base.qcow2,backing_fmt=qcow2"]],
+    ["v3.qcow2", ["-o", "data_file=d.raw"]],
+    ["v3.qcow2", ["-o", "data_file_raw=on"]],
+    ["v3.qcow2", ["-o", "encrypt.new-secret=x"]],
+    ["v3.qcow2", ["-o", "compat=0.10,lazy_refcounts=on"]],
+    ["v2.qcow2", ["-p", "-o", "lazy_refcounts=on"]],
+    ["v2.qcow2", ["-p", "-o", "refcount_bits=8"]],
+    ["r8.qcow2", ["-o", "compat=0.10"]],
+    ["ext.qcow2", ["-o", "compat=0.10"]],
+  ];
+  for (const [image, args] of cases) await sameAmend(dir.path, image, args);
+});
+
+Deno.test("amend of qcow2 options qimg cannot change yet says so and changes nothing", async () => {
+  await using dir = await tempDir();
+  await sh(SETUP, dir.path);
+  for (
+    const [o, what] of [
+      ["refcount_bits=8", "amend -o refcount_bits"],
+      ["size=512k", "amend -o size (shrinking)"],
+    ]
+  ) {
+    await sh("cp v3.qcow2 m.qcow2", dir.path);
+    const r = await qimg(["amend", "-o", o, "m.qcow2"], dir.path);
+    assertEquals(r, { stdout: "", stderr: `qimg: ${what}: not supported yet\n`, code: 1 });
+    assertEquals(await hashFile(`${dir.path}/m.qcow2`), await hashFile(`${dir.path}/v3.qcow2`));
+  }
+});
