@@ -59,7 +59,7 @@ import {
   readL1Table,
 } from "./qcow2_cluster.ts";
 import { checkQcow2 } from "./qcow2_refcount.ts";
-import { Qcow2Repairer } from "./qcow2_repair.ts";
+import { repairQcow2 } from "./qcow2_repair.ts";
 import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_snapshot.ts";
 import { createQcow2 } from "./qcow2_create.ts";
 import { Qcow2Writer } from "./qcow2_write.ts";
@@ -338,18 +338,10 @@ export class Qcow2Image implements FormatImage {
 
   /** Checks the metadata (qcow2_refcount.ts), repairing with -r (qcow2_repair.ts). */
   async check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
-    // qemu repairs a dirty image (lazy refcounts) while opening it: not written yet.
-    const dirty = (this.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
-    if (options.repair && dirty) throw new QimgError("check -r: not supported yet");
-    const repair = options.repair
-      ? new Qcow2Repairer(this.file, this.header, options.repair)
-      : undefined;
-    const result = await checkQcow2(this.file, this.header, {
-      hasDataFile: this.hasDataFile,
-      repair,
-    });
-    if (repair && !result.corruptions && !result.checkErrors) await repair.markConsistent();
-    return result;
+    const check = { hasDataFile: this.hasDataFile };
+    return options.repair
+      ? await repairQcow2(this.file, this.header, { ...check, mode: options.repair })
+      : await checkQcow2(this.file, this.header, check);
   }
 
   /**

@@ -7,7 +7,9 @@
  */
 
 import type { BlockFile } from "./file.ts";
-import { INCOMPAT_CORRUPT, type Qcow2Header } from "./qcow2_header.ts";
+import type { CheckResult } from "./driver.ts";
+import { CheckFailedError, checkQcow2 } from "./qcow2_refcount.ts";
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, type Qcow2Header } from "./qcow2_header.ts";
 import { putBe32, putBe64 } from "./bytes.ts";
 import { Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
 
@@ -21,6 +23,29 @@ export interface ComputedRefcounts {
 
 /** What `check -r` may fix: leaks only, or also corruptions. */
 export type RepairMode = "leaks" | "all";
+
+/**
+ * `check -r` of a qcow2 image: the check walk with repairs. As qemu, a
+ * repair without errors left clears the corrupt bit, and the dirty bit
+ * (lazy refcounts) goes once the check ran, as qemu clears it on close.
+ */
+export async function repairQcow2(
+  file: BlockFile,
+  header: Qcow2Header,
+  options: { hasDataFile: boolean; mode: RepairMode },
+): Promise<CheckResult> {
+  const repair = new Qcow2Repairer(file, header, options.mode);
+  let result: CheckResult;
+  try {
+    result = await checkQcow2(file, header, { hasDataFile: options.hasDataFile, repair });
+  } catch (e) {
+    if (e instanceof CheckFailedError) await repair.clearBits(INCOMPAT_DIRTY);
+    throw e;
+  }
+  const ok = !result.corruptions && !result.checkErrors;
+  await repair.clearBits(ok ? INCOMPAT_DIRTY | INCOMPAT_CORRUPT : INCOMPAT_DIRTY);
+  return result;
+}
 
 /** The write side of a repairing check. */
 export class Qcow2Repairer {
@@ -124,11 +149,11 @@ export class Qcow2Repairer {
     return { offset, clusters };
   }
 
-  /** Clears the header's corrupt bit after a successful repair, as qemu. */
-  async markConsistent(): Promise<void> {
+  /** Clears incompatible-feature bits in the header (dirty, corrupt). */
+  async clearBits(bits: bigint): Promise<void> {
     const h = this.#header;
-    if (!(h.incompatibleFeatures & INCOMPAT_CORRUPT)) return;
-    h.incompatibleFeatures &= ~INCOMPAT_CORRUPT;
+    if (!(h.incompatibleFeatures & bits)) return;
+    h.incompatibleFeatures &= ~bits;
     const b = new Uint8Array(8);
     putBe64(b, 0, h.incompatibleFeatures);
     await this.#file.write(72, b);

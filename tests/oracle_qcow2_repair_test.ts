@@ -32,14 +32,18 @@ poke('mixed.qcow2', 'zerol2.qcow2', 0x20000 + 2 * 5, '>H', 7)
 poke('rbdup.qcow2', 'ok.qcow2', 0x10008, '>Q', 0x20000)
 poke('rbunaligned.qcow2', 'ok.qcow2', 0x10008, '>Q', 0x20200)
 poke('rbreserved.qcow2', 'ok.qcow2', 0x10000, '>Q', 0x20001)
-def mark_corrupt(name, src):
+def mark(name, src, bits):
     shutil.copy(src, name)
     with open(name, 'r+b') as f:
         f.seek(72); v = struct.unpack('>Q', f.read(8))[0]
-        f.seek(72); f.write(struct.pack('>Q', v | 2))
-mark_corrupt('corruptleak.qcow2', 'leak.qcow2')
-mark_corrupt('corruptok.qcow2', 'ok.qcow2')
-mark_corrupt('corruptlow.qcow2', 'low.qcow2')
+        f.seek(72); f.write(struct.pack('>Q', v | bits))
+mark('corruptleak.qcow2', 'leak.qcow2', 2)
+mark('corruptok.qcow2', 'ok.qcow2', 2)
+mark('corruptlow.qcow2', 'low.qcow2', 2)
+mark('dirtyleak.qcow2', 'leak.qcow2', 1)
+mark('dirtylow.qcow2', 'low.qcow2', 1)
+mark('dirtyzero.qcow2', 'zero.qcow2', 1)
+mark('dirtycorrupt.qcow2', 'leak.qcow2', 3)
 h = open('small.qcow2', 'rb').read()
 poke('smallgap.qcow2', 'small.qcow2', struct.unpack('>Q', h[48:56])[0] + 8, '>Q', 0)
 PY
@@ -124,6 +128,17 @@ Deno.test("Qcow2Repairer opens images marked corrupt and clears the mark after r
   await using dir = await tempDir();
   await sh(SMALL + SETUP, dir.path);
   for (const name of ["corruptleak", "corruptok", "corruptlow"]) {
+    for (const mode of ["leaks", "all"]) {
+      await assertRepairsAsQemu(dir.path, `${name}.qcow2`, ["-r", mode]);
+      await sh("cmp q/img.qcow2 m/img.qcow2", dir.path);
+    }
+  }
+});
+
+Deno.test("Qcow2Repairer clears the dirty bit of lazy-refcount images as qemu-img check -r", async () => {
+  await using dir = await tempDir();
+  await sh(SMALL + SETUP, dir.path);
+  for (const name of ["dirtyleak", "dirtylow", "dirtyzero", "dirtycorrupt"]) {
     for (const mode of ["leaks", "all"]) {
       await assertRepairsAsQemu(dir.path, `${name}.qcow2`, ["-r", mode]);
       await sh("cmp q/img.qcow2 m/img.qcow2", dir.path);
