@@ -166,8 +166,23 @@ class SnapshotWriter {
    */
   async change(index: number, delta: number): Promise<void> {
     await this.refs.change(index, delta);
-    if (delta < 0 && await this.refs.get(index) === 0) {
-      await this.file.discard?.(index * this.cs, this.cs);
+    if (delta < 0 && await this.refs.get(index) === 0) this.#freed.push(index);
+  }
+
+  /** Clusters freed so far, punched together at the end (qemu queues its discards). */
+  #freed: number[] = [];
+
+  /** Punches the freed clusters, adjacent ones as one range (small clusters fill whole blocks). */
+  async #discard(): Promise<void> {
+    const free: number[] = [];
+    for (const c of new Set(this.#freed)) if (await this.refs.get(c) === 0) free.push(c);
+    this.#freed = [];
+    free.sort((a, b) => a - b);
+    for (let i = 0; i < free.length;) {
+      let j = i + 1;
+      while (j < free.length && free[j] === free[j - 1] + 1) j++;
+      await this.file.discard?.(free[i] * this.cs, (j - i) * this.cs);
+      i = j;
     }
   }
 
@@ -237,6 +252,7 @@ class SnapshotWriter {
 
   async finish(): Promise<void> {
     await this.refs.cache.flush();
+    await this.#discard();
     await this.file.flush();
   }
 }

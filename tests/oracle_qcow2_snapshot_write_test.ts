@@ -45,7 +45,12 @@ async function state(dir: string, file: string): Promise<Record<string, unknown>
  * the file's holes and the data of
  * the active layer and of every snapshot.
  */
-async function sameSequence(dir: string, base: string, steps: Step[]): Promise<void> {
+async function sameSequence(
+  dir: string,
+  base: string,
+  steps: Step[],
+  options: { holes?: boolean } = {},
+): Promise<void> {
   await sh(`cp ${base} q.qcow2 && cp ${base} x.qcow2`, dir);
   for (const step of steps) {
     if ("io" in step) {
@@ -58,6 +63,7 @@ async function sameSequence(dir: string, base: string, steps: Step[]): Promise<v
     assertEquals(ours, theirs, step.snap.join(" "));
     const a = await state(dir, "q.qcow2");
     const b = await state(dir, "x.qcow2");
+    if (options.holes === false) delete a.holes, delete b.holes;
     assertEquals(b, a, `after snapshot ${step.snap.join(" ")}`);
   }
   // The same allocation order gives the same file size.
@@ -154,4 +160,23 @@ Deno.test("createSnapshot stores qemu-img's fields: next ID, wall-clock date, no
   assertTrue(sn["date-sec"] >= start && sn["date-sec"] <= start + 60);
   const check = await qemuImg(["check", "q.qcow2"], dir.path);
   assertEquals(check.code, 0);
+});
+
+Deno.test("createSnapshot deleteSnapshot walk hundreds of L2 tables and refcount blocks as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 -o cluster_size=512 base.qcow2 64M && " +
+      "qemu-io -c 'write -P 1 0 8M' base.qcow2 >/dev/null",
+    dir.path,
+  );
+  // Holes differ: qemu punches its discards in batches as its caches flush,
+  // and 512-byte clusters only free whole 4 KiB file blocks where runs meet.
+  await sameSequence(dir.path, "base.qcow2", [
+    { snap: ["-c", "a"] },
+    { io: "write -P 2 1M 2M" },
+    { snap: ["-c", "b"] },
+    { snap: ["-a", "a"] },
+    { snap: ["-d", "b"] },
+    { snap: ["-d", "a"] },
+  ], { holes: false });
 });
