@@ -24,7 +24,9 @@ import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
 import {
   amendQcow2,
+  canEmptyCompletely,
   changeBacking,
+  discardAllClusters,
   makeCompletelyEmpty,
   makeEmptyObstacle,
 } from "./qcow2_amend.ts";
@@ -426,8 +428,12 @@ export class Qcow2Image implements FormatImage {
     if (options.dryRun) return;
     await this.#writer?.flush();
     this.#writer = undefined;
-    await makeCompletelyEmpty(this.file, this.header);
-    this.mapper.l1.fill(0);
+    if (canEmptyCompletely(this.header)) {
+      await makeCompletelyEmpty(this.file, this.header);
+      this.mapper.l1.fill(0);
+    } else {
+      await discardAllClusters(this.file, this.header, this.mapper.l1);
+    }
     this.#cached = undefined;
   }
 

@@ -23,7 +23,13 @@ import {
   readPadded,
 } from "./qcow2_header.ts";
 import { Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
-import { entryOffset, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI, OFLAG_ZERO } from "./qcow2_cluster.ts";
+import {
+  compressedDescriptor,
+  entryOffset,
+  OFLAG_COMPRESSED_HI,
+  OFLAG_COPIED_HI,
+  OFLAG_ZERO,
+} from "./qcow2_cluster.ts";
 import type { OptionValues } from "./options.ts";
 
 /** The feature name table qemu 7.2 writes into v3 images: [type, bit, name]. */
@@ -161,21 +167,92 @@ export function backingChangeError(name: string | undefined, e: unknown): unknow
   return new QimgError(`Could not change the backing file to '${name ?? "(null)"}': ${e.message}`);
 }
 
-/**
- * Why qemu's make_completely_empty cannot empty this image (qemu then
- * discards cluster by cluster, which qimg does not do yet), or undefined.
- */
+/** Why qimg cannot empty this image yet (commit without -d), or undefined. */
 export function makeEmptyObstacle(h: Qcow2Header): string | undefined {
-  const l1Clusters = Math.ceil(h.l1Size * 8 / h.clusterSize);
-  const blockEntries = h.clusterSize * 8 / (1 << h.refcountOrder);
   if (
-    h.version < 3 || h.nbSnapshots > 0 || (h.bitmaps && h.bitmaps.nbBitmaps > 0) ||
-    3 + l1Clusters > blockEntries || h.cryptMethod === CRYPT_LUKS ||
+    (h.bitmaps && h.bitmaps.nbBitmaps > 0) || h.cryptMethod !== CRYPT_NONE ||
     (h.incompatibleFeatures & INCOMPAT_DATA_FILE)
   ) {
     return "emptying this qcow2 image";
   }
   return undefined;
+}
+
+/**
+ * Whether qemu's make_completely_empty applies (else qemu discards every
+ * cluster): v3, no snapshots, bitmaps, LUKS or data file, and the header,
+ * refcount table and block and L1 table fit one refcount block.
+ */
+export function canEmptyCompletely(h: Qcow2Header): boolean {
+  const l1Clusters = Math.ceil(h.l1Size * 8 / h.clusterSize);
+  const blockEntries = h.clusterSize * 8 / (1 << h.refcountOrder);
+  return h.version >= 3 && h.nbSnapshots === 0 && !(h.bitmaps && h.bitmaps.nbBitmaps > 0) &&
+    3 + l1Clusters <= blockEntries && h.cryptMethod !== CRYPT_LUKS &&
+    !(h.incompatibleFeatures & INCOMPAT_DATA_FILE);
+}
+
+/**
+ * qemu's make_empty fallback: a full discard of every cluster. Entries
+ * become 0, their clusters lose this layer's reference (freed ones are
+ * punched out of the file); L2 tables shared with snapshots are copied first.
+ */
+export async function discardAllClusters(
+  file: BlockFile,
+  h: Qcow2Header,
+  l1: Uint8Array,
+): Promise<void> {
+  const cs = h.clusterSize;
+  const esize = h.l2EntrySize;
+  const refs = await Qcow2Refcounts.open(file, h);
+  const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  // Freed clusters are punched out of the file (qemu's pass-discard-snapshot).
+  const punchFreed = async (first: number, last: number) => {
+    for (let c = first; c <= last; c++) {
+      if (await refs.get(c) === 0) await file.discard?.(c * cs, cs);
+    }
+  };
+  const drop = async (offset: number) => {
+    await refs.change(offset / cs, -1);
+    await punchFreed(offset / cs, offset / cs);
+  };
+  for (let i = 0; i < h.l1Size; i++) {
+    const l1Hi = l1View.getUint32(i * 8);
+    const l2 = entryOffset(l1Hi, l1View.getUint32(i * 8 + 4));
+    if (!l2) continue;
+    const table = await readPadded(file, l2, cs);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    let target = l2;
+    if (!(l1Hi & OFLAG_COPIED_HI)) {
+      // Shared with a snapshot: this layer gets its own copy.
+      target = await refs.allocClusters(1);
+    }
+    // Data refcounts count the L1 tables (active and snapshots) using a
+    // cluster, so they drop even when the L2 table is shared.
+    for (let j = 0; j < cs / esize; j++) {
+      const hi = view.getUint32(j * esize);
+      const lo = view.getUint32(j * esize + 4);
+      if (hi & OFLAG_COMPRESSED_HI) {
+        const d = compressedDescriptor(hi, lo, h.clusterBits);
+        const start = d.hostOffset & ~511;
+        const length = d.size + (d.hostOffset & 511);
+        await refs.changeRange(start, length, -1);
+        await punchFreed(Math.floor(start / cs), Math.floor((start + length - 1) / cs));
+      } else if (entryOffset(hi, lo)) {
+        await drop(entryOffset(hi, lo));
+      }
+    }
+    await refs.cache.flush();
+    await file.write(target, new Uint8Array(cs));
+    if (target !== l2) {
+      const entry = new Uint8Array(8);
+      putBe64(entry, 0, BigInt(target) | (1n << 63n));
+      await file.write(h.l1TableOffset + i * 8, entry);
+      l1.set(entry, i * 8);
+      await drop(l2);
+      await refs.cache.flush();
+    }
+  }
+  await file.flush();
 }
 
 /**
