@@ -47,6 +47,11 @@ const FEATURE_NAMES: [number, number, string][] = [
 /** qemu's backing file name buffer holds 1023 bytes. */
 const BACKING_NAME_MAX = 1023;
 
+const NO_SPACE = "No space left on device";
+
+const bad = (message: string) => new QimgError(message);
+const notYet = (what: string) => new QimgError(`${what}: not supported yet`);
+
 /** An errno-style failure of the header rewrite (the caller adds its context). */
 export class HeaderError extends Error {}
 
@@ -82,7 +87,7 @@ export function headerCluster(h: Qcow2Header): Uint8Array {
     b.set(h.unknownHeaderFields, 112);
     pos = length;
   }
-  const noSpace = () => new HeaderError("No space left on device");
+  const noSpace = () => new HeaderError(NO_SPACE);
   const ext = (magic: number, data: Uint8Array) => {
     const padded = Math.ceil(data.length / 8) * 8;
     if (pos + 8 + padded > cs) throw noSpace();
@@ -141,6 +146,10 @@ export async function changeBacking(
   format: string | undefined,
 ): Promise<void> {
   const enc = new TextEncoder();
+  // qemu rewrites the bitmap directory of a writable image as it closes it.
+  if (h.bitmaps && !h.bitmapsInconsistent) {
+    throw notYet("changing the backing file of qcow2 images with bitmaps");
+  }
   if (name && enc.encode(name).length > BACKING_NAME_MAX) {
     throw new HeaderError("Invalid argument");
   }
@@ -164,7 +173,9 @@ export async function changeBacking(
 /** Wraps a HeaderError as qemu's rebase/amend message. */
 export function backingChangeError(name: string | undefined, e: unknown): unknown {
   if (!(e instanceof HeaderError)) return e;
-  return new QimgError(`Could not change the backing file to '${name ?? "(null)"}': ${e.message}`);
+  // qemu-img rebase words ENOSPC its own way.
+  const why = e.message === NO_SPACE ? "No space left in the file header" : e.message;
+  return new QimgError(`Could not change the backing file to '${name ?? "(null)"}': ${why}`);
 }
 
 /** Why qimg cannot empty this image yet (commit without -d), or undefined. */
@@ -310,9 +321,6 @@ export interface AmendTarget {
   resize(size: number): Promise<void>;
 }
 
-const bad = (message: string) => new QimgError(message);
-const notYet = (what: string) => new QimgError(`${what}: not supported yet`);
-
 /**
  * `amend -o` on qcow2, in qemu 7.2's order: options checked in table
  * order, upgrade, backing file (only the same one), lazy refcounts,
@@ -382,6 +390,8 @@ export async function amendQcow2(
     throw notYet("changing the compat level of qcow2 images with bitmaps");
   }
   if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw notYet("amend of dirty qcow2 images");
+  // qemu rewrites the bitmap directory of a writable image as it closes it.
+  if (h.bitmaps && !h.bitmapsInconsistent) throw notYet("amend of qcow2 images with bitmaps");
   if (newSize && newSize < h.size) throw notYet("amend -o size (shrinking)");
   if (newVersion < oldVersion && h.compressionType === "zstd") {
     throw notYet("downgrading qcow2 images with zstd compression");

@@ -134,3 +134,30 @@ Deno.test("commit of a qcow2 overlay with bitmaps says it is not supported yet a
     before,
   );
 });
+
+Deno.test("rebase -u on qcow2 refuses a name that does not fit the header as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "mkdir q && cd q && qemu-img create -q -f qcow2 -o cluster_size=512 top.qcow2 1M && cd .. && cp -r q m",
+    dir.path,
+  );
+  await compareRun(dir.path, ["rebase", "-u", "-b", "y".repeat(400), "-F", "qcow2", "top.qcow2"], [
+    "top.qcow2",
+  ]);
+});
+
+Deno.test("rebase -u of a qcow2 image with bitmaps says it is not supported yet and changes nothing", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 top.qcow2 1M && qemu-img bitmap --add top.qcow2 b0",
+    dir.path,
+  );
+  const before = await hashFile(`${dir.path}/top.qcow2`);
+  const r = await qimg(["rebase", "-u", "-b", "x.qcow2", "-F", "qcow2", "top.qcow2"], dir.path);
+  assertEquals(r, {
+    stdout: "",
+    stderr: "qimg: changing the backing file of qcow2 images with bitmaps: not supported yet\n",
+    code: 1,
+  });
+  assertEquals(await hashFile(`${dir.path}/top.qcow2`), before);
+});
