@@ -193,11 +193,11 @@ const sameOutput = (q: Measured, r: Measured): Promise<string> => {
 };
 
 /** The written image must read the same as the source (qemu-img compare). */
-function sameImage(source: string, sourceFormat: string) {
+function sameImage(source: string, sourceFormat: string, out = "out.raw", outFormat = "raw") {
   return async (q: Measured, _r: Measured, dir: string): Promise<string> => {
     if (q.code !== 0) return `exit code ${q.code}`;
     const c = await new Deno.Command("qemu-img", {
-      args: ["compare", "-f", sourceFormat, "-F", "raw", source, "out.raw"],
+      args: ["compare", "-f", sourceFormat, "-F", outFormat, source, out],
       cwd: dir,
       stdout: "null",
       stderr: "piped",
@@ -228,6 +228,16 @@ const OPS: Op[] = [
     output: "out.raw",
     verify: sameImage("src.raw", "raw"),
   },
+  ...(["zlib", "zstd"] as const).map((c) => ({
+    name: `convert -c -O qcow2 ${c}`,
+    args: [
+      "convert",
+      ...["-c", "-f", "raw", "-O", "qcow2", "-o", `compression_type=${c}`],
+      ...["src.raw", "out.qcow2"],
+    ],
+    output: "out.qcow2",
+    verify: sameImage("src.raw", "raw", "out.qcow2", "qcow2"),
+  })),
 ];
 
 function median(xs: number[]): number {

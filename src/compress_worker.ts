@@ -1,23 +1,28 @@
 /**
- * The Worker side of compress_pool.ts: compresses each cluster it is sent
- * and sends the bytes back (transferred, not copied).
+ * The Worker side of compress_pool.ts, as JavaScript source: the pool
+ * starts it from a blob: URL, so it needs no read permission for a module
+ * file and survives bundling. It runs compressClusterFast's codec (kept in
+ * step by tests/compress_pool_test.ts) and transfers the bytes back.
  */
 
-import { compressClusterFast, type CompressReply, type CompressRequest } from "./compress_pool.ts";
-
-const scope = globalThis as unknown as {
-  onmessage: ((e: MessageEvent<CompressRequest>) => void) | null;
-  postMessage(message: CompressReply, transfer?: Transferable[]): void;
-};
-
-scope.onmessage = (e: MessageEvent<CompressRequest>) => {
+/** The worker module's source. */
+export const WORKER_SOURCE = `
+import * as zlib from "node:zlib";
+function compress(codec, data) {
+  if (codec === "zstd") return zlib.zstdCompressSync(data, { pledgedSrcSize: data.length });
+  return zlib.deflateRawSync(data, { windowBits: 12, memLevel: 9, level: 9 });
+}
+self.onmessage = (e) => {
   const { id, codec, data } = e.data;
   try {
-    let out = compressClusterFast(codec, data);
-    // node:zlib may hand back a view of a larger pooled buffer: send just the bytes.
-    if (out.byteOffset !== 0 || out.byteLength !== out.buffer.byteLength) out = out.slice();
-    scope.postMessage({ id, data: out }, [out.buffer as ArrayBuffer]);
+    let out = compress(codec, data);
+    // node:zlib may return a view of a larger pooled buffer: send just the bytes.
+    out = out.byteOffset === 0 && out.byteLength === out.buffer.byteLength
+      ? new Uint8Array(out.buffer)
+      : new Uint8Array(out);
+    self.postMessage({ id, data: out }, [out.buffer]);
   } catch (err) {
-    scope.postMessage({ id, error: err instanceof Error ? err.message : String(err) });
+    self.postMessage({ id, error: err instanceof Error ? err.message : String(err) });
   }
 };
+`;
