@@ -450,6 +450,7 @@ export class Qcow2Image implements FormatImage {
       mapper: this.mapper,
       backing: this.backing,
       snapshotCount: this.header.nbSnapshots,
+      snapshots: this.snapshotList,
       flush: () => this.flush(),
       resize: (size) => this.resize(size, {}),
     }, options, status);

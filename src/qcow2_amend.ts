@@ -315,6 +315,13 @@ export interface AmendTarget {
   readonly mapper: { l2Offset(index: number): number };
   readonly backing?: unknown;
   readonly snapshotCount: number;
+  /** The internal snapshots (their L1 tables hold zero clusters too). */
+  readonly snapshots?: readonly {
+    l1TableOffset: bigint;
+    l1Size: number;
+    vmStateSize: bigint;
+    diskSize: bigint;
+  }[];
   /** Writes pending metadata. */
   flush(): Promise<void>;
   /** Grows the virtual size. */
@@ -383,7 +390,7 @@ export async function amendQcow2(
   if (refcountBits !== 1 << h.refcountOrder && !backingRefused && !lazyRefused) {
     if (newVersion >= 3 || refcountBits === 16) throw notYet("amend -o refcount_bits");
   }
-  if (newVersion !== oldVersion && img.snapshotCount > 0) {
+  if (newVersion > oldVersion && img.snapshotCount > 0) {
     throw notYet("changing the compat level of qcow2 images with snapshots");
   }
   if (newVersion !== oldVersion && h.bitmaps) {
@@ -451,6 +458,12 @@ async function downgrade(img: AmendTarget, status: AmendStatus): Promise<void> {
   if (h.incompatibleFeatures & INCOMPAT_DATA_FILE) {
     throw bad("Cannot downgrade an image with a data file");
   }
+  // v2 programs would not know these snapshots' fields matter.
+  for (const sn of img.snapshots ?? []) {
+    if (sn.vmStateSize > 0xffffffffn || sn.diskSize !== BigInt(h.size)) {
+      throw bad("Internal snapshots prevent downgrade of image");
+    }
+  }
   if (h.incompatibleFeatures) {
     throw bad(
       `Cannot downgrade an image with incompatible features 0x${
@@ -468,45 +481,67 @@ async function downgrade(img: AmendTarget, status: AmendStatus): Promise<void> {
 
 /**
  * v2 has no zero flag: zero clusters become unallocated (no backing file)
- * or clusters of zeroes, as qemu's qcow2_expand_zero_clusters.
+ * or clusters of zeroes, as qemu's qcow2_expand_zero_clusters, in the
+ * active L1 table then each snapshot's; `status` counts L1 entries.
  */
 async function expandZeroClusters(img: AmendTarget, status: AmendStatus): Promise<void> {
   const h = img.header;
-  const cs = h.clusterSize;
   const file = img.file;
-  let refs: Qcow2Refcounts | undefined;
-  for (let i = 0; i < h.l1Size; i++) {
-    const l2 = img.mapper.l2Offset(i);
-    if (l2) {
-      const table = await readPadded(file, l2, cs);
-      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
-      let dirty = false;
-      for (let j = 0; j < cs / 8; j++) {
-        const hi = view.getUint32(j * 8);
-        const lo = view.getUint32(j * 8 + 4);
-        if ((hi & OFLAG_COMPRESSED_HI) || !(lo & OFLAG_ZERO)) continue;
-        dirty = true;
-        let host = entryOffset(hi, lo);
-        let copied = (hi & OFLAG_COPIED_HI) !== 0;
-        if (!host) {
-          if (!img.backing) {
-            view.setBigUint64(j * 8, 0n);
-            continue;
-          }
-          refs ??= await Qcow2Refcounts.open(file, h);
-          host = await refs.allocClusters(1);
-          copied = true;
-        }
-        await file.write(host, new Uint8Array(cs));
-        view.setBigUint64(j * 8, BigInt(host) | (copied ? 1n << 63n : 0n));
-      }
-      if (dirty) {
-        // Refcounts reach the disk before the entries that rely on them.
-        await refs?.cache.flush();
-        await file.write(l2, table);
-      }
+  const refs = await Qcow2Refcounts.open(file, h);
+  const l1s: { size: number; entry: (i: number) => Promise<number> }[] = [
+    { size: h.l1Size, entry: (i) => Promise.resolve(img.mapper.l2Offset(i)) },
+  ];
+  for (const sn of img.snapshots ?? []) {
+    const offset = Number(sn.l1TableOffset);
+    const table = await readPadded(file, offset, sn.l1Size * 8);
+    const v = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    l1s.push({
+      size: sn.l1Size,
+      entry: (i) => Promise.resolve(entryOffset(v.getUint32(i * 8), v.getUint32(i * 8 + 4))),
+    });
+  }
+  const total = l1s.reduce((n, t) => n + t.size, 0);
+  let visited = 0;
+  for (const l1 of l1s) {
+    for (let i = 0; i < l1.size; i++) {
+      const l2 = await l1.entry(i);
+      if (l2) await expandL2(img, refs, l2);
+      status(++visited, total);
     }
-    status(i + 1, h.l1Size);
   }
   await file.flush();
+}
+
+/** Expands the zero clusters of one L2 table (possibly shared with snapshots). */
+async function expandL2(img: AmendTarget, refs: Qcow2Refcounts, l2: number): Promise<void> {
+  const h = img.header;
+  const cs = h.clusterSize;
+  const file = img.file;
+  const table = await readPadded(file, l2, cs);
+  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+  const l2Refcount = await refs.get(l2 / cs);
+  let dirty = false;
+  for (let j = 0; j < cs / 8; j++) {
+    const hi = view.getUint32(j * 8);
+    const lo = view.getUint32(j * 8 + 4);
+    if ((hi & OFLAG_COMPRESSED_HI) || !(lo & OFLAG_ZERO)) continue;
+    dirty = true;
+    let host = entryOffset(hi, lo);
+    if (!host) {
+      if (!img.backing) {
+        view.setBigUint64(j * 8, 0n);
+        continue;
+      }
+      host = await refs.allocClusters(1);
+      // Every L1 table using this L2 table holds a reference.
+      if (l2Refcount > 1) await refs.change(host / cs, l2Refcount - 1);
+    }
+    await file.write(host, new Uint8Array(cs));
+    view.setBigUint64(j * 8, BigInt(host) | (l2Refcount === 1 ? 1n << 63n : 0n));
+  }
+  if (dirty) {
+    // Refcounts reach the disk before the entries that rely on them.
+    await refs.cache.flush();
+    await file.write(l2, table);
+  }
 }

@@ -106,3 +106,27 @@ Deno.test("amend of qcow2 options qimg cannot change yet says so and changes not
     assertEquals(await hashFile(`${dir.path}/m.qcow2`), await hashFile(`${dir.path}/${image}`));
   }
 });
+
+Deno.test("amend compat=0.10 on qcow2 with snapshots expands their zero clusters as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    [
+      "qemu-img create -q -f qcow2 s1.qcow2 1M",
+      "qemu-io -c 'write -z 0 64k' -c 'write -P 1 64k 64k' s1.qcow2 >/dev/null",
+      "qemu-img snapshot -c a s1.qcow2",
+      "qemu-io -c 'write -z 64k 64k' -c 'write -P 2 0 64k' s1.qcow2 >/dev/null",
+      "qemu-img snapshot -c b s1.qcow2",
+      "qemu-img create -q -f qcow2 base.qcow2 1M",
+      "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 s5.qcow2 1M",
+      "qemu-io -c 'write -z 0 128k' s5.qcow2 >/dev/null",
+      "qemu-img snapshot -c a s5.qcow2",
+      "qemu-img create -q -f qcow2 s3.qcow2 1M",
+      "qemu-img snapshot -c a s3.qcow2",
+      "qemu-img resize -q s3.qcow2 2M",
+    ].join(" && "),
+    dir.path,
+  );
+  for (const image of ["s1.qcow2", "s5.qcow2", "s3.qcow2"]) {
+    await sameAmend(dir.path, image, ["-p", "-o", "compat=0.10"]);
+  }
+});
