@@ -321,6 +321,7 @@ export interface AmendTarget {
     l1Size: number;
     vmStateSize: bigint;
     diskSize: bigint;
+    extraDataSize: number;
   }[];
   /** Writes pending metadata. */
   flush(): Promise<void>;
@@ -390,7 +391,9 @@ export async function amendQcow2(
   if (refcountBits !== 1 << h.refcountOrder && !backingRefused && !lazyRefused) {
     if (newVersion >= 3 || refcountBits === 16) throw notYet("amend -o refcount_bits");
   }
-  if (newVersion > oldVersion && img.snapshotCount > 0) {
+  // v3 needs each snapshot's 64-bit VM state size and disk size (16 bytes
+  // of extra data); qemu then rewrites the snapshot table, qimg cannot yet.
+  if (newVersion > oldVersion && (img.snapshots ?? []).some((sn) => sn.extraDataSize < 16)) {
     throw notYet("changing the compat level of qcow2 images with snapshots");
   }
   if (newVersion !== oldVersion && h.bitmaps) {
