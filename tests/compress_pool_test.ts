@@ -2,6 +2,7 @@ import pako from "pako";
 import { assert, assertEquals } from "./_assert.ts";
 import { compressClusterFast, CompressPool } from "../src/compress_pool.ts";
 import { zstdDecompressCluster } from "../src/codec.ts";
+import { runProgram, sh, tempDir } from "./_util.ts";
 
 function cluster(seed: number): Uint8Array {
   const b = new Uint8Array(65536);
@@ -54,4 +55,27 @@ Deno.test("CompressPool idle Workers terminate by themselves", async () => {
   assert(pool.threaded);
   await new Promise((r) => setTimeout(r, 400));
   assert(!pool.threaded);
+});
+
+Deno.test("convert -c with read/write only on the images compresses on Workers, quietly, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "seq 1 300000 > t.raw && head -c 1M /dev/urandom >> t.raw && truncate -s 4M t.raw",
+    dir.path,
+  );
+  const cli = new URL("../cli.ts", import.meta.url).pathname;
+  const r = await runProgram(Deno.execPath(), [
+    "run",
+    "--no-prompt",
+    `--allow-read=${dir.path}`,
+    `--allow-write=${dir.path}`,
+    cli,
+    ...["convert", "-c", "-O", "qcow2", "t.raw", "o.qcow2"],
+  ], dir.path);
+  assertEquals(r, { stdout: "", stderr: "", code: 0 });
+  await sh("qemu-img convert -c -O qcow2 t.raw q.qcow2", dir.path);
+  await sh("qemu-img check o.qcow2 && qemu-img compare t.raw o.qcow2", dir.path);
+  const q = (await Deno.stat(`${dir.path}/q.qcow2`)).size;
+  const o = (await Deno.stat(`${dir.path}/o.qcow2`)).size;
+  assert(Math.abs(o - q) <= q * 0.02, `size ${o} against qemu-img's ${q}`);
 });
