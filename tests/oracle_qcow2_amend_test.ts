@@ -134,3 +134,31 @@ Deno.test("amend compat on qcow2 with snapshots: downgrade expands their zero cl
   // Snapshots qemu 7.2 wrote carry v3's extra data already.
   await sameAmend(dir.path, "v2s.qcow2", ["-p", "-o", "compat=1.1"]);
 });
+
+Deno.test("amend data_file and data_file_raw on qcow2 with an external data file as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "qemu-img create -q -f qcow2 -o data_file=d.raw df.qcow2 1M && " +
+      "qemu-img create -q -f qcow2 -o data_file=d2.raw,data_file_raw=on dfr.qcow2 1M",
+    dir.path,
+  );
+  const cases: [string, string][] = [
+    ["df.qcow2", "data_file=other.raw"],
+    ["df.qcow2", "data_file="],
+    ["df.qcow2", "compat=0.10"],
+    ["df.qcow2", "lazy_refcounts=on"],
+    ["dfr.qcow2", "data_file_raw=off"],
+    ["dfr.qcow2", "data_file_raw=on"],
+  ];
+  for (const [image, o] of cases) {
+    await sh(`cp ${image} q.qcow2 && cp ${image} m.qcow2`, dir.path);
+    const theirs = await qemuImg(["amend", "-o", o, "q.qcow2"], dir.path);
+    const ours = await qimg(["amend", "-o", o, "m.qcow2"], dir.path);
+    assertEquals(
+      { stderr: ours.stderr.replaceAll("m.qcow2", "q.qcow2"), code: ours.code },
+      { stderr: theirs.stderr, code: theirs.code },
+      o,
+    );
+    assertEquals(await hashFile(`${dir.path}/m.qcow2`), await hashFile(`${dir.path}/q.qcow2`), o);
+  }
+});
