@@ -46,6 +46,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         break;
       case "b":
         base = o.arg;
+        drop = true; // as qemu-img: -b implies -d
         break;
       case "d":
         drop = true;

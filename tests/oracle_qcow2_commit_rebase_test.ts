@@ -161,3 +161,11 @@ Deno.test("rebase -u of a qcow2 image with bitmaps says it is not supported yet 
   });
   assertEquals(await hashFile(`${dir.path}/top.qcow2`), before);
 });
+
+Deno.test("commit -b keeps the qcow2 overlay as qemu-img (-b implies -d)", async () => {
+  await using dir = await commitDir("", "-c 'write -P 3 512k 64k'");
+  await compareRun(dir.path, ["commit", "-b", "base.qcow2", "top.qcow2"], [
+    "top.qcow2",
+    "base.qcow2",
+  ]);
+});
