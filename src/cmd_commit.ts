@@ -120,10 +120,10 @@ const MAKE_EMPTY_FORMATS = new Set(["qcow2", "qed"]);
 async function commitInto(image: Image, depth: number, drop: boolean, io: Io): Promise<void> {
   const keep = drop || !MAKE_EMPTY_FORMATS.has(image.format);
   const top = image.chain[0].image;
-  if (depth !== 1 || (!keep && !top.makeEmpty)) throw notSupportedYet("commit");
+  if ((depth !== 1 && !keep) || (!keep && !top.makeEmpty)) throw notSupportedYet("commit");
   // Refuse before writing anything when the overlay cannot be emptied.
   if (!keep) await top.makeEmpty!({ dryRun: true });
-  const layer = image.chain[1];
+  const layer = image.chain[depth];
   const target = await openForCommand(layer.filename, io, {
     format: layer.driver.name,
     write: true,
@@ -138,7 +138,8 @@ async function commitInto(image: Image, depth: number, drop: boolean, io: Io): P
       await out.resize(image.size, {});
     }
     for await (const e of image.extents()) {
-      if (e.depth !== 0 || !e.present) continue;
+      // Everything the layers above the base hold goes down into it.
+      if (e.depth >= depth || !e.present) continue;
       if (e.zero && out.writeZeroes) {
         // As qemu's commit job: zeroes may become holes.
         await out.writeZeroes(e.offset, e.length, { mayUnmap: true });

@@ -169,3 +169,24 @@ Deno.test("commit -b keeps the qcow2 overlay as qemu-img (-b implies -d)", async
     "base.qcow2",
   ]);
 });
+
+Deno.test("commit -b into a deeper base copies every layer above it as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "mkdir q && cd q && qemu-img create -q -f qcow2 base.qcow2 1M && " +
+      "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 && " +
+      "qemu-io -c 'write -P 2 0 64k' -c 'write -z 256k 64k' -c 'write -P 4 512k 64k' mid.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && " +
+      "qemu-io -c 'write -P 3 64k 64k' -c 'write -P 5 512k 4k' top.qcow2 >/dev/null && cd .. && cp -r q m",
+    dir.path,
+  );
+  // qemu's job copies in its own order: the base matches in content, not layout.
+  await compareRun(dir.path, ["commit", "-b", "base.qcow2", "top.qcow2"], [
+    "top.qcow2",
+    "mid.qcow2",
+  ]);
+  const same = await qemuImg(["compare", "q/base.qcow2", "m/base.qcow2"], dir.path);
+  assertEquals(same.stdout, "Images are identical.\n");
+  const check = await qemuImg(["check", "m/base.qcow2"], dir.path);
+  assertEquals(check.code, 0, check.stdout);
+});
