@@ -113,9 +113,8 @@ function findInChain(image: Image, name: string): number {
 const MAKE_EMPTY_FORMATS = new Set(["qcow2", "qed"]);
 
 /**
- * Copies what the layers above `depth` hold into that layer. qimg can do
- * it for one overlay over its immediate backing file when the overlay is
- * kept as it is; emptying a qcow2 overlay needs a driver feature.
+ * Copies what the layers above `depth` hold into that layer, then empties
+ * the overlay unless it is kept (-d, -b, formats qemu cannot empty).
  */
 async function commitInto(image: Image, depth: number, drop: boolean, io: Io): Promise<void> {
   const keep = drop || !MAKE_EMPTY_FORMATS.has(image.format);
