@@ -444,16 +444,20 @@ export class Qcow2Image implements FormatImage {
   ): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     await this.#writer?.flush();
-    await amendQcow2({
-      file: this.file,
-      header: this.header,
-      mapper: this.mapper,
-      backing: this.backing,
-      snapshotCount: this.header.nbSnapshots,
-      snapshots: this.snapshotList,
-      flush: () => this.flush(),
-      resize: (size) => this.resize(size, {}),
-    }, options, status);
+    await amendQcow2(
+      {
+        file: this.file,
+        header: this.header,
+        mapper: this.mapper,
+        backing: this.backing,
+        snapshotCount: this.header.nbSnapshots,
+        snapshots: this.snapshotList,
+        flush: () => this.flush(),
+        resize: (size) => this.resize(size, {}),
+      },
+      options,
+      status,
+    );
     this.#cached = undefined;
   }
 
