@@ -7,7 +7,7 @@
  * node:zlib's async calls were 3-4x slower in Deno, so the sync ones run.
  */
 
-import * as zlib from "node:zlib";
+import { loadPako, loadZlib, zlibSync } from "./zlib_loader.ts";
 import { IoError, QimgError } from "./errors.ts";
 
 /** qcow2's compression types, by header value. */
@@ -27,8 +27,8 @@ export function inflateRawCluster(input: Uint8Array, outSize: number): Uint8Arra
   let out: Uint8Array;
   try {
     // finishFlush: SYNC_FLUSH returns what a truncated stream held instead of throwing.
-    out = zlib.inflateRawSync(input, {
-      finishFlush: zlib.constants.Z_SYNC_FLUSH,
+    out = zlibSync().inflateRawSync(input, {
+      finishFlush: zlibSync().constants.Z_SYNC_FLUSH,
       maxOutputLength: outSize,
     });
   } catch (e) {
@@ -49,8 +49,8 @@ function inflateTruncated(input: Uint8Array, outSize: number): Uint8Array {
     const part = input.subarray(0, Math.min(n, input.length));
     let out: Uint8Array;
     try {
-      out = zlib.inflateRawSync(part, {
-        finishFlush: zlib.constants.Z_SYNC_FLUSH,
+      out = zlibSync().inflateRawSync(part, {
+        finishFlush: zlibSync().constants.Z_SYNC_FLUSH,
         maxOutputLength: outSize + 1100 * part.length,
       });
     } catch {
@@ -98,7 +98,7 @@ export function zstdFrameLength(b: Uint8Array): number {
 
 /** Decompresses zstd `input` (one or more frames, then padding) into exactly `outSize` bytes. */
 export function zstdDecompressCluster(input: Uint8Array, outSize: number): Uint8Array {
-  const decompress = (zlib as { zstdDecompressSync?: (b: Uint8Array) => Uint8Array })
+  const decompress = (zlibSync() as { zstdDecompressSync?: (b: Uint8Array) => Uint8Array })
     .zstdDecompressSync;
   if (!decompress) throw new QimgError("This runtime cannot decompress zstd clusters");
   const out = new Uint8Array(outSize);
@@ -129,7 +129,7 @@ export async function inflateRawClusterPako(
   input: Uint8Array,
   outSize: number,
 ): Promise<Uint8Array> {
-  const pako = (await import("pako")).default;
+  const pako = await loadPako();
   const inflater = new pako.Inflate({ raw: true });
   inflater.push(input, true);
   const out = inflater.result as Uint8Array | undefined;
@@ -139,19 +139,16 @@ export async function inflateRawClusterPako(
 }
 
 /** Decompresses one qcow2 cluster of type `type`. */
-export function decompressCluster(
+export async function decompressCluster(
   type: CompressionType,
   input: Uint8Array,
   outSize: number,
 ): Promise<Uint8Array> {
+  const zlib = await loadZlib();
   if (type === "zlib" && typeof zlib.inflateRawSync !== "function") {
-    return inflateRawClusterPako(input, outSize);
+    return await inflateRawClusterPako(input, outSize);
   }
-  try {
-    return Promise.resolve(
-      type === "zstd" ? zstdDecompressCluster(input, outSize) : inflateRawCluster(input, outSize),
-    );
-  } catch (e) {
-    return Promise.reject(e);
-  }
+  return type === "zstd"
+    ? zstdDecompressCluster(input, outSize)
+    : inflateRawCluster(input, outSize);
 }

@@ -11,7 +11,7 @@
  * than pako. zstd is node:zlib's, with the content size.
  */
 
-import * as zlib from "node:zlib";
+import { loadZlib, zlibSync } from "./zlib_loader.ts";
 import { QimgError } from "./errors.ts";
 import { WORKER_SOURCE } from "./compress_worker.ts";
 
@@ -24,7 +24,7 @@ export type ClusterCodec = "zlib" | "zstd";
  */
 export function compressClusterFast(codec: ClusterCodec, data: Uint8Array): Uint8Array {
   if (codec === "zstd") {
-    const zstd = (zlib as unknown as {
+    const zstd = (zlibSync() as unknown as {
       zstdCompressSync?: (b: Uint8Array, o: { pledgedSrcSize: number }) => Uint8Array;
     }).zstdCompressSync;
     if (!zstd) throw new QimgError("This runtime cannot compress zstd clusters");
@@ -33,7 +33,7 @@ export function compressClusterFast(codec: ClusterCodec, data: Uint8Array): Uint
   }
   // Deno's node:zlib at level 9 packs as zlib does at qemu's level 6 (sizes
   // within bytes; at its level 6 ~8% larger) and runs ~5x faster than pako.
-  const out = zlib.deflateRawSync(data, { windowBits: 12, memLevel: 9, level: 9 });
+  const out = zlibSync().deflateRawSync(data, { windowBits: 12, memLevel: 9, level: 9 });
   return new Uint8Array(out.buffer, out.byteOffset, out.length);
 }
 
@@ -99,13 +99,7 @@ export class CompressPool {
   /** Compresses `data` (copied at once: the caller may reuse its buffer). */
   compress(data: Uint8Array): Promise<Uint8Array> {
     const slots = this.#inThread ? undefined : this.#start();
-    if (!slots) {
-      try {
-        return Promise.resolve(compressClusterFast(this.codec, data));
-      } catch (err) {
-        return Promise.reject(err);
-      }
-    }
+    if (!slots) return loadZlib().then(() => compressClusterFast(this.codec, data));
     if (this.#idle !== undefined) {
       clearTimeout(this.#idle);
       this.#idle = undefined;
@@ -204,11 +198,7 @@ export class CompressPool {
         p.reject(new QimgError("compression worker failed"));
         continue;
       }
-      try {
-        p.resolve(compressClusterFast(this.codec, data));
-      } catch (err) {
-        p.reject(err);
-      }
+      loadZlib().then(() => compressClusterFast(this.codec, data)).then(p.resolve, p.reject);
     }
     this.#requests.clear();
   }

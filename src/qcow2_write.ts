@@ -28,8 +28,7 @@ import {
   OFLAG_COPIED_HI,
   OFLAG_ZERO,
 } from "./qcow2_cluster.ts";
-import pako from "pako";
-import * as zlib from "node:zlib";
+import { loadPako, loadZlib, pakoSync, zlibSync } from "./zlib_loader.ts";
 
 /** Header offset of the refcount table fields (u64 offset, then u32 clusters). */
 const HDR_REFTABLE_OFFSET = 48;
@@ -903,6 +902,7 @@ export class Qcow2Writer {
     this.#prepared.delete(offset);
     // Compressed ahead (prepareCompressed): wait outside the lock.
     const out = prepared ? await prepared : undefined;
+    if (!out) await Promise.all([loadZlib(), loadPako()]);
     if (data.length === 0) this.#pool?.close();
     return await this.#serial(() => this.#writeCompressed(offset, data, out));
   }
@@ -1051,12 +1051,12 @@ export class Qcow2Writer {
  */
 export function compressCluster(type: "zlib" | "zstd", data: Uint8Array): Uint8Array | undefined {
   if (type === "zstd") {
-    const zstd = (zlib as unknown as {
+    const zstd = (zlibSync() as unknown as {
       zstdCompressSync?: (b: Uint8Array, o: { pledgedSrcSize: number }) => Uint8Array;
     }).zstdCompressSync;
     if (!zstd) throw new QimgError("This runtime cannot compress zstd clusters");
     const out = zstd(data, { pledgedSrcSize: data.length });
     return new Uint8Array(out.buffer, out.byteOffset, out.length);
   }
-  return pako.deflateRaw(data, { windowBits: 12, memLevel: 9, level: 6 });
+  return pakoSync().deflateRaw(data, { windowBits: 12, memLevel: 9, level: 6 });
 }

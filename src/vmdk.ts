@@ -6,6 +6,7 @@
  * messages, allocation order, the descriptor written) follows qemu-img 7.2.
  */
 
+import { loadZlib, zlibSync } from "./zlib_loader.ts";
 import type {
   BackingReader,
   BackingRef,
@@ -32,7 +33,6 @@ import {
   readCid,
   replaceCid,
 } from "./vmdk_descriptor.ts";
-import * as zlib from "node:zlib";
 
 const SECTOR = 512;
 const VMDK3_MAGIC = 0x434f5744; // "COWD"
@@ -641,6 +641,7 @@ export class VmdkImage implements FormatImage {
 
   /** One compressed grain, inflated (zlib stream, after a grain marker when the extent has them). */
   async #readGrain(e: Extent, hostOffset: number): Promise<Uint8Array> {
+    await loadZlib();
     if (this.#grain?.offset === hostOffset && this.#grain.extent === e) return this.#grain.data;
     const cb = e.clusterSectors * SECTOR;
     // Two grains' worth, as qemu reads (marker + data may exceed one), but
@@ -655,7 +656,7 @@ export class VmdkImage implements FormatImage {
     }
     let out: Uint8Array;
     try {
-      out = zlib.inflateSync(input, { maxOutputLength: cb });
+      out = zlibSync().inflateSync(input, { maxOutputLength: cb });
     } catch {
       throw new QimgError("Invalid argument");
     }
@@ -936,7 +937,7 @@ export class VmdkImage implements FormatImage {
     }
     if (e.nextClusterSector >= EXTENT_MAX_SECTORS) throw new QimgError("Invalid argument");
     const sector = e.nextClusterSector;
-    const deflated = zlib.deflateSync(piece);
+    const deflated = (await loadZlib()).deflateSync(piece);
     // qemu first zero-fills the whole cluster it allocated, then writes the grain over it.
     const out = new Uint8Array(Math.max(cb, 12 + deflated.length));
     new DataView(out.buffer).setBigUint64(0, BigInt(Math.floor(guest / SECTOR)), true);

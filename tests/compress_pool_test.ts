@@ -3,6 +3,10 @@ import { assert, assertEquals } from "./_assert.ts";
 import { compressClusterFast, CompressPool } from "../src/compress_pool.ts";
 import { zstdDecompressCluster } from "../src/codec.ts";
 import { runProgram, sh, tempDir } from "./_util.ts";
+import { loadPako, loadZlib } from "../src/zlib_loader.ts";
+
+// The codecs load node:zlib and pako lazily; the synchronous ones tested here need them loaded.
+await Promise.all([loadZlib(), loadPako()]);
 
 function cluster(seed: number): Uint8Array {
   const b = new Uint8Array(65536);

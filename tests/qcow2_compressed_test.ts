@@ -7,6 +7,10 @@ import {
   zstdFrameLength,
 } from "../src/codec.ts";
 import { assertEquals, assertRejects, assertTrue } from "./_assert.ts";
+import { loadPako, loadZlib } from "../src/zlib_loader.ts";
+
+// The codecs load node:zlib and pako lazily; the synchronous ones tested here need them loaded.
+await Promise.all([loadZlib(), loadPako()]);
 
 function sample(n: number): Uint8Array {
   const b = new Uint8Array(n);

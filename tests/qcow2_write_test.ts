@@ -9,6 +9,10 @@ import { compressCluster, getRefcount, Qcow2Refcounts, setRefcount } from "../sr
 import { inflateRawCluster, zstdDecompressCluster } from "../src/codec.ts";
 import { DenoFile } from "../src/file.ts";
 import { readQcow2Header } from "../src/qcow2_header.ts";
+import { loadPako, loadZlib } from "../src/zlib_loader.ts";
+
+// The codecs load node:zlib and pako lazily; the synchronous ones tested here need them loaded.
+await Promise.all([loadZlib(), loadPako()]);
 
 Deno.test("setRefcount() writes one entry of every width and leaves its neighbours", () => {
   for (let order = 0; order <= 6; order++) {
