@@ -17,6 +17,7 @@ import {
   EXT_CRYPTO_HEADER,
   EXT_DATA_FILE,
   EXT_FEATURE_TABLE,
+  featureNameTable,
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
   type Qcow2Header,
@@ -31,18 +32,6 @@ import {
   OFLAG_ZERO,
 } from "./qcow2_cluster.ts";
 import type { OptionValues } from "./options.ts";
-
-/** The feature name table qemu 7.2 writes into v3 images: [type, bit, name]. */
-const FEATURE_NAMES: [number, number, string][] = [
-  [0, 0, "dirty bit"],
-  [0, 1, "corrupt bit"],
-  [0, 2, "external data file"],
-  [0, 3, "compression type"],
-  [0, 4, "extended L2 entries"],
-  [1, 0, "lazy refcounts"],
-  [2, 0, "bitmaps"],
-  [2, 1, "raw external data"],
-];
 
 /** qemu's backing file name buffer holds 1023 bytes. */
 const BACKING_NAME_MAX = 1023;
@@ -106,12 +95,7 @@ export function headerCluster(h: Qcow2Header): Uint8Array {
   }
   // As qemu 7.2 (and create): no feature table in clusters of 4 KiB and less.
   if (h.version === 3 && cs > 4096) {
-    const table = new Uint8Array(FEATURE_NAMES.length * 48);
-    FEATURE_NAMES.forEach(([type, bit, name], i) => {
-      table[i * 48] = type;
-      table[i * 48 + 1] = bit;
-      table.set(enc.encode(name), i * 48 + 2);
-    });
+    const table = featureNameTable();
     ext(EXT_FEATURE_TABLE, table);
   }
   if (h.version === 3 && h.bitmaps && (h.autoclearFeatures & AUTOCLEAR_BITMAPS)) {

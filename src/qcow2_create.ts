@@ -27,6 +27,7 @@
  *   freed, the data area right after them, then L2 tables first-fit.
  */
 
+import { featureNameTable } from "./qcow2_header.ts";
 import type { CreateOptions } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import { QimgError, strerror } from "./errors.ts";
@@ -51,18 +52,6 @@ const INT_MAX = 0x7fffffff;
 /** BDRV_REQUEST_MAX_BYTES: INT_MAX in whole sectors. */
 const REQUEST_MAX_BYTES = Math.floor(INT_MAX / 512) * 512;
 const VERSION_MSG = "compatibility level 1.1 and above (use version=v3 or greater)";
-
-/** The feature name table qemu 7.2 writes into v3 images: [type, bit, name]. */
-const FEATURE_NAMES: [number, number, string][] = [
-  [0, 0, "dirty bit"],
-  [0, 1, "corrupt bit"],
-  [0, 2, "external data file"],
-  [0, 3, "compression type"],
-  [0, 4, "extended L2 entries"],
-  [1, 0, "lazy refcounts"],
-  [2, 0, "bitmaps"],
-  [2, 1, "raw external data"],
-];
 
 /** Create settings after qemu's checks. */
 interface Qcow2CreateSettings {
@@ -472,7 +461,7 @@ function headerLength(s: Qcow2CreateSettings): number {
   let n = s.version === 3 ? 112 : 72;
   if (s.backingFormat !== undefined) n += ext(enc.encode(s.backingFormat).length);
   if (s.dataFile !== undefined) n += ext(enc.encode(s.dataFile).length);
-  if (s.version === 3 && s.clusterSize > 4096) n += ext(FEATURE_NAMES.length * 48);
+  if (s.version === 3 && s.clusterSize > 4096) n += ext(featureNameTable().length);
   return n + 8;
 }
 
@@ -536,12 +525,7 @@ function headerBytes(s: Qcow2CreateSettings, L: Layout, size: number): Uint8Arra
   if (s.dataFile !== undefined) ext(0x44415441, enc.encode(s.dataFile));
   // Eight names take 392 bytes: qemu leaves the table out of clusters of 4 KiB and less.
   if (s.version === 3 && s.clusterSize > 4096) {
-    const table = new Uint8Array(FEATURE_NAMES.length * 48);
-    FEATURE_NAMES.forEach(([type, bit, name], i) => {
-      table[i * 48] = type;
-      table[i * 48 + 1] = bit;
-      table.set(enc.encode(name), i * 48 + 2);
-    });
+    const table = featureNameTable();
     ext(0x6803f857, table);
   }
   pos += 8; // end of extensions

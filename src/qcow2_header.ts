@@ -692,3 +692,30 @@ export async function readBitmapDirectory(
   }
   return out;
 }
+
+/** The feature name table qemu 7.2 writes into v3 images: [type, bit, name]. */
+const FEATURE_NAMES: [number, number, string][] = [
+  [0, 0, "dirty bit"],
+  [0, 1, "corrupt bit"],
+  [0, 2, "external data file"],
+  [0, 3, "compression type"],
+  [0, 4, "extended L2 entries"],
+  [1, 0, "lazy refcounts"],
+  [2, 0, "bitmaps"],
+  [2, 1, "raw external data"],
+];
+
+/**
+ * The feature name table extension's payload as qemu 7.2 writes it (create
+ * and amend): 48-byte entries of type, bit and a NUL-padded name.
+ */
+export function featureNameTable(): Uint8Array {
+  const enc = new TextEncoder();
+  const table = new Uint8Array(FEATURE_NAMES.length * 48);
+  FEATURE_NAMES.forEach(([type, bit, name], i) => {
+    table[i * 48] = type;
+    table[i * 48 + 1] = bit;
+    table.set(enc.encode(name), i * 48 + 2);
+  });
+  return table;
+}
