@@ -88,7 +88,12 @@ async function assertSameFiles(ours: string, theirs: string): Promise<void> {
       continue;
     }
     const [a, b] = [await maskedCid(`${ours}/${n}`), await maskedCid(`${theirs}/${n}`)];
-    assertTrue(a === b, `contents of ${n} differ`);
+    let at = 0;
+    while (at < Math.min(a.length, b.length) && a[at] === b[at]) at++;
+    assertTrue(
+      a === b,
+      `contents of ${n} differ (masked lengths ${a.length}/${b.length}, first at ${at})`,
+    );
   }
 }
 
