@@ -12,6 +12,7 @@
  * `writeCompressed`): a raw or qcow2 FormatImage plugs in unchanged.
  */
 
+import { Lock } from "./lock.ts";
 import type { FormatImage } from "./driver.ts";
 import { Image } from "./image.ts";
 import { QimgError, strerror } from "./errors.ts";
@@ -154,16 +155,6 @@ interface Claim {
   status: Status;
 }
 
-/** Serialises async critical sections. */
-class Mutex {
-  #tail: Promise<unknown> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const result = this.#tail.then(fn);
-    this.#tail = result.catch(() => {});
-    return result;
-  }
-}
-
 function pow2floor(n: number): number {
   if (n <= 0) return 0;
   return 2 ** Math.floor(Math.log2(n));
@@ -298,7 +289,7 @@ class Converter {
   #writeOffset = 0;
   #waiters = new Map<number, () => void>();
   #error: unknown = undefined;
-  #lock = new Mutex();
+  #lock = new Lock();
 
   constructor(sources: SourceImage[], target: CopyTarget, options: ConvertOptions) {
     this.#sources = sources;

@@ -57,6 +57,16 @@ export interface OpenFileOptions {
   create?: boolean;
 }
 
+/** Reads `buf.length` bytes at `offset`, zeroes past the end of the file (as qemu's block layer). */
+export async function readZeroFilled(
+  file: BlockFile,
+  offset: number,
+  buf: Uint8Array,
+): Promise<void> {
+  const n = await file.read(offset, buf);
+  if (n < buf.length) buf.fill(0, n);
+}
+
 /** Joins `name` to the directory of `base` unless `name` is absolute, as qemu does for backing files. */
 export function resolveRelative(base: string, name: string): string {
   if (name.startsWith("/") || name === "") return name;

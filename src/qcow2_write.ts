@@ -12,6 +12,7 @@
  * All writes run one at a time (qemu's s->lock).
  */
 
+import { Lock } from "./lock.ts";
 import type { BackingReader } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import { IoError, QimgError } from "./errors.ts";
@@ -365,7 +366,7 @@ export class Qcow2Writer {
   #refs?: Qcow2Refcounts;
   /** The L1 entries changed since the last flush (first, end). */
   #l1Dirty: [number, number] | undefined;
-  #queue: Promise<unknown> = Promise.resolve();
+  #lock = new Lock();
   #backingRead?: BackingReader;
 
   constructor(
@@ -427,9 +428,7 @@ export class Qcow2Writer {
 
   /** Runs `op` after every earlier write (qemu's s->lock). */
   #serial<T>(op: () => Promise<T>): Promise<T> {
-    const p = this.#queue.then(op);
-    this.#queue = p.catch(() => {});
-    return p.finally(() => this.#options.onChange?.());
+    return this.#lock.run(op).finally(() => this.#options.onChange?.());
   }
 
   #setL1(index: number, value: number): void {

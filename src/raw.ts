@@ -7,7 +7,7 @@ import type {
   FormatImage,
   FormatInfo,
 } from "./driver.ts";
-import type { BlockFile } from "./file.ts";
+import { type BlockFile, readZeroFilled } from "./file.ts";
 import { QimgError } from "./errors.ts";
 import { alignUp } from "./bytes.ts";
 import { createFile, parsePreallocation, truncateFile } from "./protocol.ts";
@@ -25,9 +25,8 @@ class RawImage implements FormatImage {
     return this.#size;
   }
 
-  async read(offset: number, buf: Uint8Array): Promise<void> {
-    const n = await this.file.read(offset, buf);
-    if (n < buf.length) buf.fill(0, n);
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    return readZeroFilled(this.file, offset, buf);
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {

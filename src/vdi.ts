@@ -6,6 +6,7 @@
  * messages and allocation as qemu-img 7.2.
  */
 
+import { Lock } from "./lock.ts";
 import type {
   BlockStatus,
   CheckResult,
@@ -15,7 +16,7 @@ import type {
   FormatInfo,
   OpenOptions,
 } from "./driver.ts";
-import type { BlockFile } from "./file.ts";
+import { type BlockFile, readZeroFilled } from "./file.ts";
 import { EXIT, QimgError } from "./errors.ts";
 import { le32, le64, putLe32, putLe64 } from "./bytes.ts";
 import { ProtocolError, truncateFile } from "./protocol.ts";
@@ -117,22 +118,6 @@ function hex(n: number): string {
   return n.toString(16);
 }
 
-/** Reads `buf.length` bytes at `offset`, zeroes past the end of the file (as qemu's block layer). */
-async function readPadded(file: BlockFile, offset: number, buf: Uint8Array): Promise<void> {
-  const n = await file.read(offset, buf);
-  if (n < buf.length) buf.fill(0, n);
-}
-
-/** Serialises allocating writes. */
-class Lock {
-  #tail: Promise<unknown> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const next = this.#tail.then(fn, fn);
-    this.#tail = next.catch(() => {});
-    return next;
-  }
-}
-
 /** An open vdi image. */
 export class VdiImage implements FormatImage {
   readonly file: BlockFile;
@@ -171,7 +156,7 @@ export class VdiImage implements FormatImage {
       const host = this.#host(guest);
       const dst = buf.subarray(done, done + n);
       if (host < 0) dst.fill(0);
-      else await readPadded(this.file, host, dst);
+      else await readZeroFilled(this.file, host, dst);
       done += n;
     }
   }
@@ -319,7 +304,7 @@ export class VdiImage implements FormatImage {
 /** Opens a vdi image on `file`, with qemu-img 7.2's checks and messages. */
 export async function openVdi(file: BlockFile, _options: OpenOptions = {}): Promise<VdiImage> {
   const raw = new Uint8Array(HEADER_SIZE);
-  await readPadded(file, 0, raw);
+  await readZeroFilled(file, 0, raw);
   const h = parseVdiHeader(raw);
   const diskSize = le64(raw, H.diskSize);
   if (diskSize > MAX_DISK_SIZE) {
@@ -373,7 +358,7 @@ export async function openVdi(file: BlockFile, _options: OpenOptions = {}): Prom
   const present = Math.max(0, Math.min(mapBytes, fileSize - h.offsetBmap));
   const count = Math.min(h.blocksInImage, Math.ceil(present / 4));
   const bytes = new Uint8Array(Math.ceil(count * 4 / SECTOR) * SECTOR);
-  await readPadded(file, h.offsetBmap, bytes);
+  await readZeroFilled(file, h.offsetBmap, bytes);
   const bmap = new Uint32Array(count);
   for (let i = 0; i < count; i++) bmap[i] = le32(bytes, i * 4);
   return new VdiImage(file, raw, h, bmap);

@@ -10,6 +10,7 @@
  * block status has no host offsets (qemu's vhdx reports all data).
  */
 
+import { Lock } from "./lock.ts";
 import type {
   BlockStatus,
   CheckResult,
@@ -162,16 +163,6 @@ interface Region {
 function seal(b: Uint8Array, at: number): void {
   putLe32(b, at, 0);
   putLe32(b, at, crc32c(b));
-}
-
-/** Serialises allocating writes. */
-class Lock {
-  #tail: Promise<unknown> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const next = this.#tail.then(fn, fn);
-    this.#tail = next.catch(() => {});
-    return next;
-  }
 }
 
 /** The open-time facts of an image. */

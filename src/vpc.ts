@@ -8,6 +8,7 @@
  * their parent locators, so unallocated blocks read as zeroes there too.
  */
 
+import { Lock } from "./lock.ts";
 import type {
   BlockStatus,
   CreateOptions,
@@ -16,7 +17,7 @@ import type {
   FormatInfo,
   OpenOptions,
 } from "./driver.ts";
-import type { BlockFile } from "./file.ts";
+import { type BlockFile, readZeroFilled } from "./file.ts";
 import { QimgError } from "./errors.ts";
 import { be16, be32, be64, putBe16, putBe32, putBe64 } from "./bytes.ts";
 import { ProtocolError, truncateFile } from "./protocol.ts";
@@ -157,22 +158,6 @@ function parseFooter(b: Uint8Array): Footer {
   };
 }
 
-/** Reads `buf.length` bytes at `offset`, zeroes past the end of the file (as qemu's block layer). */
-async function readPadded(file: BlockFile, offset: number, buf: Uint8Array): Promise<void> {
-  const n = await file.read(offset, buf);
-  if (n < buf.length) buf.fill(0, n);
-}
-
-/** Serialises the steps of allocating writes. */
-class Lock {
-  #tail: Promise<unknown> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const next = this.#tail.then(fn, fn);
-    this.#tail = next.catch(() => {});
-    return next;
-  }
-}
-
 /** An open vpc image. */
 export class VpcImage implements FormatImage {
   readonly file: BlockFile;
@@ -229,13 +214,13 @@ export class VpcImage implements FormatImage {
   }
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
-    if (this.#fixed) return await readPadded(this.file, offset, buf);
+    if (this.#fixed) return await readZeroFilled(this.file, offset, buf);
     for (let done = 0; done < buf.length;) {
       const n = this.#inBlock(offset + done, buf.length - done);
       const host = this.#hostOffset(offset + done);
       const dst = buf.subarray(done, done + n);
       if (host < 0) dst.fill(0);
-      else await readPadded(this.file, host, dst);
+      else await readZeroFilled(this.file, host, dst);
       done += n;
     }
   }
@@ -339,13 +324,13 @@ export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Prom
   // qemu's block layer counts whole sectors: a file's length rounds up to 512.
   const fileSize = Math.ceil(await file.size() / SECTOR) * SECTOR;
   let raw = new Uint8Array(FOOTER_SIZE);
-  await readPadded(file, 0, raw);
+  await readZeroFilled(file, 0, raw);
   let dynamic = true;
   if (ascii(raw, 0, 8) !== "conectix") {
     if (fileSize < FOOTER_SIZE) throw new QimgError("File too small for a VHD header");
     // A fixed disk has its footer only at the end.
     raw = new Uint8Array(FOOTER_SIZE);
-    await readPadded(file, fileSize - FOOTER_SIZE, raw);
+    await readZeroFilled(file, fileSize - FOOTER_SIZE, raw);
     // Only a fixed disk may have its footer at the end alone.
     if (ascii(raw, 0, 8) !== "conectix" || be32(raw, 60) !== TYPE_FIXED) {
       throw new QimgError("invalid VPC image");
@@ -372,7 +357,7 @@ export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Prom
 
   if (footer.dataOffset >= MAX_READ_OFFSET) throw new QimgError("Error reading dynamic VHD header");
   const hdr = new Uint8Array(1024);
-  await readPadded(file, footer.dataOffset, hdr);
+  await readZeroFilled(file, footer.dataOffset, hdr);
   if (ascii(hdr, 0, 8) !== "cxsparse") throw new QimgError("Invalid header magic");
   const blockSize = be32(hdr, 32);
   if (blockSize < SECTOR || (blockSize & (blockSize - 1)) !== 0) {
@@ -394,7 +379,7 @@ export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Prom
   const tableEnd = Math.ceil((batOffset + batBytes) / SECTOR) * SECTOR;
   if (tableEnd > fileSize) throw truncated();
   const table = new Uint8Array(batBytes);
-  await readPadded(file, batOffset, table);
+  await readZeroFilled(file, batOffset, table);
   const bat = new Uint32Array(entries);
   let freeOffset = tableEnd;
   for (let i = 0; i < entries; i++) {
