@@ -10,7 +10,7 @@
 
 import { main } from "./src/command.ts";
 import type { Io } from "./src/command.ts";
-import { DenoFile } from "./src/file.ts";
+import { armCrash, DenoFile, fileChanges } from "./src/file.ts";
 import { reportError } from "./src/report.ts";
 
 // Shared with node_cli.ts; re-exported for callers of the Deno entry.
@@ -79,5 +79,11 @@ if (import.meta.main) {
     e.preventDefault();
     Deno.exit(reportError(e.reason, denoIo.stderr, debugEnabled()));
   });
-  Deno.exit(await runCli(Deno.args));
+  // The crash test's hook (src/file.ts); only with --allow-env for it.
+  const hook = { name: "env", variable: "QIMG_CRASH_AFTER_WRITES" } as const;
+  const crash = Deno.permissions.querySync(hook).state === "granted" && Deno.env.get(hook.variable);
+  if (crash) armCrash(Number(crash));
+  const code = await runCli(Deno.args);
+  if (crash) denoIo.stderr(`qimg: crash hook: ${fileChanges()} file changes\n`);
+  Deno.exit(code);
 }

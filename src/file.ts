@@ -75,6 +75,29 @@ export function resolveRelative(base: string, name: string): string {
 }
 
 /**
+ * Crash-test hook (tests/crash_safety_test.ts): cli.ts arms it from
+ * QIMG_CRASH_AFTER_WRITES=N, and the process SIGKILLs itself just before its
+ * N-th change to any file (write, truncate, create, discard, allocate), so a
+ * test can stop a command at every such point. 0 only counts.
+ */
+let crashAt = 0;
+let changes = 0;
+
+/** Arms the crash hook: die before the `n`-th file change (0: only count). */
+export function armCrash(n: number): void {
+  crashAt = n;
+}
+
+/** How many file changes this process made (for the crash test's count run). */
+export function fileChanges(): number {
+  return changes;
+}
+
+function beforeChange(): void {
+  if (++changes === crashAt) Deno.kill(Deno.pid, "SIGKILL");
+}
+
+/**
  * A BlockFile over Deno.FsFile. Each read or write is a synchronous
  * seek + read/write pair: nothing can run between the seek and the transfer,
  * so many requests in flight on one handle stay correct, and the sync calls
@@ -101,6 +124,7 @@ export class DenoFile implements BlockFile {
   // deno-lint-ignore require-await
   static async open(path: string, options: OpenFileOptions = {}): Promise<DenoFile> {
     const write = options.write || options.create || false;
+    if (options.create) beforeChange();
     const file = Deno.openSync(path, {
       read: true,
       write,
@@ -142,6 +166,7 @@ export class DenoFile implements BlockFile {
 
   // deno-lint-ignore require-await
   async write(offset: number, data: Uint8Array): Promise<void> {
+    beforeChange();
     const f = this.#file;
     f.seekSync(offset, Deno.SeekMode.Start);
     let done = 0;
@@ -150,6 +175,7 @@ export class DenoFile implements BlockFile {
 
   // deno-lint-ignore require-await
   async truncate(size: number): Promise<void> {
+    beforeChange();
     this.#file.truncateSync(size);
   }
 
@@ -178,6 +204,7 @@ export class DenoFile implements BlockFile {
   async allocate(offset: number, length: number): Promise<void> {
     if (this.writable && length > 0) {
       if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, true);
+      beforeChange();
       if (this.#holes?.reserve(offset, length)) return;
     }
     // Callers fall back to writing zeroes, as posix_fallocate itself does.
@@ -187,6 +214,7 @@ export class DenoFile implements BlockFile {
   async discard(offset: number, length: number): Promise<boolean> {
     if (!this.writable || length <= 0) return false;
     if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, true);
+    beforeChange();
     return this.#holes?.punch(offset, length) ?? false;
   }
 }

@@ -657,7 +657,6 @@ async function createInto(
     checkHeaderFits(s, true);
     // Final metadata, written over whatever the steps above left.
     const ops: FileOp[] = [
-      { kind: "write", offset: 0, data: headerBytes(s, L, size) },
       { kind: "write", offset: L.cs, data: new Uint8Array(2 * L.cs) },
       ...L.ops,
     ];
@@ -673,6 +672,8 @@ async function createInto(
     L.reftable.forEach((c, i) => {
       if (c) ops.push({ kind: "write", offset: c * L.cs, data: L.refblockBytes(i) });
     });
+    // The header last: a crash before it leaves no qcow2 image, never a corrupt one.
+    ops.push({ kind: "write", offset: 0, data: headerBytes(s, L, size) });
     await replay(file, ops);
     await file.flush();
   } finally {
