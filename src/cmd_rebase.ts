@@ -242,6 +242,10 @@ async function copyDifferences(
     : undefined;
   let differed = false;
   let r = 0;
+  // compare.ts brings node:buffer's memcmp, which start-up need not load.
+  const { firstDifference } = await import("./compare.ts");
+  const oldBuf = new Uint8Array(Math.min(IO_BUF_SIZE, size));
+  const newBuf = new Uint8Array(Math.min(IO_BUF_SIZE, size));
   for (let offset = 0; offset < size;) {
     while (runs[r].end <= offset) r++;
     const run = runs[r];
@@ -268,13 +272,16 @@ async function copyDifferences(
     const start = offset;
     offset += n;
     if (run.own || (prefix > 0 && !run.above)) continue;
-    const x = new Uint8Array(n);
-    const y = new Uint8Array(n);
+    // Buffers are reused: fresh ones cost page faults on every range.
+    const x = oldBuf.subarray(0, n);
+    const y = newBuf.subarray(0, n);
     const oldIsZero = start >= oldSize;
     if (!oldIsZero) await oldBacking.read(start, x);
+    else x.fill(0);
     if (start < newSize) await newBacking!.read(start, y);
+    else y.fill(0);
     for (let done = 0; done < n;) {
-      const [differ, len] = compareSectors(x.subarray(done), y.subarray(done));
+      const [differ, len] = compareSectors(x.subarray(done), y.subarray(done), firstDifference);
       if (differ) {
         if (!top?.write) return true;
         differed = true;
@@ -292,14 +299,22 @@ async function copyDifferences(
  * qemu's compare_buffers: whether the first 512-byte sector differs, and
  * how many bytes from the start share that answer, sector by sector.
  */
-function compareSectors(a: Uint8Array, b: Uint8Array): [boolean, number] {
+function compareSectors(
+  a: Uint8Array,
+  b: Uint8Array,
+  firstDifference: (x: Uint8Array, y: Uint8Array) => number,
+): [boolean, number] {
   const sector = (at: number) => {
     const end = Math.min(at + 512, a.length);
-    for (let i = at; i < end; i++) if (a[i] !== b[i]) return true;
-    return false;
+    return firstDifference(a.subarray(at, end), b.subarray(at, end)) >= 0;
   };
   const first = sector(0);
   let i = Math.min(512, a.length);
+  if (!first) {
+    // Equal so far: the sector holding the first difference ends the run.
+    const d = firstDifference(a.subarray(i), b.subarray(i));
+    i = d < 0 ? a.length : i + d - (d % 512);
+  }
   while (i < a.length && sector(i) === first) i += 512;
   return [first, Math.min(i, a.length)];
 }

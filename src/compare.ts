@@ -127,6 +127,17 @@ function same(x: Uint8Array, y: Uint8Array): boolean {
 /** Index of the first differing byte of two equally long buffers, or -1. */
 export function firstDifference(x: Uint8Array, y: Uint8Array): number {
   if (same(x, y)) return -1;
+  // memcmp over 64 KiB steps finds the differing stretch; words and bytes the place.
+  let base = 0;
+  while (
+    base + 65536 < x.length && same(x.subarray(base, base + 65536), y.subarray(base, base + 65536))
+  ) {
+    base += 65536;
+  }
+  if (base > 0) {
+    const at = firstDifference(x.subarray(base), y.subarray(base));
+    return at < 0 ? -1 : base + at;
+  }
   let i = 0;
   // Word compares need 4-byte aligned views; misaligned input goes byte by byte.
   if (((x.byteOffset | y.byteOffset) & 3) === 0) {

@@ -154,4 +154,13 @@ Deno.test("firstDifference() and firstNonZero() find the first byte at any align
     assertEquals(firstNonZero(b), at);
     assertEquals(firstDifference(a.subarray(1), b.subarray(1)), at - 1);
   }
+  // Past the 64 KiB memcmp steps, at and around their boundaries.
+  const x = new Uint8Array(300_001);
+  const y = new Uint8Array(300_001);
+  for (const at of [65535, 65536, 65537, 131072, 299_999, 300_000]) {
+    y.fill(0);
+    y[at] = 1;
+    assertEquals(firstDifference(x, y), at);
+    assertEquals(firstDifference(x.subarray(3), y.subarray(3)), at - 3);
+  }
 });
