@@ -7,6 +7,7 @@ import { QimgError, usageError } from "./errors.ts";
 import { parseSizeOption } from "./size.ts";
 import { PREALLOC_MODES, type PreallocMode } from "./protocol.ts";
 import { openForCommand, printHelp, processObject } from "./cmd_util.ts";
+import { Image } from "./image.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -97,7 +98,14 @@ export async function run(args: string[], io: Io): Promise<number> {
       if (QEMU_RESIZABLE.has(image.format)) throw notSupportedYet(`resize -f ${image.format}`);
       throw new QimgError("Image format driver does not support resize");
     }
-    await top.resize(Number(total), { preallocation: prealloc, shrink });
+    // The layers below: a longer backing file must not show through the grown range.
+    const below = image.chain.length > 1 ? new Image(image.chain.slice(1)) : undefined;
+    await top.resize(Number(total), {
+      preallocation: prealloc,
+      shrink,
+      backingSize: below?.size,
+      backingRead: below ? (o, b) => below.read(o, b) : undefined,
+    });
     await image.flush();
   } finally {
     await image.close();

@@ -204,7 +204,16 @@ export interface FormatImage {
    */
   amend?(options: OptionValues, status?: (done: number, total: number) => void): Promise<void>;
   /** Changes the virtual size. */
-  resize?(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void>;
+  resize?(
+    size: number,
+    options: {
+      preallocation?: string;
+      shrink?: boolean;
+      /** The backing file's length: a longer one must not show through the grown range. */
+      backingSize?: number;
+      backingRead?: BackingReader;
+    },
+  ): Promise<void>;
 }
 
 /** Reads guest bytes from the layers below an image. */

@@ -66,6 +66,7 @@ import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_s
 import { createQcow2 } from "./qcow2_create.ts";
 import { Qcow2Writer } from "./qcow2_write.ts";
 import { applySnapshot, createSnapshot, deleteSnapshot } from "./qcow2_snapshot_write.ts";
+import { resizeQcow2, type ResizeOptions } from "./qcow2_resize.ts";
 import { QCOW2_CREATE_OPTIONS } from "./options.ts";
 
 /** One bitmap as `info` lists it. */
@@ -405,9 +406,29 @@ export class Qcow2Image implements FormatImage {
     return await this.#w().writeCompressed(offset, data);
   }
 
-  /** Grows the virtual size (qcow2_write.ts). */
-  async resize(size: number, options: { preallocation?: string; shrink?: boolean }): Promise<void> {
-    return await this.#w().resize(size, options);
+  /** Changes the virtual size (qcow2_resize.ts; a plain grow is the writer's). */
+  async resize(size: number, options: ResizeOptions & { shrink?: boolean }): Promise<void> {
+    if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
+    await resizeQcow2(
+      {
+        file: this.file,
+        header: this.header,
+        mapper: this.mapper,
+        dataFile: this.hasDataFile ? this.dataFile : undefined,
+        hasBacking: this.backing !== undefined,
+        grow: (n) => this.#w().resize(n, {}),
+        writeZeroes: (o, n, read) => this.#w().writeZeroes(o, n, { backingRead: read }),
+        write: (o, d, read) => this.#w().write(o, d, read),
+        settle: async () => {
+          await this.#writer?.flush();
+          await this.mapper.l2Cache.clear();
+          this.#writer = undefined;
+          this.#cached = undefined;
+        },
+      },
+      size,
+      options,
+    );
   }
 
   /** Rewrites the backing file reference in the header (qcow2_amend.ts). */

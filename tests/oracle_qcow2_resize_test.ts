@@ -1,0 +1,231 @@
+/**
+ * `resize` of qcow2 images beyond a plain grow, against Debian's qemu-img:
+ * --shrink, --preallocation=metadata|falloc|full, grows over a longer
+ * backing file, external data files, snapshots. Each case runs qimg and
+ * qemu-img on twin inputs; then the same output and exit code, qimg's image
+ * clean under `qemu-img check`, identical under `qemu-img compare`, the
+ * same `qemu-img info` (but disk size), and qemu-io pattern reads.
+ */
+
+import { assertEquals, assertTrue } from "./_assert.ts";
+import { qemuImg, qimg, runProgram, sh, tempDir } from "./_util.ts";
+
+/** Two twin directories prepared by `setup`. */
+async function twins(setup: string) {
+  const ours = await tempDir();
+  const theirs = await tempDir();
+  await Promise.all([sh(setup, ours.path), sh(setup, theirs.path)]);
+  return {
+    ours: ours.path,
+    theirs: theirs.path,
+    async [Symbol.asyncDispose]() {
+      await ours[Symbol.asyncDispose]();
+      await theirs[Symbol.asyncDispose]();
+    },
+  };
+}
+
+/** `qemu-img info --output=json` without what may differ (disk use, paths). */
+async function info(path: string, cwd: string): Promise<unknown> {
+  const r = await runProgram("qemu-img", ["info", "--output=json", path], cwd);
+  assertEquals(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  delete j["actual-size"];
+  delete j["disk-size"];
+  delete j["dirty-flag"];
+  for (const s of j.snapshots ?? []) {
+    delete s["date-sec"];
+    delete s["date-nsec"];
+  }
+  return j;
+}
+
+async function assertClean(path: string, cwd: string): Promise<void> {
+  const r = await runProgram("qemu-img", ["check", path], cwd);
+  assertEquals(r.code, 0, `qemu-img check ${path}: ${r.stdout}${r.stderr}`);
+  assertTrue(!/ERROR|[Ll]eaked/.test(r.stdout + r.stderr), r.stdout);
+}
+
+/** qemu-io `read -P` of each [pattern, offset, length] in `path`. */
+async function assertPatterns(path: string, cwd: string, reads: string[]): Promise<void> {
+  if (!reads.length) return;
+  const args = reads.flatMap((r) => ["-c", `read -P ${r}`]);
+  const r = await runProgram("qemu-io", [...args, path], cwd);
+  assertTrue(r.code === 0 && !/fail|error/i.test(r.stdout + r.stderr), `${path}: ${r.stdout}`);
+}
+
+interface Case {
+  setup: string;
+  args: string[];
+  /** The image the command changes. */
+  image: string;
+  /** qemu-io `read -P` arguments that hold afterwards. */
+  reads?: string[];
+  /** File size within this fraction of qemu-img's (default: equal). */
+  sizeSlack?: number;
+}
+
+async function resizeBoth(c: Case): Promise<void> {
+  await using d = await twins(c.setup);
+  const label = `resize ${c.args.join(" ")}`;
+  const a = await qimg(c.args, d.ours);
+  const b = await qemuImg(c.args, d.theirs);
+  assertEquals(a, b, label);
+  await assertClean(c.image, d.ours);
+  const cmp = await runProgram("qemu-img", ["compare", `${d.ours}/${c.image}`, c.image], d.theirs);
+  assertEquals(cmp.code, 0, `${label}: ${cmp.stdout}`);
+  assertEquals(await info(c.image, d.ours), await info(c.image, d.theirs), label);
+  await assertPatterns(c.image, d.ours, c.reads ?? []);
+  const so = (await Deno.stat(`${d.ours}/${c.image}`)).size;
+  const st = (await Deno.stat(`${d.theirs}/${c.image}`)).size;
+  assertTrue(Math.abs(so - st) <= st * (c.sizeSlack ?? 0), `${label}: file size ${so} vs ${st}`);
+}
+
+const TWO_RUNS = (o: string) =>
+  `qemu-img create -q -f qcow2 -o ${o} a.qcow2 8M && ` +
+  "qemu-io -c 'write -P 1 0 3M' -c 'write -P 2 5M 3M' a.qcow2 >/dev/null";
+
+Deno.test("resize --shrink frees clusters past the end as qemu-img (v2, v3, cluster sizes, refcount widths)", async () => {
+  for (
+    const [o, size, reads] of [
+      ["compat=1.1", "2M", ["1 0 2M"]],
+      ["compat=0.10", "513k", ["1 0 513k"]],
+      ["cluster_size=512", "1000k", ["1 0 1000k"]], // many L2 tables and refcount blocks dropped
+      ["cluster_size=512,refcount_bits=1", "512", ["1 0 512"]],
+      ["cluster_size=2M", "1M", ["1 0 1M"]],
+      ["extended_l2=on", "5200k", ["1 0 3M", "0 3M 2M", "2 5M 80k"]],
+      ["cluster_size=4k,refcount_bits=64", "6M", ["2 5M 1M"]],
+    ] as [string, string, string[]][]
+  ) {
+    await resizeBoth({
+      setup: TWO_RUNS(o),
+      args: ["resize", "--shrink", "a.qcow2", size],
+      image: "a.qcow2",
+      reads,
+    });
+  }
+});
+
+Deno.test("resize --shrink of compressed images and images with snapshots matches qemu-img", async () => {
+  await resizeBoth({
+    setup: `${TWO_RUNS("cluster_size=64k")} && qemu-img convert -c -O qcow2 a.qcow2 c.qcow2`,
+    args: ["resize", "--shrink", "c.qcow2", "5200k"],
+    image: "c.qcow2",
+    reads: ["1 0 3M", "2 5M 80k"],
+  });
+  // An L2 table shared with the snapshot is copied, not changed.
+  const setup = `${TWO_RUNS("cluster_size=4k")} && qemu-img snapshot -c s1 a.qcow2 && ` +
+    "qemu-io -c 'write -P 3 1M 6M' a.qcow2 >/dev/null";
+  await resizeBoth({
+    setup,
+    args: ["resize", "--shrink", "a.qcow2", "2050k"],
+    image: "a.qcow2",
+    reads: ["1 0 1M", "3 1M 1026k"],
+  });
+  await using d = await twins(setup);
+  assertEquals((await qimg(["resize", "--shrink", "a.qcow2", "2050k"], d.ours)).code, 0);
+  await sh("qemu-img snapshot -a s1 a.qcow2", d.ours);
+  await assertClean("a.qcow2", d.ours);
+  await assertPatterns("a.qcow2", d.ours, ["1 0 3M", "0 3M 2M", "2 5M 3M"]);
+});
+
+Deno.test("resize --shrink with an external data file truncates it as qemu-img", async () => {
+  const setup = "qemu-img create -q -f qcow2 -o data_file=d.raw a.qcow2 4M && " +
+    "qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 3M 1M' a.qcow2 >/dev/null";
+  for (const args of [["resize", "--shrink", "a.qcow2", "1M"], ["resize", "a.qcow2", "5M"]]) {
+    await resizeBoth({ setup, args, image: "a.qcow2", reads: ["1 0 1M"] });
+    await using d = await twins(setup);
+    await qimg(args, d.ours);
+    await qemuImg(args, d.theirs);
+    const so = (await Deno.stat(`${d.ours}/d.raw`)).size;
+    assertEquals(so, (await Deno.stat(`${d.theirs}/d.raw`)).size, args.join(" "));
+  }
+});
+
+Deno.test("resize --preallocation allocates the grown range as qemu-img", async () => {
+  for (const mode of ["metadata", "falloc", "full"]) {
+    for (
+      const o of [
+        "compat=1.1",
+        "compat=0.10",
+        "cluster_size=4k",
+        "extended_l2=on",
+        "cluster_size=512,refcount_bits=1",
+      ]
+    ) {
+      await resizeBoth({
+        setup: `qemu-img create -q -f qcow2 -o size=1000k,${o} a.qcow2 && ` +
+          "qemu-io -c 'write -P 1 0 100k' a.qcow2 >/dev/null",
+        args: ["resize", `--preallocation=${mode}`, "a.qcow2", "+3001k"],
+        image: "a.qcow2",
+        reads: ["1 0 100k", "0 100k 3901k"],
+        sizeSlack: o === "extended_l2=on" ? 0.01 : 0,
+      });
+    }
+  }
+});
+
+Deno.test("resize --preallocation with an external data file grows it as qemu-img", async () => {
+  for (const mode of ["metadata", "falloc", "full"]) {
+    await resizeBoth({
+      setup: "qemu-img create -q -f qcow2 -o data_file=d.raw a.qcow2 4M && " +
+        "qemu-io -c 'write -P 1 0 1M' a.qcow2 >/dev/null",
+      args: ["resize", `--preallocation=${mode}`, "a.qcow2", "5M"],
+      image: "a.qcow2",
+      reads: ["1 0 1M", "0 1M 4M"],
+    });
+  }
+});
+
+Deno.test("resize over a longer backing file zeroes the grown range as qemu-img (v2 refused)", async () => {
+  const base = "qemu-img create -q -f qcow2 base.qcow2 4M && " +
+    "qemu-io -c 'write -P 7 0 4M' base.qcow2 >/dev/null && ";
+  for (const o of ["compat=1.1", "compat=0.10", "extended_l2=on"]) {
+    for (
+      const args of [
+        ["resize", "ov.qcow2", "4M"],
+        ["resize", "--preallocation=metadata", "ov.qcow2", "3M"],
+        ["resize", "--preallocation=falloc", "ov.qcow2", "3M"],
+        ["resize", "--preallocation=full", "ov.qcow2", "3M"],
+      ]
+    ) {
+      const v2Fails = o === "compat=0.10" && !/falloc|full/.test(args[1]);
+      await resizeBoth({
+        setup: base +
+          `qemu-img create -q -f qcow2 -o ${o} -b base.qcow2 -F qcow2 ov.qcow2 1000k && ` +
+          "qemu-io -c 'write -P 1 0 100k' ov.qcow2 >/dev/null",
+        args,
+        image: "ov.qcow2",
+        reads: v2Fails ? ["1 0 100k", "7 100k 900k"] : ["1 0 100k", "7 100k 900k", "0 1000k 1M"],
+        sizeSlack: 0.05,
+      });
+    }
+  }
+});
+
+Deno.test("resize refuses what qemu-img refuses on qcow2 and leaves the image as it was", async () => {
+  const setup =
+    `${TWO_RUNS("compat=1.1")} && qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1M && ` +
+    "qemu-img snapshot -c s v2.qcow2";
+  for (
+    const args of [
+      ["resize", "a.qcow2", "2M"],
+      ["resize", "a.qcow2", "--", "-1M"],
+      ["resize", "--preallocation=metadata", "a.qcow2", "4M"],
+      ["resize", "--preallocation=full", "--shrink", "a.qcow2", "4M"],
+      ["resize", "--preallocation=bogus", "a.qcow2", "16M"],
+      ["resize", "--shrink", "v2.qcow2", "512k"],
+      ["resize", "--preallocation=falloc", "v2.qcow2", "2M"],
+      ["resize", "--shrink", "a.qcow2", "1000"],
+    ]
+  ) {
+    await using d = await twins(setup);
+    const before = await Deno.readFile(`${d.ours}/a.qcow2`);
+    const a = await qimg(args, d.ours);
+    const b = await qemuImg(args, d.theirs);
+    assertEquals(a, b, args.join(" "));
+    if (b.code !== 0) {
+      assertEquals(await Deno.readFile(`${d.ours}/a.qcow2`), before, args.join(" "));
+    }
+  }
+});
