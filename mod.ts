@@ -18,6 +18,8 @@ import type { Extent, ImageInfo } from "./src/image.ts";
 import type { CheckResult } from "./src/driver.ts";
 import { imageInfo } from "./src/cmd_info.ts";
 import { EXIT, QimgError } from "./src/errors.ts";
+import { BlobFile, blobName, blobOpener } from "./src/blob_file.ts";
+import { type JsonValue, toJsonPretty } from "./src/output.ts";
 
 export type { Extent, ImageInfo } from "./src/image.ts";
 export type { CheckResult } from "./src/driver.ts";
@@ -76,9 +78,12 @@ export interface Image extends AsyncDisposable {
 /** The library's Image: a thin view of the chain image that hides its layers. */
 class OpenedImage implements Image {
   #chain: ChainImage;
+  /** Opened from a Blob: its size on disk is unknown. */
+  #blob: boolean;
 
-  constructor(chain: ChainImage) {
+  constructor(chain: ChainImage, blob = false) {
     this.#chain = chain;
+    this.#blob = blob;
   }
 
   get format(): string {
@@ -98,7 +103,10 @@ class OpenedImage implements Image {
   }
 
   async info(): Promise<ImageInfo> {
-    return withoutUndefined(await imageInfo(this.#chain, 0)) as ImageInfo;
+    const info = await imageInfo(this.#chain, 0);
+    // A Blob has no disk blocks: qemu leaves "actual-size" out when it cannot tell.
+    if (this.#blob) info["actual-size"] = undefined;
+    return withoutUndefined(info) as ImageInfo;
   }
 
   check(options: { repair?: "leaks" | "all" } = {}): Promise<CheckResult> {
@@ -120,6 +128,25 @@ class OpenedImage implements Image {
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
+}
+
+/**
+ * Renders a value as qemu-img's `--output=json` does (4-space indentation,
+ * members in QEMU's QDict order, a final newline): `toQemuJson(await
+ * image.info())` is the text `qemu-img info --output=json` prints, where
+ * `JSON.stringify` would give another member order.
+ *
+ * @param value What `info()` gives, or any JSON value.
+ * @returns qemu's pretty JSON text, ending with a newline.
+ * @example Usage
+ * ```ts
+ * import { openImage, toQemuJson } from "@qimg/qimg";
+ * await using image = await openImage(new File([new Uint8Array(512)], "disk.img"));
+ * console.log(toQemuJson(await image.info()));
+ * ```
+ */
+export function toQemuJson(value: JsonValue | ImageInfo): string {
+  return toJsonPretty(value as JsonValue) + "\n";
 }
 
 /** A copy without the `undefined` members qemu does not print, so it deep-equals qemu's JSON. */
@@ -172,15 +199,47 @@ function gatedOpener(
   };
 }
 
+/** Options of {@linkcode openImage}. */
+export interface OpenImageOptions {
+  /** The format; probed from the first bytes when absent. */
+  format?: string;
+  /** Open for writing (default false; a Blob is always read-only). */
+  write?: boolean;
+  /** Open the backing chain (default true). */
+  backing?: boolean;
+  /**
+   * Directories backing and data files may come from, for a path (default:
+   * the image's directory); give them absolute when the path is.
+   */
+  roots?: string[];
+  /**
+   * For a Blob or File: the only other files the image may open (backing,
+   * data and vmdk extent files), by the name the image stores for them (as
+   * qemu resolves it against the image's name; a File's name has no
+   * directory, so usually the stored name itself). A file not given fails
+   * to open as a missing one does: "Could not open 'base.qcow2': No such
+   * file or directory". Open with `backing: false` to read an overlay alone.
+   */
+  files?: Record<string, Blob>;
+}
+
 /**
  * Opens a disk image and its backing chain, probing the format unless
- * `options.format` is given. Backing and data files named by the image
- * open only from inside `options.roots` (default: the image's directory).
+ * `options.format` is given. The image is a path or, in a browser, a Blob
+ * or File (read-only; no Deno or Node API is used then). Backing and data
+ * files named by the image open only from inside `options.roots` (default:
+ * the image's directory) for a path, and only from `options.files` for a Blob.
  *
- * @param path The image file.
+ * For a Blob, `info()` is what `qemu-img info --output=json` prints for a
+ * file of the Blob's name (a File's `name`, else "blob"), without
+ * "actual-size": a Blob has no disk blocks. `extents()` reports no holes in
+ * the Blob (raw images map as all data, as qemu-img on a file without holes).
+ *
+ * @param path The image file: a path, or a Blob or File.
  * @param options `format` (default: probed), `write` (default false),
  *   `backing` (open the backing chain, default true), `roots` (directories
- *   backing and data files may come from; give them absolute when `path` is).
+ *   backing and data files may come from; give them absolute when `path` is),
+ *   `files` (for a Blob: backing, data and extent files by name).
  * @returns The open image; close it (or use `await using`).
  * @example Usage
  * ```ts
@@ -194,14 +253,38 @@ function gatedOpener(
  * const info = await image.info();
  * console.log(info["virtual-size"]); // 4096
  * ```
+ * @example A File, as a browser's <input type="file"> gives
+ * ```ts
+ * import { openImage } from "@qimg/qimg";
+ * const file = new File([new Uint8Array(8192).fill(1, 4096)], "disk.img");
+ * await using image = await openImage(file);
+ * console.log((await image.info()).filename); // disk.img
+ * for await (const e of image.extents()) console.log(e.offset, e.length, e.data);
+ * ```
+ * @example An overlay with its backing file, both picked by the user
+ * ```ts
+ * import { openImage } from "@qimg/qimg";
+ * async function open(top: File, base: File) {
+ *   return await openImage(top, { files: { [base.name]: base } });
+ * }
+ * ```
  */
 export async function openImage(
-  path: string,
-  options: { format?: string; write?: boolean; backing?: boolean; roots?: string[] } = {},
+  path: string | Blob,
+  options: OpenImageOptions = {},
 ): Promise<Image> {
+  const { format, write, backing } = options;
+  if (typeof path !== "string") {
+    const name = blobName(path);
+    if (write) throw new QimgError(`Could not open '${name}': a Blob or File is read-only`);
+    const others = blobOpener(options.files ?? {});
+    const top = path;
+    const openFile = (p: string, w: boolean): Promise<BlockFile> =>
+      p === name && !w ? Promise.resolve(new BlobFile(top, name)) : others(p, w);
+    return new OpenedImage(await openImageChain(name, { format, backing, openFile }), true);
+  }
   const slash = path.lastIndexOf("/");
   const roots = options.roots ?? [slash < 0 ? "." : path.slice(0, slash + 1) || "/"];
-  const { format, write, backing } = options;
   return new OpenedImage(
     await openImageChain(path, { format, write, backing, openFile: gatedOpener(path, roots) }),
   );

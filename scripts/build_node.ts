@@ -5,6 +5,8 @@
  * dist/package.json with a `qimg` bin so that `npm pack` in dist/ gives an
  * installable package. Node matters because Deno cannot start under the
  * `prlimit --as=1GiB` that OpenStack and libguestfs put on qemu-img.
+ * It also bundles the library (mod.ts) for browsers, dist/qimg_browser.mjs,
+ * which tests/browser/index.html imports.
  *
  * @example Usage
  * ```sh
@@ -17,6 +19,8 @@ const ROOT = new URL("..", import.meta.url).pathname;
 const DIST = `${ROOT}dist/`;
 /** The bundle's file name inside dist/. */
 export const BUNDLE = "qimg.mjs";
+/** The browser bundle of the library (mod.ts) inside dist/. */
+export const BROWSER_BUNDLE = "qimg_browser.mjs";
 
 /** What the npm package says about itself: the bin, Node's minimum version, no dependencies. */
 export function packageJson(version: string): Record<string, unknown> {
@@ -39,18 +43,10 @@ export interface BuildOptions {
   outDir?: string;
 }
 
-/**
- * Builds the bundle and package.json; returns the bundle's path. Throws with
- * deno bundle's output when it fails.
- */
-export async function build(options: BuildOptions = {}): Promise<string> {
-  const dist = options.outDir ? options.outDir.replace(/\/?$/, "/") : DIST;
-  await Deno.mkdir(dist, { recursive: true });
-  const out = `${dist}${BUNDLE}`;
-  // --platform deno keeps node: imports as imports (Node has them all) and
-  // bundles npm packages; the command table's dynamic imports are inlined.
+/** Runs `deno bundle` for `platform`; throws with its output when it fails. */
+async function bundle(platform: "deno" | "browser", entry: string, out: string): Promise<void> {
   const r = await new Deno.Command(Deno.execPath(), {
-    args: ["bundle", "--quiet", "--platform", "deno", "--output", out, `${ROOT}node_cli.ts`],
+    args: ["bundle", "--quiet", "--platform", platform, "--output", out, `${ROOT}${entry}`],
     cwd: ROOT,
     env: { NO_COLOR: "1" },
     stdin: "null",
@@ -61,6 +57,32 @@ export async function build(options: BuildOptions = {}): Promise<string> {
     const text = new TextDecoder().decode(r.stderr) + new TextDecoder().decode(r.stdout);
     throw new Error(`deno bundle failed (exit ${r.code}):\n${text}`);
   }
+}
+
+/**
+ * Bundles the library (mod.ts, pako included) into one ES module for
+ * browsers; returns its path. Its one import left, node:zlib, is dynamic and
+ * optional: a browser inflates with pako (src/zlib_loader.ts).
+ */
+export async function buildBrowser(options: BuildOptions = {}): Promise<string> {
+  const dist = options.outDir ? options.outDir.replace(/\/?$/, "/") : DIST;
+  await Deno.mkdir(dist, { recursive: true });
+  const out = `${dist}${BROWSER_BUNDLE}`;
+  await bundle("browser", "mod.ts", out);
+  return out;
+}
+
+/**
+ * Builds the bundle and package.json; returns the bundle's path. Throws with
+ * deno bundle's output when it fails.
+ */
+export async function build(options: BuildOptions = {}): Promise<string> {
+  const dist = options.outDir ? options.outDir.replace(/\/?$/, "/") : DIST;
+  await Deno.mkdir(dist, { recursive: true });
+  const out = `${dist}${BUNDLE}`;
+  // --platform deno keeps node: imports as imports (Node has them all) and
+  // bundles npm packages; the command table's dynamic imports are inlined.
+  await bundle("deno", "node_cli.ts", out);
   let code = await Deno.readTextFile(out);
   // npm's bin link runs the file itself: it needs the shebang (esbuild keeps
   // node_cli.ts's, but a bundler that drops it must not break the package).
@@ -80,7 +102,10 @@ export async function build(options: BuildOptions = {}): Promise<string> {
 if (import.meta.main) {
   try {
     const out = await build();
-    console.log(`built ${out.slice(ROOT.length)} and dist/package.json`);
+    const browser = await buildBrowser();
+    console.log(
+      `built ${out.slice(ROOT.length)}, dist/package.json and ${browser.slice(ROOT.length)}`,
+    );
   } catch (e) {
     console.error(e instanceof Error ? e.message : String(e));
     Deno.exit(1);

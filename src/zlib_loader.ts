@@ -12,9 +12,19 @@ type Pako = typeof import("pako")["default"];
 let zlibModule: typeof Zlib | undefined;
 let pakoModule: Pako | undefined;
 
-/** Loads node:zlib once. */
+/**
+ * Loads node:zlib once. Where there is none (a browser), resolves to an empty
+ * stand-in: the codecs then see no inflateRawSync and inflate with pako, and
+ * zstd fails with their "This runtime cannot ..." error.
+ */
 export async function loadZlib(): Promise<typeof Zlib> {
-  zlibModule ??= await import("node:zlib");
+  if (!zlibModule) {
+    try {
+      zlibModule = await import("node:zlib");
+    } catch {
+      zlibModule = {} as typeof Zlib;
+    }
+  }
   return zlibModule;
 }
 
