@@ -24,7 +24,7 @@ import { createImageWith, createOptionsHelp } from "./create.ts";
 import { PROTOCOL_CREATE_OPTIONS } from "./protocol.ts";
 import { cvtnum } from "./size.ts";
 import { isCacheMode, openForCommand, processObject } from "./cmd_util.ts";
-import { convert, imageTarget, MAX_PARALLEL, MAX_SPARSE } from "./convert.ts";
+import { convert, imageTarget, MAX_PARALLEL, MAX_SPARSE, unsafeCacheIo } from "./convert.ts";
 import { Progress } from "./progress.ts";
 
 const LONG = [
@@ -421,7 +421,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     }
     if (!isCacheMode(cache)) throw new QimgError(`Invalid cache option: ${cache}`);
 
-    target = await openForCommand(outName, io, {
+    target = await openForCommand(outName, cache === "unsafe" ? unsafeCacheIo(io) : io, {
       format: outFmt,
       imageOpts: targetImageOpts,
       write: true,

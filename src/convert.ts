@@ -17,6 +17,8 @@ import type { FormatImage } from "./driver.ts";
 import { Image } from "./image.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { isZero } from "./bytes.ts";
+import type { BlockFile, FileView } from "./file.ts";
+import type { Io } from "./command.ts";
 
 const SECTOR = 512;
 /** qemu-img's IO_BUF_SIZE: 2 MiB per request. */
@@ -116,9 +118,53 @@ export interface SourceImage {
     offset: number,
     length: number,
     base?: number,
-  ): Promise<{ length: number; data: boolean; zero: boolean; present: boolean }>;
+  ): Promise<SourceStatus>;
+  /**
+   * The host file of layer `depth` when it is the file `file` of a status
+   * run and holds the guest bytes as they are (raw, qcow2 data clusters),
+   * so data can be mapped from it instead of read (see {@link plainFile}).
+   */
+  plainFile?(depth: number, file: string): BlockFile | undefined;
   /** The top layer's facts (its cluster size aligns status runs). */
   formatInfo(): Promise<{ clusterSize?: number }>;
+}
+
+/** A source's block status; where the bytes live is optional. */
+export interface SourceStatus {
+  length: number;
+  data: boolean;
+  zero: boolean;
+  present: boolean;
+  /** The layer that answered (0 = top). */
+  depth?: number;
+  /** Where the run's first byte lives in `file`. */
+  hostOffset?: number;
+  /** The host file's name. */
+  file?: string;
+  /** Stored compressed (not plain bytes). */
+  compressed?: boolean;
+}
+
+/** Formats whose host offsets (block status) point at the guest bytes as they are. */
+const PLAIN_FORMATS = new Set(["raw", "qcow2"]);
+
+/**
+ * The host file whose bytes at a status run's host offset are the guest's
+ * bytes, when `source` can say: the layer's own file (not an external
+ * data file) of a raw or qcow2 image that can map it.
+ */
+function plainFile(
+  source: SourceImage,
+  status: SourceStatus,
+): BlockFile | undefined {
+  if (status.hostOffset === undefined || status.file === undefined || status.compressed) return;
+  const depth = status.depth ?? 0;
+  if (source.plainFile) return source.plainFile(depth, status.file);
+  if (!(source instanceof Image)) return;
+  const layer = source.chain[depth];
+  if (!layer || !PLAIN_FORMATS.has(layer.driver.name)) return;
+  const file = layer.image.file;
+  return file.name === status.file && file.view ? file : undefined;
 }
 
 /**
@@ -139,6 +185,16 @@ export function sliceSource(source: SourceImage, start: number, length: number):
       return { ...e, length: Math.min(e.length, len) };
     },
     formatInfo: () => Promise.resolve({}),
+    plainFile: (depth, file) =>
+      plainFile(source, {
+        length: 0,
+        data: true,
+        zero: false,
+        present: true,
+        depth,
+        hostOffset: 0,
+        file,
+      }),
   };
 }
 
@@ -153,6 +209,8 @@ interface Claim {
   sector: number;
   count: number;
   status: Status;
+  /** Where a data claim's bytes lie as they are in a host file (mapped instead of read). */
+  host?: { file: BlockFile; offset: number };
 }
 
 function pow2floor(n: number): number {
@@ -224,6 +282,17 @@ function dataRun(
   return { count: used, data: true };
 }
 
+/**
+ * `io` whose files never sync to disk: cache=unsafe, qemu-img convert's
+ * default (BDRV_O_NO_FLUSH), where closing a qcow2 target writes its
+ * tables but does not wait for the data to reach the disk.
+ */
+export function unsafeCacheIo(io: Io): Io {
+  const wrapped: Io = Object.create(io);
+  wrapped.openFile = (path, options) => io.openFile(path, { ...options, noFlush: true });
+  return wrapped;
+}
+
 /** Adapts an open Image to a CopyTarget: its top layer, reading through the rest of its chain. */
 export function imageTarget(image: Image): CopyTarget {
   const top: FormatImage = image.chain[0].image;
@@ -283,6 +352,10 @@ class Converter {
   // Iteration state, as qemu's: the cached status and where it ends.
   #status: Status = Status.Data;
   #nextStatus = 0;
+  /** Data may be mapped from host files (not for -c, whose Workers keep it, nor --salvage). */
+  #viewable: boolean;
+  /** The host file and offset of the cached data status run, which starts at `sector`. */
+  #host: { file: BlockFile; offset: number; sector: number; end: number } | undefined;
   #sectorNum = 0;
   #allocated = 0;
   #allocatedDone = 0;
@@ -305,6 +378,7 @@ class Converter {
     );
     this.#clusterSectors = Math.floor((options.clusterSize ?? 0) / SECTOR);
     this.#hasZeroInit = options.targetIsZero ?? false;
+    this.#viewable = !options.compressed && !options.salvage;
     this.#backingSectors = options.targetBackingSize === undefined
       ? -1
       : Math.ceil(options.targetBackingSize / SECTOR);
@@ -375,6 +449,14 @@ class Converter {
       n = Math.ceil(Math.min(e.length, n * SECTOR) / SECTOR);
       const tail = (sector - start + n) % this.#alignments[index];
       if (n > tail) n -= tail;
+      this.#host = undefined;
+      if (e.data && this.#viewable) {
+        const file = plainFile(src, e);
+        // Mapped only where the run lies in this source (a view never crosses into the next).
+        if (file) {
+          this.#host = { file, offset: e.hostOffset!, sector, end: start + this.#sectors[index] };
+        }
+      }
       if (!e.present && withBase) this.#status = Status.Backing;
       else if (e.zero) this.#status = postBackingZero ? Status.Backing : Status.Zero;
       else if (e.data) this.#status = Status.Data;
@@ -432,7 +514,13 @@ class Converter {
       let n = await this.#iterationSectors(this.#sectorNum);
       const status = this.#status;
       if (this.#minSparse === 0 && status === Status.Zero) n = Math.min(n, this.#bufSectors);
-      const claim = { sector: this.#sectorNum, count: n, status };
+      const claim: Claim = { sector: this.#sectorNum, count: n, status };
+      const h = this.#host;
+      if (status === Status.Data && h && claim.sector >= h.sector && claim.sector + n <= h.end) {
+        const offset = h.offset + (claim.sector - h.sector) * SECTOR;
+        // Whole 32-bit words for the zero scan.
+        if (offset % 4 === 0) claim.host = { file: h.file, offset };
+      }
       this.#sectorNum += n;
       return claim;
     });
@@ -470,7 +558,15 @@ class Converter {
       if (status === Status.Data || (this.#minSparse === 0 && status === Status.Zero)) {
         buf ??= new Uint8Array(this.#bufSectors * SECTOR);
       }
-      if (status === Status.Data) {
+      // Bytes that lie as they are in a host file are mapped, not copied into buf.
+      let view: FileView | undefined;
+      if (status === Status.Data && claim.host) {
+        view = await claim.host.file.view!(claim.host.offset, count * SECTOR).catch(() =>
+          undefined
+        );
+      }
+      const input = view?.bytes ?? buf;
+      if (status === Status.Data && !view) {
         try {
           await this.#read(sector, count, buf!);
         } catch (err) {
@@ -498,13 +594,14 @@ class Converter {
       }
       if (this.#error === undefined) {
         try {
-          await this.#write(sector, count, buf, status);
+          await this.#write(sector, count, input, status);
         } catch (err) {
           this.#fail(
             new CopyError("writing", sector * SECTOR, strerror(err)),
           );
         }
       }
+      view?.release();
       if (!this.#o.outOfOrder) {
         this.#writeOffset = sector + count;
         const wake = this.#waiters.get(this.#writeOffset);

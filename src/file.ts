@@ -40,6 +40,13 @@ export interface BlockFile {
    * Files that cannot tell answer "all data".
    */
   extent(offset: number, length: number): Promise<HostExtent>;
+  /**
+   * A read-only view of `length` bytes at `offset` straight from the host's
+   * page cache (mmap), without copying; undefined when the host cannot map
+   * (no ffi permission) or the range is not wholly inside the file. The
+   * bytes must not be touched after `release()`. May be absent.
+   */
+  view?(offset: number, length: number): Promise<FileView | undefined>;
   /** Allocates disk blocks for a range without writing (fallocate); may be absent. */
   allocate?(offset: number, length: number): Promise<void>;
   /**
@@ -49,12 +56,22 @@ export interface BlockFile {
   discard?(offset: number, length: number): Promise<boolean>;
 }
 
+/** Bytes of a file mapped into memory (see {@link BlockFile.view}). */
+export interface FileView {
+  /** The file's bytes; invalid (a crash to touch) after `release()`. */
+  readonly bytes: Uint8Array;
+  /** Unmaps the bytes. */
+  release(): void;
+}
+
 /** How a file is opened. */
 export interface OpenFileOptions {
   /** Open for writing as well as reading. */
   write?: boolean;
   /** Create the file, truncating an existing one. */
   create?: boolean;
+  /** flush() does nothing (cache=unsafe, qemu's BDRV_O_NO_FLUSH: convert's default). */
+  noFlush?: boolean;
 }
 
 /** Reads `buf.length` bytes at `offset`, zeroes past the end of the file (as qemu's block layer). */
@@ -109,6 +126,7 @@ export class DenoFile implements BlockFile {
   #file: Deno.FsFile;
   #path: string;
   #holes: HoleFinder | null | undefined;
+  #noFlush = false;
 
   private constructor(name: string, path: string, file: Deno.FsFile, writable: boolean) {
     this.name = name;
@@ -136,7 +154,9 @@ export class DenoFile implements BlockFile {
       // qemu's file driver refuses directories and other non-regular files.
       throw new QimgError(`'file' driver requires '${path}' to be a regular file`);
     }
-    return new DenoFile(path, path, file, write);
+    const opened = new DenoFile(path, path, file, write);
+    opened.#noFlush = options.noFlush ?? false;
+    return opened;
   }
 
   // The methods are async only so that a failing sync call rejects rather than throws.
@@ -153,9 +173,11 @@ export class DenoFile implements BlockFile {
 
   // deno-lint-ignore require-await
   async read(offset: number, buf: Uint8Array): Promise<number> {
+    // One pread instead of a seek and a read, once libc is open for this file.
+    let done = this.#holes ? this.#holes.pread(offset, buf) : 0;
+    if (done === buf.length) return done;
     const f = this.#file;
-    f.seekSync(offset, Deno.SeekMode.Start);
-    let done = 0;
+    f.seekSync(offset + done, Deno.SeekMode.Start);
     while (done < buf.length) {
       const n = f.readSync(buf.subarray(done));
       if (n === null || n === 0) break;
@@ -167,10 +189,36 @@ export class DenoFile implements BlockFile {
   // deno-lint-ignore require-await
   async write(offset: number, data: Uint8Array): Promise<void> {
     beforeChange();
+    if (this.#holes === undefined) this.#holes = this.#native();
+    // pwrite where libc is open; what it leaves (an error) goes through Deno for the error's text.
+    let done = this.#holes ? this.#holes.pwrite(offset, data) : 0;
+    if (done === data.length) return;
     const f = this.#file;
-    f.seekSync(offset, Deno.SeekMode.Start);
-    let done = 0;
+    f.seekSync(offset + done, Deno.SeekMode.Start);
     while (done < data.length) done += f.writeSync(data.subarray(done));
+  }
+
+  // deno-lint-ignore require-await
+  async view(offset: number, length: number): Promise<FileView | undefined> {
+    if (this.#holes === undefined) this.#holes = this.#native();
+    if (!this.#holes || length <= 0 || offset + length > this.#file.statSync().size) return;
+    return this.#holes.map(offset, length);
+  }
+
+  /**
+   * libc on a second descriptor of this file (ffi granted), checked to be
+   * the same file: the path may have been renamed or replaced since open.
+   */
+  #native(): HoleFinder | null {
+    const holes = HoleFinder.open(this.#path, this.writable);
+    if (holes) {
+      const st = this.#file.statSync();
+      if (!holes.sameFile(st.dev, st.ino ?? -1)) {
+        holes.close();
+        return null;
+      }
+    }
+    return holes;
   }
 
   // deno-lint-ignore require-await
@@ -181,7 +229,7 @@ export class DenoFile implements BlockFile {
 
   // deno-lint-ignore require-await
   async flush(): Promise<void> {
-    if (this.writable) this.#file.syncDataSync();
+    if (this.writable && !this.#noFlush) this.#file.syncDataSync();
   }
 
   // deno-lint-ignore require-await
@@ -196,14 +244,15 @@ export class DenoFile implements BlockFile {
   }
 
   async extent(offset: number, length: number): Promise<HostExtent> {
-    if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, this.writable);
+    if (this.#holes === undefined) this.#holes = this.#native();
     if (this.#holes === null) return { length, data: true };
     return this.#holes.extent(offset, length, await this.size());
   }
 
+  // deno-lint-ignore require-await
   async allocate(offset: number, length: number): Promise<void> {
     if (this.writable && length > 0) {
-      if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, true);
+      if (this.#holes === undefined) this.#holes = this.#native();
       beforeChange();
       if (this.#holes?.reserve(offset, length)) return;
     }
@@ -211,9 +260,10 @@ export class DenoFile implements BlockFile {
     throw new Error("fallocate is not available");
   }
 
+  // deno-lint-ignore require-await
   async discard(offset: number, length: number): Promise<boolean> {
     if (!this.writable || length <= 0) return false;
-    if (this.#holes === undefined) this.#holes = await HoleFinder.open(this.#path, true);
+    if (this.#holes === undefined) this.#holes = this.#native();
     beforeChange();
     return this.#holes?.punch(offset, length) ?? false;
   }
@@ -225,9 +275,32 @@ const FALLOC_PUNCH_HOLE = 0x03;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 
+/** libc, opened once for all files; closed when the last file using it closes. */
+let libc: Deno.DynamicLibrary<typeof LIBC> | undefined;
+let libcUsers = 0;
+
+function openLibc(): Deno.DynamicLibrary<typeof LIBC> {
+  libc ??= Deno.dlopen("libc.so.6", LIBC);
+  libcUsers++;
+  return libc;
+}
+
+function closeLibc(): void {
+  if (--libcUsers === 0) {
+    libc?.close();
+    libc = undefined;
+  }
+}
+
+const PROT_READ = 1;
+const MAP_SHARED = 1;
+const PAGE = 4096;
+
 /**
- * lseek(SEEK_DATA/SEEK_HOLE) through libc, used only when the ffi permission
- * is already granted (never prompts). Absent that, files report all data.
+ * A second descriptor of a file, through libc, used only when the ffi
+ * permission is already granted (never prompts): lseek(SEEK_DATA/SEEK_HOLE),
+ * fallocate, pread/pwrite (one call instead of a seek and a transfer) and
+ * mmap. Absent that, files report all data and I/O goes through Deno.
  */
 class HoleFinder {
   #lib: Deno.DynamicLibrary<typeof LIBC>;
@@ -237,22 +310,89 @@ class HoleFinder {
     this.#fd = fd;
   }
 
-  static async open(path: string, writable = false): Promise<HoleFinder | null> {
+  static open(path: string, writable = false): HoleFinder | null {
     try {
       if (Deno.build.os !== "linux") return null;
-      const st = await Deno.permissions.query({ name: "ffi" });
+      const st = Deno.permissions.querySync({ name: "ffi" });
       if (st.state !== "granted") return null;
-      const lib = Deno.dlopen("libc.so.6", LIBC);
+      const lib = openLibc();
       const cpath = new TextEncoder().encode(path + "\0");
       const fd = lib.symbols.open(cpath, writable ? O_RDWR : 0) as number;
       if (fd < 0) {
-        lib.close();
+        closeLibc();
         return null;
       }
       return new HoleFinder(lib, fd);
     } catch {
       return null;
     }
+  }
+
+  /** Whether the descriptor is the file with this device and inode number. */
+  sameFile(dev: number, ino: number): boolean {
+    // struct stat starts with st_dev and st_ino, 64 bits each, on x86-64 and aarch64 alike.
+    const st = new BigUint64Array(32);
+    if (this.#lib.symbols.fstat(this.#fd, st) !== 0) return false;
+    return Number(st[0]) === dev && Number(st[1]) === ino;
+  }
+
+  /** pread until done; returns the bytes read (short at the end of the file or on an error). */
+  pread(offset: number, buf: Uint8Array): number {
+    let done = 0;
+    while (done < buf.length) {
+      const n = Number(
+        this.#lib.symbols.pread(
+          this.#fd,
+          buf.subarray(done),
+          BigInt(buf.length - done),
+          BigInt(offset + done),
+        ),
+      );
+      if (n <= 0) break;
+      done += n;
+    }
+    return done;
+  }
+
+  /** pwrite until done; returns the bytes written (short on an error). */
+  pwrite(offset: number, data: Uint8Array): number {
+    let done = 0;
+    while (done < data.length) {
+      const n = Number(
+        this.#lib.symbols.pwrite(
+          this.#fd,
+          data.subarray(done),
+          BigInt(data.length - done),
+          BigInt(offset + done),
+        ),
+      );
+      if (n <= 0) break;
+      done += n;
+    }
+    return done;
+  }
+
+  /** Maps [offset, offset + length) read-only; undefined when mmap fails. */
+  map(offset: number, length: number): FileView | undefined {
+    const s = this.#lib.symbols;
+    const lead = offset % PAGE;
+    const size = BigInt(length + lead);
+    const ptr = s.mmap(null, size, PROT_READ, MAP_SHARED, this.#fd, BigInt(offset - lead));
+    // MAP_FAILED is (void *) -1.
+    if (!ptr || Deno.UnsafePointer.value(ptr) === 0xffffffffffffffffn) return;
+    const bytes = new Uint8Array(
+      Deno.UnsafePointerView.getArrayBuffer(ptr, length + lead),
+      lead,
+      length,
+    );
+    let mapped = true;
+    return {
+      bytes,
+      release: () => {
+        if (mapped) s.munmap(ptr, size);
+        mapped = false;
+      },
+    };
   }
 
   extent(offset: number, length: number, fileSize: number): HostExtent {
@@ -283,7 +423,7 @@ class HoleFinder {
 
   close(): void {
     this.#lib.symbols.close(this.#fd);
-    this.#lib.close();
+    closeLibc();
   }
 }
 
@@ -292,4 +432,9 @@ const LIBC = {
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   close: { parameters: ["i32"], result: "i32" },
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
+  fstat: { parameters: ["i32", "buffer"], result: "i32" },
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
 } as const;
