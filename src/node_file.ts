@@ -6,14 +6,33 @@
  */
 
 import * as fs from "node:fs";
+import { isZero } from "./bytes.ts";
 import { QimgError } from "./errors.ts";
 import { type BlockFile, type HostExtent, type OpenFileOptions, resolveRelative } from "./file.ts";
 
+/** Read-only files up to this size are scanned for holes (see HoleMap). */
+const HOLE_SCAN_LIMIT = 1 << 30;
+const SCAN_CHUNK = 1 << 20;
+
+/** A file's data and hole runs, in order, covering [0, size). */
+interface HoleMap {
+  size: number;
+  /** Run starts, ascending; `data[i]` says what [starts[i], starts[i + 1] or size) is. */
+  starts: number[];
+  data: boolean[];
+}
+
 /**
  * A BlockFile over a node:fs file descriptor. node:fs has no SEEK_DATA,
- * SEEK_HOLE or fallocate, so every range reports data (as DenoFile without
- * the ffi permission) and `allocate`/`discard` are absent: callers write
- * zeroes instead, as they do where qemu's fallocate fails.
+ * SEEK_HOLE (nor FIEMAP, nor lseek at all) or fallocate, so `allocate` and
+ * `discard` are absent (callers write zeroes instead, as they do where
+ * qemu's fallocate fails), and holes are inferred, for read-only files of
+ * up to 1 GiB only: a hole reads as zeroes, so when the file's all-zero
+ * blocks are exactly as many as its unallocated ones (size minus
+ * st_blocks * 512, in st_blksize blocks), they are its holes, as SEEK_HOLE
+ * would report them. Where the counts differ (allocated blocks of zeroes,
+ * preallocated or metadata blocks) or the file is larger or writable,
+ * every range reports data, as DenoFile does without the ffi permission.
  */
 export class NodeFile implements BlockFile {
   readonly name: string;
@@ -21,6 +40,7 @@ export class NodeFile implements BlockFile {
   #handle: number;
   #path: string;
   #closed = false;
+  #holes: HoleMap | null | undefined;
 
   private constructor(name: string, path: string, fd: number, writable: boolean) {
     this.name = name;
@@ -123,8 +143,63 @@ export class NodeFile implements BlockFile {
   }
 
   // deno-lint-ignore require-await
-  async extent(_offset: number, length: number): Promise<HostExtent> {
-    return { length, data: true };
+  async extent(offset: number, length: number): Promise<HostExtent> {
+    // A writable file changes under its own writes: not worth a rescan each time.
+    if (this.#holes === undefined) this.#holes = this.writable ? null : this.#scanHoles();
+    const map = this.#holes;
+    if (!map) return { length, data: true };
+    // As lseek: past the end is a hole, and a hole up to the end answers for all asked.
+    if (offset >= map.size) return { length, data: false };
+    let lo = 0;
+    let hi = map.starts.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (map.starts[mid] <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    const end = lo + 1 < map.starts.length ? map.starts[lo + 1] : map.size;
+    if (!map.data[lo] && end === map.size) return { length, data: false };
+    return { length: Math.min(length, end - offset), data: map.data[lo] };
+  }
+
+  /**
+   * The file's holes when they can be told apart from allocated zeroes (see
+   * the class comment), else all data up to the end of the file (past it,
+   * a hole, as lseek says). Reads the file once.
+   */
+  #scanHoles(): HoleMap {
+    const st = fs.fstatSync(this.#fd);
+    const size = st.size;
+    const bs = st.blksize > 0 ? st.blksize : 4096;
+    const allocated = st.blocks * 512;
+    if (allocated === 0) return { size, starts: [0], data: [false] };
+    const allData: HoleMap = { size, starts: [0], data: [true] };
+    const blocks = Math.ceil(size / bs);
+    if (allocated % bs !== 0 || size > HOLE_SCAN_LIMIT) return allData;
+    const holes = blocks - allocated / bs;
+    if (holes <= 0) return allData;
+    const map: HoleMap = { size, starts: [], data: [] };
+    const buf = new Uint8Array(Math.max(bs, SCAN_CHUNK - SCAN_CHUNK % bs));
+    let zeroes = 0;
+    for (let at = 0; at < size;) {
+      const want = Math.min(buf.length, size - at);
+      let n = 0;
+      while (n < want) {
+        const got = fs.readSync(this.#fd, buf, n, want - n, at + n);
+        if (got <= 0) return allData; // shrunk under us
+        n += got;
+      }
+      for (let b = 0; b < n; b += bs) {
+        const data = !isZero(buf.subarray(b, Math.min(n, b + bs)));
+        if (!data && ++zeroes > holes) return allData; // some zero blocks are allocated
+        if (map.data[map.data.length - 1] !== data) {
+          map.starts.push(at + b);
+          map.data.push(data);
+        }
+      }
+      at += n;
+    }
+    return zeroes === holes ? map : allData;
   }
 }
 
