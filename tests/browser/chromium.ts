@@ -6,10 +6,14 @@
  * page shows for it. tests/browser_test.ts runs it as its own process, with
  * --allow-net=127.0.0.1, which the test task does not grant.
  *
+ * With `--serve` it only serves the page, for a person's browser
+ * (`deno task page`).
+ *
  * @example Usage
  * ```sh
  * deno run --allow-net=127.0.0.1 --allow-read --allow-write --allow-run --allow-env \
  *   tests/browser/chromium.ts --dist dist --others /tmp/base.qcow2 /tmp/a.qcow2 /tmp/b.vmdk
+ * deno run --allow-net=127.0.0.1 --allow-read tests/browser/chromium.ts --serve --port 8080
  * ```
  * @module
  */
@@ -37,9 +41,9 @@ const TYPES: Record<string, string> = {
   mjs: "text/javascript; charset=utf-8",
 };
 
-/** Serves the project's tests/browser/ and the bundle in `dist` as /dist/. */
-function serve(dist: string): Deno.HttpServer<Deno.NetAddr> {
-  return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (req) => {
+/** Serves the project's tests/browser/ and the bundle in `dist` as /dist/, on 127.0.0.1 only. */
+function serve(dist: string, port = 0): Deno.HttpServer<Deno.NetAddr> {
+  return Deno.serve({ hostname: "127.0.0.1", port, onListen() {} }, async (req) => {
     const path = decodeURIComponent(new URL(req.url).pathname);
     let file: string | undefined;
     if (/^\/tests\/browser\/[\w.]+$/.test(path)) file = ROOT + path.slice(1);
@@ -289,6 +293,12 @@ if (import.meta.main) {
   const dist = take("--dist") ?? `${ROOT}dist`;
   const chromium = take("--chromium") ?? "chromium";
   const others = take("--others")?.split(",").filter((s) => s) ?? [];
+  if (args.includes("--serve")) {
+    const server = serve(dist, Number(take("--port") ?? 8080));
+    console.log(`open http://127.0.0.1:${server.addr.port}/tests/browser/index.html`);
+    await server.finished;
+    Deno.exit(0);
+  }
   const results = await showImages(args, { chromium, dist, others });
   console.log(JSON.stringify(results));
 }
