@@ -199,7 +199,17 @@ function gatedOpener(
   };
 }
 
-/** Options of {@linkcode openImage}. */
+/**
+ * Options of {@linkcode openImage}.
+ *
+ * @example Usage
+ * ```ts
+ * import { openImage, type OpenImageOptions } from "@qimg/qimg";
+ * const options: OpenImageOptions = { format: "raw", backing: false };
+ * await using image = await openImage(new File([new Uint8Array(512)], "disk.img"), options);
+ * console.log(image.format); // raw
+ * ```
+ */
 export interface OpenImageOptions {
   /** The format; probed from the first bytes when absent. */
   format?: string;

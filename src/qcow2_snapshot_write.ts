@@ -310,7 +310,11 @@ export async function createSnapshot(
     }
     throw e;
   }
-  await w.writeActiveL1(l1);
+  // The active L1 without COPIED flags before the refcounts of 2 that clear
+  // them: a kill between leaves refcount 1 without the flag (harmless), never
+  // the flag on a cluster the snapshot shares.
+  await file.write(header.l1TableOffset, l1);
+  await w.refs.cache.flush();
   const sn: Qcow2Snapshot = {
     l1TableOffset: BigInt(l1Offset),
     l1Size,

@@ -241,6 +241,8 @@ export class Qcow2Refcounts {
     this.table[t] = offset;
     if (!self) await this.change(cluster, 1);
     if (t < this.#diskEntries) {
+      // The block's own refcount too, or a crash leaves it referenced with refcount 0.
+      if (!self) await this.cache.flush();
       const e = new Uint8Array(8);
       putBe64(e, 0, offset);
       await this.#file.write(this.#header.refcountTableOffset + t * 8, e);
