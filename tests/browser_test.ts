@@ -69,13 +69,15 @@ if (!CHROMIUM.path) console.error(`browser_test: the Chromium test is skipped: $
  * Images made by qemu-img/qemu-io, one of each format the page reads: a
  * qcow2 with data (text, so its compressed copy holds real deflate streams),
  * zero and unallocated clusters; its zlib- and zstd-compressed copies, an
- * overlay, and vmdk, vpc, vhdx, vdi and raw copies. All are made dense.
+ * overlay, and vmdk (sparse, and flat: a descriptor naming f-flat.vmdk),
+ * vpc, vhdx, vdi and raw copies. All are made dense.
  */
 const IMAGES = [
   "raw.img",
   "d.qcow2",
   "c.qcow2",
   "d.vmdk",
+  "f.vmdk",
   "d.vpc",
   "d.vhdx",
   "d.vdi",
@@ -93,6 +95,7 @@ async function makeImages(dir: string): Promise<void> {
     qemu-img convert -c -O qcow2 d.qcow2 c.qcow2
     qemu-img convert -c -O qcow2 -o compression_type=zstd d.qcow2 z.qcow2
     qemu-img convert -O vmdk d.qcow2 d.vmdk
+    qemu-img convert -O vmdk -o subformat=monolithicFlat d.qcow2 f.vmdk
     qemu-img convert -O vpc d.qcow2 d.vpc
     qemu-img convert -O vhdx d.qcow2 d.vhdx
     qemu-img convert -O vdi d.qcow2 d.vdi
@@ -154,11 +157,12 @@ Deno.test("BlobFile read() is positional, short only at the end; write() and tru
 Deno.test("openImage() of a File gives qemu-img's info (but actual-size) and guest bytes for every format", async () => {
   await using dir = await tempDir();
   await makeImages(dir.path);
-  const base = await file(dir.path, "d.qcow2");
+  const files = {
+    "d.qcow2": await file(dir.path, "d.qcow2"),
+    "f-flat.vmdk": await file(dir.path, "f-flat.vmdk"),
+  };
   for (const name of IMAGES) {
-    await using image = await openImage(await file(dir.path, name), {
-      files: { "d.qcow2": base },
-    });
+    await using image = await openImage(await file(dir.path, name), { files });
     assertEquals(toQemuJson(await image.info()), await qemuInfo(name, dir.path), name);
     const guest = new Uint8Array(image.size);
     // z.qcow2 too: Deno's node:zlib has zstd (a browser has not: checked below).
@@ -197,7 +201,7 @@ Deno.test("openImage() of a File refuses writing, and a backing file not given f
 
 Deno.test({
   name:
-    "tests/browser/index.html in headless Chromium shows qemu-img's info and map for qcow2 (zlib clusters), vmdk, vpc, vhdx, vdi, raw and an overlay",
+    "tests/browser/index.html in headless Chromium shows qemu-img's info, map and guest bytes for qcow2 (zlib clusters), vmdk, vpc, vhdx, vdi, raw and an overlay",
   ignore: !CHROMIUM.path,
   async fn() {
     await using dir = await tempDir();
@@ -220,7 +224,7 @@ Deno.test({
       "--dist",
       dist,
       "--others",
-      `${dir.path}/d.qcow2`,
+      `${dir.path}/d.qcow2,${dir.path}/f-flat.vmdk`,
       ...IMAGES.map((n) => `${dir.path}/${n}`),
     ], ROOT);
     assertEquals(r.code, 0, r.stderr);

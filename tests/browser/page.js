@@ -66,8 +66,8 @@ async function show() {
   for (const id of ["error", "info", "map", "sha256"]) $(id).textContent = "";
   $("status").textContent = `reading ${file.name}`;
   try {
-    // As qemu-img info: the image alone, never its backing file.
-    const top = await openImage(file, { backing: false });
+    // As qemu-img info: never the backing file (but a vmdk's extent files).
+    const top = await openImage(file, { backing: false, files });
     try {
       $("info").textContent = toQemuJson(await top.info());
     } finally {
