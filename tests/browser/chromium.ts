@@ -202,7 +202,7 @@ export interface ShowOptions {
   dist: string;
   /** Files for the page's second input (backing files), absolute. */
   others?: string[];
-  /** Per-image time limit in ms (default 20 s). */
+  /** Per-image time limit in ms (default 60 s). */
   timeout?: number;
 }
 
@@ -229,8 +229,9 @@ export async function showImages(images: string[], options: ShowOptions): Promis
   }).spawn();
   let cdp: Cdp | undefined;
   try {
-    const url = await within(devtoolsUrl(child.stderr), 30_000);
-    if (!url) throw new Error("chromium did not start within 30 s");
+    // Generous limits: CI runs this beside the other test files on two cores.
+    const url = await within(devtoolsUrl(child.stderr), 60_000);
+    if (!url) throw new Error("chromium did not start within 60 s");
     cdp = await Cdp.connect(url);
     const { targetId } = await cdp.send<{ targetId: string }>("Target.createTarget", {
       url: "about:blank",
@@ -243,7 +244,7 @@ export async function showImages(images: string[], options: ShowOptions): Promis
     await cdp.send("Page.navigate", {
       url: `http://127.0.0.1:${server.addr.port}/tests/browser/index.html`,
     }, sessionId);
-    const ready = await waitStatus(cdp, sessionId, (s) => s.startsWith("ready"), 20_000);
+    const ready = await waitStatus(cdp, sessionId, (s) => s.startsWith("ready"), 60_000);
     if (!ready.startsWith("ready")) {
       throw new Error(`the page did not load (status "${ready}"):\n${cdp.log.join("\n")}`);
     }
@@ -256,7 +257,7 @@ export async function showImages(images: string[], options: ShowOptions): Promis
         cdp,
         sessionId,
         (s) => s === `done: ${name}` || s === `error: ${name}`,
-        options.timeout ?? 20_000,
+        options.timeout ?? 60_000,
       );
       const shown = await evaluate<{ info: string; map: string; sha256: string; error: string }>(
         cdp,
