@@ -52,6 +52,14 @@ export const denoIo: Io = {
   },
   remove: (path) => Deno.remove(path),
   now: () => Date.now(),
+  onProgressSignal: (handler) => {
+    try {
+      Deno.addSignalListener("SIGUSR1", handler);
+    } catch {
+      return () => {}; // no SIGUSR1 here (Windows)
+    }
+    return () => Deno.removeSignalListener("SIGUSR1", handler);
+  },
 };
 
 /** Whether QIMG_DEBUG=1 is set; never prompts for the env permission. */

@@ -70,6 +70,15 @@ export const nodeIo: Io = {
   // deno-lint-ignore require-await
   remove: async (path) => fs.unlinkSync(path),
   now: () => Date.now(),
+  // Node's signal handles do not keep the process alive.
+  onProgressSignal: (handler) => {
+    try {
+      process.on("SIGUSR1", handler);
+    } catch {
+      return () => {}; // no SIGUSR1 here (Windows)
+    }
+    return () => process.off("SIGUSR1", handler);
+  },
 };
 
 /** Whether QIMG_DEBUG=1 is set (stack traces for internal errors). */

@@ -4,7 +4,7 @@ import type { Io } from "./command.ts";
 import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
-import { findFormat } from "./formats.ts";
+import { findFormat } from "./format_drivers.ts";
 import {
   accumulateOptions,
   CREATE_OPTION_TABLES,
@@ -71,6 +71,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   if (options === undefined) throw usageError("Must specify options (-o)");
   // From here on qemu-img's progress meter is running: it ends with a newline.
   const meter = new Progress(progress && !quiet, 1, io.stdout);
+  meter.listen(io);
   try {
     return await amend(options, operands, io, { format, cache, imageOpts, progress: meter });
   } finally {

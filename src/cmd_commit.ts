@@ -76,6 +76,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   checkCacheMode(cache);
   const image = await openForCommand(filename, io, { format, imageOpts, write: true });
   const meter = new Progress(progress, 1, io.stdout);
+  meter.listen(io);
   try {
     meter.print(0, 100);
     let depth = 1;

@@ -77,6 +77,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     if (!quiet) io.stdout(text);
   };
   const progress = new Progress(showProgress && !quiet, 2.0, (t) => io.stdout(t));
+  progress.listen(io); // SIGUSR1 prints the progress, as qemu-img
   let image1: Image | undefined;
   let image2: Image | undefined;
   try {

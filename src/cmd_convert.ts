@@ -9,7 +9,7 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { Image } from "./image.ts";
-import { findFormat } from "./formats.ts";
+import { findFormat } from "./format_drivers.ts";
 import type { FormatDriver } from "./driver.ts";
 import {
   accumulateOptions,
@@ -26,6 +26,7 @@ import { cvtnum } from "./size.ts";
 import { isCacheMode, openForCommand, processObject } from "./cmd_util.ts";
 import { convert, imageTarget, MAX_PARALLEL, MAX_SPARSE, unsafeCacheIo } from "./convert.ts";
 import { Progress } from "./progress.ts";
+import { throttledTarget } from "./throttle.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -158,6 +159,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   let parallel = 8;
   let outOfOrder = false;
   let forceShare = false;
+  let rateLimit = 0;
   const warn = (m: string) => io.stderr(`qimg: ${m}\n`);
   for (const o of options) {
     const arg = o.arg ?? "";
@@ -246,8 +248,8 @@ export async function run(args: string[], io: Io): Promise<number> {
         forceShare = true;
         break;
       case "r":
-        cvtnum("rate limit", arg, { warn });
-        break; // accepted; qimg does not throttle
+        rateLimit = Number(cvtnum("rate limit", arg, { warn }));
+        break;
       case "object":
         if (processObject(arg, io)) return 0;
         break;
@@ -304,6 +306,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   if (!isCacheMode(srcCache)) throw new QimgError(`Invalid source cache option: ${srcCache}`);
 
   const meter = new Progress(progress && !quiet, 1, (t) => io.stdout(t));
+  meter.listen(io);
   meter.print(0, 100);
   const sources: Image[] = [];
   const opened: Image[] = [];
@@ -440,7 +443,10 @@ export async function run(args: string[], io: Io): Promise<number> {
       throw new QimgError("output file is smaller than input file");
     }
     const info = await target.formatInfo();
-    await convert(sources, imageTarget(target), {
+    const copyTarget = rateLimit > 0
+      ? throttledTarget(imageTarget(target), rateLimit)
+      : imageTarget(target);
+    await convert(sources, copyTarget, {
       minSparse,
       parallel,
       outOfOrder,

@@ -10,7 +10,7 @@ import { optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
 import type { Image } from "./image.ts";
-import { findFormat } from "./formats.ts";
+import { findFormat } from "./format_drivers.ts";
 import { convert, CopyError, type CopyTarget, imageTarget, sliceSource } from "./convert.ts";
 import { createTargetFile } from "./cmd_convert.ts";
 import { cvtnum } from "./size.ts";

@@ -8,7 +8,7 @@ import { getopt, type LongOption, type ParsedOption } from "./getopt.ts";
 import { QimgError } from "./errors.ts";
 import type { FormatDriver, MeasureResult, MeasureSource, PersistentBitmap } from "./driver.ts";
 import { Image } from "./image.ts";
-import { findFormat } from "./formats.ts";
+import { findFormat } from "./format_drivers.ts";
 import { openForCommand, parseOutputFormat, printHelp, processObject } from "./cmd_util.ts";
 import { cvtnum } from "./size.ts";
 import {

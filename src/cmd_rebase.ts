@@ -88,6 +88,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   }
   const filename = operands[0];
   const meter = new Progress(progress, 2, io.stdout);
+  meter.listen(io);
   meter.print(0, 100);
   let refusal: QimgError;
   try {

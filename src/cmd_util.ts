@@ -3,7 +3,6 @@
 import type { Io } from "./command.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { notSupportedYet } from "./command.ts";
-import { helpText } from "./help.ts";
 import { FORMATS } from "./formats.ts";
 import { type Image, openImageChain } from "./image.ts";
 import { splitOptionString } from "./options.ts";
@@ -15,7 +14,8 @@ export function parseOutputFormat(value: string): "human" | "json" {
 }
 
 /** `-h` on a command prints the full help and exits 0, as qemu-img does. */
-export function printHelp(io: Io): number {
+export async function printHelp(io: Io): Promise<number> {
+  const { helpText } = await import("./help.ts");
   io.stdout(helpText(FORMATS.map((f) => f.name).sort()));
   return 0;
 }

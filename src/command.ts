@@ -7,9 +7,7 @@
 import type { BlockFile, OpenFileOptions } from "./file.ts";
 import { getopt, type ParsedOption } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
-import { helpText, VERSION_TEXT } from "./help.ts";
 import { FORMATS } from "./formats.ts";
-import { openTraceFile, parseTraceOption } from "./trace.ts";
 
 /** Where a command writes and how it reaches files. */
 export interface Io {
@@ -25,6 +23,11 @@ export interface Io {
   remove?(path: string): Promise<void>;
   /** Current time in ms (snapshots, bench). */
   now?(): number;
+  /**
+   * Calls `handler` on each SIGUSR1 (qemu-img prints progress then) until
+   * the returned function is called; must not keep the process alive.
+   */
+  onProgressSignal?(handler: () => void): () => void;
 }
 
 /** A command: parses its own arguments (after the command name) and returns an exit code. */
@@ -64,13 +67,14 @@ export async function main(argv: string[], io: Io): Promise<number> {
   for (const o of options) {
     switch (o.opt) {
       case "h":
-        io.stdout(helpText(FORMATS.map((f) => f.name).sort()));
+        // help.ts and trace.ts load only when asked for: start-up stays small.
+        io.stdout((await import("./help.ts")).helpText(FORMATS.map((f) => f.name).sort()));
         return 0;
       case "V":
-        io.stdout(VERSION_TEXT);
+        io.stdout((await import("./help.ts")).VERSION_TEXT);
         return 0;
       case "T": {
-        const t = await parseTraceOption(o.arg!, io);
+        const t = await (await import("./trace.ts")).parseTraceOption(o.arg!, io);
         if (t.list) return 0; // qimg has no trace events to list
         if (t.exit !== undefined) return t.exit;
         if (t.file !== undefined) traceFile = t.file;
@@ -82,7 +86,7 @@ export async function main(argv: string[], io: Io): Promise<number> {
   }
   // Options without a command: qemu-img does nothing and succeeds.
   if (operands.length === 0) return 0;
-  if (traceFile !== undefined) await openTraceFile(traceFile, io);
+  if (traceFile !== undefined) await (await import("./trace.ts")).openTraceFile(traceFile, io);
   const [name, ...rest] = operands;
   const load = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
   if (!load) throw usageError(`Command not found: ${name}`);

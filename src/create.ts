@@ -9,7 +9,7 @@ import type { FormatDriver } from "./driver.ts";
 import type { BlockFile, OpenFileOptions } from "./file.ts";
 import { DenoFile } from "./file.ts";
 import { QimgError, strerror } from "./errors.ts";
-import { findFormat } from "./formats.ts";
+import { findFormat } from "./format_drivers.ts";
 import {
   CREATE_OPTION_TABLES,
   emptyOptions,

@@ -7,7 +7,7 @@
 import type { BlockStatus, FormatDriver, FormatImage, FormatInfo } from "./driver.ts";
 import { type BlockFile, DenoFile } from "./file.ts";
 import { isPermissionError, QimgError, strerror } from "./errors.ts";
-import { findFormat, probeFormat } from "./formats.ts";
+import { findFormat, loadFormat, probeFormat } from "./formats.ts";
 import type { JsonValue } from "./output.ts";
 
 /**
@@ -123,12 +123,12 @@ async function openLayer(
   try {
     let driver: FormatDriver | undefined;
     if (options.format !== undefined) {
-      driver = findFormat(options.format);
+      driver = await loadFormat(options.format);
       if (!driver) throw new QimgError(`Unknown driver '${options.format}'`);
     } else {
       const head = new Uint8Array(PROBE_BYTES);
       const n = await file.read(0, head);
-      driver = probeFormat(head.subarray(0, n), filename);
+      driver = await probeFormat(head.subarray(0, n), filename);
       if (driver.name === "raw" && write) {
         options.warn?.(
           `WARNING: Image format was not specified for '${filename}' and probing guessed raw.\n` +

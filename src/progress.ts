@@ -22,9 +22,17 @@ export function formatPercent(value: number): string {
   return (neg ? "-" : "") + text.padStart(3, " ");
 }
 
+/** What a meter needs to print on SIGUSR1 (a command's Io has both). */
+export interface ProgressSignals {
+  /** Calls `handler` on each SIGUSR1 until the returned function is called. */
+  onProgressSignal?(handler: () => void): () => void;
+  /** Where a disabled meter prints on the signal. */
+  stderr(text: string): void;
+}
+
 /**
- * A progress meter. Disabled meters print nothing (qemu prints only on
- * SIGUSR1 then, which qimg does not handle).
+ * A progress meter. Disabled meters print nothing, except after SIGUSR1
+ * (see {@link Progress.listen}).
  */
 export class Progress {
   #enabled: boolean;
@@ -32,6 +40,9 @@ export class Progress {
   #current = 0;
   #lastPrint = 0;
   #sink: ProgressSink;
+  #signalled = false;
+  #unlisten?: () => void;
+  #stderr?: (text: string) => void;
 
   /**
    * @param enabled whether to print at all (`-p` and not `-q`)
@@ -65,11 +76,29 @@ export class Progress {
     ) {
       this.#lastPrint = current;
       if (this.#enabled) this.#sink(`    (${formatPercent(current)}/100%)\r`);
+      else if (this.#signalled) {
+        this.#signalled = false;
+        this.#stderr?.(`    (${formatPercent(current)}/100%)\n`);
+      }
     }
+  }
+
+  /**
+   * Takes SIGUSR1 as qemu-img does: a disabled meter prints its next figure
+   * to stderr on a line of its own; an enabled one (`-p`) ignores the
+   * signal. {@link Progress.end} stops listening.
+   */
+  listen(io: ProgressSignals): void {
+    this.#stderr = (text) => io.stderr(text);
+    this.#unlisten = io.onProgressSignal?.(() => {
+      if (!this.#enabled) this.#signalled = true;
+    });
   }
 
   /** Ends the meter: a newline when enabled. */
   end(): void {
+    this.#unlisten?.();
+    this.#unlisten = undefined;
     if (this.#enabled) this.#sink("\n");
   }
 }

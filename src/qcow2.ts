@@ -22,17 +22,8 @@ import type {
 } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import type { JsonValue } from "./output.ts";
-import {
-  amendQcow2,
-  canEmptyCompletely,
-  changeBacking,
-  discardAllClusters,
-  makeCompletelyEmpty,
-  makeEmptyObstacle,
-} from "./qcow2_amend.ts";
 import type { OptionValues } from "./options.ts";
 import { QimgError, strerror } from "./errors.ts";
-import { decompressCluster } from "./codec.ts";
 import {
   AUTOCLEAR_DATA_FILE_RAW,
   type BitmapDirEntry,
@@ -60,14 +51,19 @@ import {
   Qcow2CorruptionError,
   readL1Table,
 } from "./qcow2_cluster.ts";
-import { checkQcow2 } from "./qcow2_refcount.ts";
-import { repairQcow2 } from "./qcow2_repair.ts";
 import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_snapshot.ts";
-import { createQcow2 } from "./qcow2_create.ts";
-import { Qcow2Writer } from "./qcow2_write.ts";
-import { applySnapshot, createSnapshot, deleteSnapshot } from "./qcow2_snapshot_write.ts";
-import { resizeQcow2, type ResizeOptions } from "./qcow2_resize.ts";
+// The write side, check, snapshots' changes, create and amend load on first
+// use (`import()` below): read-only commands start faster without them.
+import type { Qcow2Writer } from "./qcow2_write.ts";
+import type { ResizeOptions } from "./qcow2_resize.ts";
 import { QCOW2_CREATE_OPTIONS } from "./options.ts";
+
+/** qcow2_write.ts, once loaded: Qcow2Image's sync write paths (prepareCompressed) need it at hand. */
+let writeSide: typeof import("./qcow2_write.ts") | undefined;
+
+async function loadWriteSide(): Promise<void> {
+  writeSide ??= await import("./qcow2_write.ts");
+}
 
 /** One bitmap as `info` lists it. */
 export interface BitmapInfo {
@@ -177,6 +173,7 @@ export class Qcow2Image implements FormatImage {
   async readCompressed(desc: CompressedDescriptor): Promise<Uint8Array> {
     if (this.#cached?.offset === desc.hostOffset) return this.#cached.data;
     const input = await readPadded(this.file, desc.hostOffset, desc.size);
+    const { decompressCluster } = await import("./codec.ts");
     const data = await decompressCluster(
       this.header.compressionType,
       input,
@@ -316,12 +313,14 @@ export class Qcow2Image implements FormatImage {
   /** Creates an internal snapshot (qcow2_snapshot_write.ts). */
   async createSnapshot(name: string): Promise<void> {
     await this.#beforeSnapshotOp();
+    const { createSnapshot } = await import("./qcow2_snapshot_write.ts");
     this.snapshotList = await createSnapshot(this.file, this.header, name);
   }
 
   /** Reverts to an internal snapshot (qcow2_snapshot_write.ts). */
   async applySnapshot(name: string): Promise<void> {
     await this.#beforeSnapshotOp();
+    const { applySnapshot } = await import("./qcow2_snapshot_write.ts");
     await applySnapshot(this.file, this.header, name);
     this.mapper.setL1(await readL1Table(this.file, this.header));
   }
@@ -329,6 +328,7 @@ export class Qcow2Image implements FormatImage {
   /** Deletes an internal snapshot (qcow2_snapshot_write.ts). */
   async deleteSnapshot(name: string): Promise<void> {
     await this.#beforeSnapshotOp();
+    const { deleteSnapshot } = await import("./qcow2_snapshot_write.ts");
     this.snapshotList = await deleteSnapshot(this.file, this.header, name);
   }
 
@@ -342,9 +342,12 @@ export class Qcow2Image implements FormatImage {
   /** Checks the metadata (qcow2_refcount.ts), repairing with -r (qcow2_repair.ts). */
   async check(options: { repair?: "leaks" | "all" }): Promise<CheckResult> {
     const check = { hasDataFile: this.hasDataFile };
-    return options.repair
-      ? await repairQcow2(this.file, this.header, { ...check, mode: options.repair })
-      : await checkQcow2(this.file, this.header, check);
+    if (options.repair) {
+      const { repairQcow2 } = await import("./qcow2_repair.ts");
+      return await repairQcow2(this.file, this.header, { ...check, mode: options.repair });
+    }
+    const { checkQcow2 } = await import("./qcow2_refcount.ts");
+    return await checkQcow2(this.file, this.header, check);
   }
 
   /**
@@ -373,7 +376,8 @@ export class Qcow2Image implements FormatImage {
 
   #w(): Qcow2Writer {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
-    this.#writer ??= new Qcow2Writer(this.file, this.header, this.mapper, {
+    // Every async write path loads the module first; see loadWriteSide.
+    this.#writer ??= new writeSide!.Qcow2Writer(this.file, this.header, this.mapper, {
       hasBacking: this.backing !== undefined,
       dataFile: this.dataFile,
       // A freed compressed cluster's bytes may be reused: forget the decompressed copy.
@@ -384,6 +388,7 @@ export class Qcow2Image implements FormatImage {
 
   /** Writes guest bytes (qcow2_write.ts). */
   async write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    await loadWriteSide();
     return await this.#w().write(offset, data, backingRead);
   }
 
@@ -393,22 +398,28 @@ export class Qcow2Image implements FormatImage {
     length: number,
     options?: { mayUnmap?: boolean; backingRead?: BackingReader },
   ): Promise<void> {
+    await loadWriteSide();
     return await this.#w().writeZeroes(offset, length, options);
   }
 
   /** Starts compressing a cluster ahead of its writeCompressed (qcow2_write.ts). */
   prepareCompressed(offset: number, data: Uint8Array): void {
-    this.#w().prepareCompressed(offset, data);
+    // A hint only: writeCompressed compresses what was not prepared.
+    if (writeSide) this.#w().prepareCompressed(offset, data);
+    else void loadWriteSide();
   }
 
   /** Writes one cluster compressed (qcow2_write.ts). */
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    await loadWriteSide();
     return await this.#w().writeCompressed(offset, data);
   }
 
   /** Changes the virtual size (qcow2_resize.ts; a plain grow is the writer's). */
   async resize(size: number, options: ResizeOptions & { shrink?: boolean }): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
+    await loadWriteSide();
+    const { resizeQcow2 } = await import("./qcow2_resize.ts");
     await resizeQcow2(
       {
         file: this.file,
@@ -435,6 +446,7 @@ export class Qcow2Image implements FormatImage {
   async setBacking(name: string | undefined, format: string | undefined): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     await this.#writer?.flush();
+    const { changeBacking } = await import("./qcow2_amend.ts");
     await changeBacking(this.file, this.header, name, format);
     this.backing = this.header.backingFile
       ? { name: this.header.backingFile, format: this.header.backingFormat }
@@ -444,6 +456,8 @@ export class Qcow2Image implements FormatImage {
   /** Drops all clusters, as qemu's make_completely_empty (qcow2_amend.ts). */
   async makeEmpty(options: { dryRun?: boolean } = {}): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
+    const { canEmptyCompletely, discardAllClusters, makeCompletelyEmpty, makeEmptyObstacle } =
+      await import("./qcow2_amend.ts");
     const obstacle = makeEmptyObstacle(this.header);
     if (obstacle) throw new QimgError(`${obstacle}: not supported yet`);
     if (options.dryRun) return;
@@ -465,6 +479,7 @@ export class Qcow2Image implements FormatImage {
   ): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     await this.#writer?.flush();
+    const { amendQcow2 } = await import("./qcow2_amend.ts");
     await amendQcow2(
       {
         file: this.file,
@@ -583,7 +598,7 @@ export const qcow2Driver: FormatDriver = {
   name: "qcow2",
   probe: (head) => probeQcow2(head),
   open: openQcow2,
-  create: createQcow2,
+  create: async (file, options) => (await import("./qcow2_create.ts")).createQcow2(file, options),
   createOptions: QCOW2_CREATE_OPTIONS,
   supportsBacking: true,
 };

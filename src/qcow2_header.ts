@@ -167,13 +167,8 @@ const MAX_SAFE_OFFSET = 2 ** 53;
 /** qemu's BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB. */
 const BDRV_MAX_LENGTH = 2 ** 63 - 2 ** 30;
 
-/** Whether the first bytes of a file look like qcow2 (magic and version >= 2). */
-export function probeQcow2(head: Uint8Array): number {
-  // qemu probes a zero-padded 2 KiB buffer, so a short file's missing bytes count as zeroes.
-  const b = new Uint8Array(8);
-  b.set(head.subarray(0, 8));
-  return be32(b, 0) === QCOW2_MAGIC && be32(b, 4) >= 2 ? 100 : 0;
-}
+/** The qcow2 magic check lives with the other probes. */
+export { probeQcow2 } from "./format_probes.ts";
 
 function u64(b: Uint8Array, off: number): bigint {
   return new DataView(b.buffer, b.byteOffset, b.byteLength).getBigUint64(off, false);

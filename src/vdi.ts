@@ -21,6 +21,7 @@ import { EXIT, QimgError } from "./errors.ts";
 import { le32, le64, putLe32, putLe64 } from "./bytes.ts";
 import { ProtocolError, truncateFile } from "./protocol.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
+import { probeVdi } from "./format_probes.ts";
 
 const SECTOR = 512;
 const HEADER_SIZE = 512;
@@ -422,9 +423,7 @@ function uuidV4(): Uint8Array {
 /** The vdi format driver. */
 export const vdiDriver: FormatDriver = {
   name: "vdi",
-  // qemu probes a zero-padded 2 KiB buffer, so short files count too.
-  probe: (head) =>
-    head.length >= H.signature + 4 && le32(head, H.signature) === SIGNATURE ? 100 : 0,
+  probe: probeVdi,
   open: openVdi,
   create: createVdi,
   createOptions: VDI_CREATE_OPTIONS,

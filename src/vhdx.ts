@@ -25,6 +25,7 @@ import { IoError, QimgError } from "./errors.ts";
 import { le16, le32, le64, putLe32, putLe64 } from "./bytes.ts";
 import { truncateFile } from "./protocol.ts";
 import type { OptionDesc } from "./options.ts";
+import { probeVhdx } from "./format_probes.ts";
 import { buildLogEntry, checksumValid, crc32c, findLogEntries, replayLog } from "./vhdx_log.ts";
 
 const KiB = 1024;
@@ -810,7 +811,7 @@ export async function createVhdx(file: BlockFile, options: CreateOptions): Promi
 /** The vhdx format driver. */
 export const vhdxDriver: FormatDriver = {
   name: "vhdx",
-  probe: (head) => head.length >= 8 && ascii(head, 0, 8) === "vhdxfile" ? 100 : 0,
+  probe: probeVhdx,
   open: openVhdx,
   create: createVhdx,
   createOptions: VHDX_CREATE_OPTIONS,

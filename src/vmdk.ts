@@ -24,6 +24,7 @@ import { QimgError, strerror } from "./errors.ts";
 import { alignUp, be32, le16, le32, putLe32 } from "./bytes.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
 import { createFile, truncateFile } from "./protocol.ts";
+import { probeVmdk } from "./format_probes.ts";
 import {
   buildDescriptor,
   cString,
@@ -1097,34 +1098,6 @@ function randomCid(): number {
   return crypto.getRandomValues(new Uint32Array(1))[0];
 }
 
-/** qemu's vmdk_probe: a sparse magic, or a descriptor whose first non-comment line is `version=1..3`. */
-export function probeVmdk(head: Uint8Array): number {
-  if (head.length < 4) return 0;
-  const magic = be32(head, 0);
-  if (magic === VMDK3_MAGIC || magic === VMDK4_MAGIC) return 100;
-  const s = latin1(head);
-  let p = 0;
-  const end = s.length;
-  while (p < end) {
-    if (s[p] === "#") {
-      while (p < end && s[p] !== "\n") p++;
-      p++;
-      continue;
-    }
-    if (s[p] === " ") {
-      while (p < end && s[p] === " ") p++;
-      if (p < end && s[p] === "\r") p++;
-      if (p === end || s[p] !== "\n") return 0;
-      p++;
-      continue;
-    }
-    for (const v of ["1", "2", "3"]) {
-      if (s.startsWith(`version=${v}\n`, p) || s.startsWith(`version=${v}\r\n`, p)) return 100;
-    }
-    return 0;
-  }
-  return 0;
-}
 
 /** Opens a vmdk image on `file`: a sparse file, or a descriptor naming its extents. */
 export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Promise<VmdkImage> {

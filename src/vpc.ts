@@ -22,6 +22,7 @@ import { QimgError } from "./errors.ts";
 import { be16, be32, be64, putBe16, putBe32, putBe64 } from "./bytes.ts";
 import { ProtocolError, truncateFile } from "./protocol.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
+import { probeVpc } from "./format_probes.ts";
 
 const SECTOR = 512;
 const FOOTER_SIZE = 512;
@@ -459,7 +460,7 @@ export async function createVpc(file: BlockFile, options: CreateOptions): Promis
 /** The vpc format driver. */
 export const vpcDriver: FormatDriver = {
   name: "vpc",
-  probe: (head) => head.length >= 8 && ascii(head, 0, 8) === "conectix" ? 100 : 0,
+  probe: probeVpc,
   open: openVpc,
   create: createVpc,
   createOptions: VPC_CREATE_OPTIONS,

@@ -239,7 +239,8 @@ Deno.test("check reports a repair and the re-check as qemu-img", async () => {
       '{"check-errors": 0, "image-end-offset": 262144, "total-clusters": 16}',
     );
     const driver = replayDriver([repair, recheck]);
-    FORMATS.push(driver);
+    const entry = { name: driver.name, load: () => Promise.resolve(driver) };
+    FORMATS.push(entry);
     try {
       const io = captureIo(dir.path);
       const code = await run(["-f", "replay", "-r", "leaks", `--output=${output}`, name], io);
@@ -249,7 +250,7 @@ Deno.test("check reports a repair and the re-check as qemu-img", async () => {
         { stdout: theirs.stdout, stderr: theirs.stderr, code: theirs.code },
       );
     } finally {
-      FORMATS.splice(FORMATS.indexOf(driver), 1);
+      FORMATS.splice(FORMATS.indexOf(entry), 1);
     }
   }
 });
@@ -258,12 +259,13 @@ Deno.test("check prints the report, then fails with exit 1 on internal check err
   await using dir = await tempDir();
   await sh("qemu-img create -q -f raw a.raw 1M", dir.path);
   const driver = replayDriver([{ ...fromQemuJson('{"check-errors": 3}'), messages: [] }]);
-  FORMATS.push(driver);
+  const entry = { name: driver.name, load: () => Promise.resolve(driver) };
+  FORMATS.push(entry);
   try {
     const io = captureIo(dir.path);
     await assertRejects(() => run(["-f", "replay", "a.raw"], io), /^QimgError: Check failed$/);
     assertEquals(io.out, "\n3 internal errors have occurred during the check.\n");
   } finally {
-    FORMATS.splice(FORMATS.indexOf(driver), 1);
+    FORMATS.splice(FORMATS.indexOf(entry), 1);
   }
 });
