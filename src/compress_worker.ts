@@ -1,26 +1,54 @@
 /**
  * The Worker side of compress_pool.ts, as JavaScript source: the pool
  * starts it from a blob: URL, so it needs no read permission for a module
- * file and survives bundling. It runs compressClusterFast's codec (kept in
- * step by tests/compress_pool_test.ts) and transfers the bytes back.
+ * file and survives bundling. It runs compressBatchInThread's codec (kept
+ * in step by tests/compress_pool_test.ts) on a batch of clusters and
+ * transfers one buffer of results back.
+ *
+ * Message in: { id, codec, cs, data } with `data` an ArrayBuffer of whole
+ * clusters (transferred). Message out: { id, out, lens } where `out` holds
+ * the compressed clusters back to back and `lens[i]` is cluster i's length,
+ * or -1 when it is to be written uncompressed (it does not shrink below
+ * cs - 1 bytes, as qemu's rule; or, for zlib, a fast zstd probe finds it
+ * incompressible, which saves deflating random data for nothing).
  */
 
 /** The worker module's source. */
 export const WORKER_SOURCE = `
 import * as zlib from "node:zlib";
+const PROBE = zlib.zstdCompressSync && zlib.constants.ZSTD_c_compressionLevel !== undefined
+  ? { params: { [zlib.constants.ZSTD_c_compressionLevel]: 1 } } : undefined;
 function compress(codec, data) {
-  if (codec === "zstd") return zlib.zstdCompressSync(data, { pledgedSrcSize: data.length });
+  const cs = data.length;
+  if (codec === "zstd") return zlib.zstdCompressSync(data, { pledgedSrcSize: cs });
+  if (PROBE && zlib.zstdCompressSync(data, PROBE).length >= cs - (cs >> 8)) return undefined;
   return zlib.deflateRawSync(data, { windowBits: 12, memLevel: 9, level: 9 });
 }
 self.onmessage = (e) => {
-  const { id, codec, data } = e.data;
+  const { id, codec, cs, data } = e.data;
   try {
-    let out = compress(codec, data);
-    // node:zlib may return a view of a larger pooled buffer: send just the bytes.
-    out = out.byteOffset === 0 && out.byteLength === out.buffer.byteLength
-      ? new Uint8Array(out.buffer)
-      : new Uint8Array(out);
-    self.postMessage({ id, data: out }, [out.buffer]);
+    const all = new Uint8Array(data);
+    const count = all.length / cs;
+    const lens = new Int32Array(count);
+    const parts = [];
+    let total = 0;
+    for (let i = 0; i < count; i++) {
+      const out = compress(codec, all.subarray(i * cs, (i + 1) * cs));
+      if (!out || out.length > cs - 1) {
+        lens[i] = -1;
+        continue;
+      }
+      lens[i] = out.length;
+      parts.push(out);
+      total += out.length;
+    }
+    const out = new Uint8Array(total);
+    let pos = 0;
+    for (const p of parts) {
+      out.set(p, pos);
+      pos += p.length;
+    }
+    self.postMessage({ id, out: out.buffer, lens: lens.buffer }, [out.buffer, lens.buffer]);
   } catch (err) {
     self.postMessage({ id, error: err instanceof Error ? err.message : String(err) });
   }

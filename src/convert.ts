@@ -25,6 +25,8 @@ const SECTOR = 512;
 const IO_BUF_SECTORS = 4096;
 /** The largest buffer qemu-img grows to (16 MiB). */
 const MAX_BUF_SECTORS = 32768;
+/** -c reads and compresses this much at a time (1 MiB; one cluster where clusters are larger). */
+const COMPRESS_BATCH_SECTORS = 2048;
 /** The most sectors one block-status query or request covers (BDRV_REQUEST_MAX_SECTORS). */
 const REQUEST_MAX_SECTORS = Math.floor(0x7fffffff / SECTOR);
 /** The most parallel workers `-m` allows. */
@@ -41,11 +43,15 @@ export interface CopyTarget {
   /** Makes a range read as zeroes; `mayUnmap` lets it deallocate (punch holes). */
   writeZeroes?(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
   /**
-   * Writes one whole cluster compressed. A zero-length write at offset 0
-   * marks the end of the stream (qemu aligns the file end then).
+   * Writes one whole cluster compressed (a run of clusters where the target
+   * has prepareCompressed). A zero-length write at offset 0 marks the end
+   * of the stream (qemu aligns the file end then).
    */
   writeCompressed?(offset: number, data: Uint8Array): Promise<void>;
-  /** Starts compressing a cluster ahead (in parallel) for the writeCompressed of the same offset. */
+  /**
+   * Starts compressing a run of whole clusters ahead (in parallel) for the
+   * writeCompressed of the same offset and data; the data stays unchanged until then.
+   */
   prepareCompressed?(offset: number, data: Uint8Array): void;
 }
 
@@ -203,6 +209,13 @@ const enum Status {
   Data,
   Zero,
   Backing,
+}
+
+/** -c: consecutive clusters of a request that are all zero, or all not. */
+interface ClusterRun {
+  /** Length in sectors. */
+  count: number;
+  data: boolean;
 }
 
 interface Claim {
@@ -396,7 +409,10 @@ class Converter {
       if (this.#clusterSectors <= 0 || this.#clusterSectors > this.#bufSectors) {
         throw new QimgError("invalid cluster size");
       }
-      this.#bufSectors = this.#clusterSectors;
+      // Batches of clusters for targets that compress ahead: one Worker message per batch.
+      const batch = this.#target.prepareCompressed ? COMPRESS_BATCH_SECTORS : 0;
+      this.#bufSectors = this.#clusterSectors *
+        Math.max(1, Math.floor(batch / this.#clusterSectors));
     }
   }
 
@@ -552,8 +568,12 @@ class Converter {
       let { status } = claim;
       const { sector, count } = claim;
       if (this.#counts(status)) {
-        this.#allocatedDone += count;
-        this.#o.progress?.(Math.fround(100 * this.#allocatedDone / this.#allocated));
+        // -c claims batches of clusters; qemu claims (and reports) one at a time.
+        const step = this.#o.compressed ? this.#clusterSectors : count;
+        for (let done = 0; done < count; done += step) {
+          this.#allocatedDone += Math.min(step, count - done);
+          this.#o.progress?.(Math.fround(100 * this.#allocatedDone / this.#allocated));
+        }
       }
       if (status === Status.Data || (this.#minSparse === 0 && status === Status.Zero)) {
         buf ??= new Uint8Array(this.#bufSectors * SECTOR);
@@ -579,12 +599,14 @@ class Converter {
         buf!.fill(0, 0, count * SECTOR);
       }
       // Compress while earlier clusters are still waiting to be written in order.
-      if (
-        this.#o.compressed && status === Status.Data && this.#error === undefined &&
-        this.#target.prepareCompressed
-      ) {
-        const bytes = buf!.subarray(0, count * SECTOR);
-        if (!isZero(bytes)) this.#target.prepareCompressed(sector * SECTOR, bytes);
+      let runs: ClusterRun[] | undefined;
+      if (this.#o.compressed && status === Status.Data && this.#error === undefined) {
+        runs = this.#clusterRuns(buf!, count);
+        for (let r = 0, pos = 0; r < runs.length; pos += runs[r++].count) {
+          if (!runs[r].data || !this.#target.prepareCompressed) continue;
+          const bytes = buf!.subarray(pos * SECTOR, (pos + runs[r].count) * SECTOR);
+          this.#target.prepareCompressed((sector + pos) * SECTOR, bytes);
+        }
       }
       if (!this.#o.outOfOrder) {
         while (this.#writeOffset !== sector && this.#error === undefined) {
@@ -594,7 +616,7 @@ class Converter {
       }
       if (this.#error === undefined) {
         try {
-          await this.#write(sector, count, input, status);
+          await this.#write(sector, count, input, status, runs);
         } catch (err) {
           this.#fail(
             new CopyError("writing", sector * SECTOR, strerror(err)),
@@ -648,8 +670,10 @@ class Converter {
     count: number,
     buf: Uint8Array | undefined,
     status: Status,
+    runs?: ClusterRun[],
   ): Promise<void> {
     let pos = 0;
+    let run = 0;
     const words = buf && status === Status.Data ? wordsOf(buf) : undefined;
     while (count > 0) {
       let n = count;
@@ -663,14 +687,16 @@ class Converter {
             n = r.count;
             data = r.data;
           } else {
-            data = !isZero(buf!.subarray(pos * SECTOR, (pos + n) * SECTOR));
+            runs ??= this.#clusterRuns(buf!, count);
+            n = runs[run].count;
+            data = runs[run++].data;
           }
         }
         const offset = sector * SECTOR;
         if (data) {
           const bytes = buf!.subarray(pos * SECTOR, (pos + n) * SECTOR);
           if (this.#o.compressed && this.#target.writeCompressed) {
-            await this.#target.writeCompressed(offset, bytes);
+            await this.#writeCompressed(offset, bytes);
           } else {
             await this.#target.write(offset, bytes);
           }
@@ -681,6 +707,33 @@ class Converter {
       sector += n;
       count -= n;
       pos += n;
+    }
+  }
+
+  /**
+   * Splits `count` sectors of `buf` (whole clusters, the last maybe short)
+   * into runs of zero and non-zero clusters (-c: zero clusters are left out).
+   */
+  #clusterRuns(buf: Uint8Array, count: number): ClusterRun[] {
+    if (this.#minSparse === 0 || this.#o.copyRange) return [{ count, data: true }];
+    const runs: ClusterRun[] = [];
+    for (let pos = 0; pos < count; pos += this.#clusterSectors) {
+      const n = Math.min(this.#clusterSectors, count - pos);
+      const data = !isZero(buf.subarray(pos * SECTOR, (pos + n) * SECTOR));
+      const last = runs[runs.length - 1];
+      if (last && last.data === data) last.count += n;
+      else runs.push({ count: n, data });
+    }
+    return runs;
+  }
+
+  /** A run of clusters compressed: whole for targets that prepared it, else one cluster at a time. */
+  async #writeCompressed(offset: number, bytes: Uint8Array): Promise<void> {
+    const target = this.#target;
+    if (target.prepareCompressed) return await target.writeCompressed!(offset, bytes);
+    const cs = this.#clusterSectors * SECTOR;
+    for (let pos = 0; pos < bytes.length; pos += cs) {
+      await target.writeCompressed!(offset + pos, bytes.subarray(pos, pos + cs));
     }
   }
 

@@ -18,7 +18,7 @@ import type { BlockFile } from "./file.ts";
 import { IoError, QimgError } from "./errors.ts";
 import { MetadataCache } from "./cache.ts";
 import { decompressCluster } from "./codec.ts";
-import { CompressPool } from "./compress_pool.ts";
+import { type BatchResult, CompressPool } from "./compress_pool.ts";
 import { alignUp, isZero, putBe32, putBe64 } from "./bytes.ts";
 import { CRYPT_NONE, INCOMPAT_DIRTY, type Qcow2Header, readPadded } from "./qcow2_header.ts";
 import {
@@ -893,77 +893,119 @@ export class Qcow2Writer {
   }
 
   /**
-   * Writes one cluster compressed (convert -c). Clusters that do not
-   * shrink below a cluster are written normally, as qemu does. A
-   * zero-length write at 0 ends the stream: the file end goes to a sector.
+   * Writes whole clusters compressed (convert -c): one cluster, or the run
+   * of clusters given to prepareCompressed at the same offset. Clusters
+   * that do not shrink below a cluster are written normally, as qemu does.
+   * A zero-length write at 0 ends the stream: the file end goes to a sector.
    */
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     this.#assertWritable();
     const prepared = this.#prepared.get(offset);
     this.#prepared.delete(offset);
     // Compressed ahead (prepareCompressed): wait outside the lock.
-    const out = prepared ? await prepared : undefined;
-    if (!out) await Promise.all([loadZlib(), loadPako()]);
-    if (data.length === 0) this.#pool?.close();
-    return await this.#serial(() => this.#writeCompressed(offset, data, out));
+    let out = prepared ? await prepared : undefined;
+    if (data.length === 0) {
+      this.#pool?.close();
+      return await this.#serial(() => this.#endCompressed());
+    }
+    const cs = this.#header.clusterSize;
+    if (!out || out.length !== Math.ceil(data.length / cs)) {
+      await Promise.all([loadZlib(), loadPako()]);
+      out = [];
+      for (let pos = 0; pos < data.length; pos += cs) {
+        const cluster = new Uint8Array(cs);
+        cluster.set(data.subarray(pos, pos + cs));
+        const c = compressCluster(this.#header.compressionType, cluster);
+        out.push(c && c.length <= cs - 1 ? c : null);
+      }
+    }
+    const results = out;
+    return await this.#serial(() => this.#writeCompressed(offset, data, results));
   }
 
   /** Worker threads compressing clusters ahead of writeCompressed (compress_pool.ts). */
   #pool?: CompressPool;
-  #prepared = new Map<number, Promise<Uint8Array>>();
+  #prepared = new Map<number, Promise<BatchResult>>();
 
   /**
-   * Starts compressing the cluster at `offset` on a worker thread, for the
-   * writeCompressed call that follows (convert compresses ahead, writes in order).
+   * Starts compressing the whole clusters of `data` (the last one may be
+   * short: it is padded with zeroes) on worker threads, for the
+   * writeCompressed call with the same offset and data that follows
+   * (convert compresses ahead, writes in order). `data` must stay unchanged
+   * until then.
    */
   prepareCompressed(offset: number, data: Uint8Array): void {
     const cs = this.#header.clusterSize;
-    if (this.#dataMode || data.length === 0 || data.length > cs || offset % cs) return;
-    let cluster = data;
-    if (data.length < cs) {
-      cluster = new Uint8Array(cs);
-      cluster.set(data);
+    if (this.#dataMode || data.length === 0 || offset % cs) return;
+    let clusters = data;
+    if (data.length % cs) {
+      clusters = new Uint8Array(alignUp(data.length, cs));
+      clusters.set(data);
     }
     this.#pool ??= new CompressPool(this.#header.compressionType);
-    const p = this.#pool.compress(cluster);
+    const p = this.#pool.compressBatch(clusters, cs);
     p.catch(() => {}); // awaited (and thrown) by writeCompressed
     this.#prepared.set(offset, p);
   }
 
-  async #writeCompressed(offset: number, data: Uint8Array, ready?: Uint8Array): Promise<void> {
+  async #endCompressed(): Promise<void> {
+    if (this.#dataMode) throw new QimgError("Operation not supported");
+    const size = await this.#file.size();
+    if (size % 512) await this.#file.truncate(alignUp(size, 512));
+  }
+
+  async #writeCompressed(offset: number, data: Uint8Array, results: BatchResult): Promise<void> {
     const cs = this.#header.clusterSize;
     // qemu: compressed clusters cannot live in an external data file.
     if (this.#dataMode) throw new QimgError("Operation not supported");
-    if (data.length === 0) {
-      const size = await this.#file.size();
-      if (size % 512) await this.#file.truncate(alignUp(size, 512));
-      return;
-    }
     if (offset % cs) throw new QimgError("qcow2: compressed writes must be cluster-aligned");
-    let cluster = data;
-    if (data.length < cs) {
-      cluster = new Uint8Array(cs);
-      cluster.set(data);
+    for (let i = 0; i < results.length;) {
+      let j = i + 1;
+      const packed = results[i] !== null;
+      while (j < results.length && (results[j] !== null) === packed) j++;
+      const at = offset + i * cs;
+      if (packed) await this.#writePacked(at, results.slice(i, j) as Uint8Array[]);
+      // Clusters that do not shrink: qemu writes them uncompressed.
+      else await this.#write(at, data.subarray(i * cs, Math.min(j * cs, data.length)));
+      i = j;
     }
-    const out = ready ?? compressCluster(this.#header.compressionType, cluster);
-    // qemu gives the compressor cluster_size - 1 bytes of room.
-    if (!out || out.length > cs - 1) return await this.#write(offset, data);
+  }
+
+  /** Stores compressed clusters from `offset` on: data in few large writes, then their L2 entries. */
+  async #writePacked(offset: number, outs: Uint8Array[]): Promise<void> {
+    const cs = this.#header.clusterSize;
     const span = this.#mapper.l2Span;
-    const l1Index = Math.floor(offset / span);
-    const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
-    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
     const ext = this.#header.extendedL2;
-    const i = (offset % span) / cs;
-    const e = readEntry(view, i, ext, this.#dataMode);
-    // Compression never overwrites an allocated cluster (qemu: EIO).
-    if (e.offset || e.compressed) throw new IoError("Input/output error");
+    // Compression never overwrites an allocated cluster (qemu: EIO): check before allocating.
+    for (let k = 0; k < outs.length; k++) {
+      const at = offset + k * cs;
+      const { table } = await this.#l2ForWrite(Math.floor(at / span));
+      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      const e = readEntry(view, (at % span) / cs, ext, this.#dataMode);
+      if (e.offset || e.compressed) throw new IoError("Input/output error");
+    }
     const refs = await this.#refcounts();
-    const host = await refs.allocBytes(out.length);
-    await this.#file.write(host, out);
-    const sectors = Math.floor((host + out.length - 1) / 512) - Math.floor(host / 512);
+    const hosts: number[] = [];
+    let first = 0;
+    for (let k = 0; k <= outs.length; k++) {
+      const host = k < outs.length ? await refs.allocBytes(outs[k].length) : -1;
+      const follows = k > first && host === hosts[k - 1] + outs[k - 1].length;
+      if (k > first && !follows) {
+        await this.#file.write(hosts[first], joined(outs, first, k));
+        first = k;
+      }
+      hosts.push(host);
+    }
     const shift = BigInt(62 - (this.#header.clusterBits - 8));
-    setEntry(view, i, ext, COMPRESSED | (BigInt(sectors) << shift) | BigInt(host));
-    await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
+    for (let k = 0; k < outs.length; k++) {
+      const at = offset + k * cs;
+      const { offset: l2Offset, table } = await this.#l2ForWrite(Math.floor(at / span));
+      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      const host = hosts[k];
+      const sectors = Math.floor((host + outs[k].length - 1) / 512) - Math.floor(host / 512);
+      setEntry(view, (at % span) / cs, ext, COMPRESSED | (BigInt(sectors) << shift) | BigInt(host));
+      await this.#mapper.l2Cache.put(l2Offset, table, { dirty: true });
+    }
   }
 
   /** Writes all changed metadata back, in dependency order, and flushes the file. */
@@ -1060,4 +1102,23 @@ export function compressCluster(type: "zlib" | "zstd", data: Uint8Array): Uint8A
     return new Uint8Array(out.buffer, out.byteOffset, out.length);
   }
   return pakoSync().deflateRaw(data, { windowBits: 12, memLevel: 9, level: 6 });
+}
+
+/** outs[from..to) as one buffer: a view when they lie back to back in one buffer (a Worker's batch). */
+function joined(outs: Uint8Array[], from: number, to: number): Uint8Array {
+  const a = outs[from];
+  let end = a.byteOffset + a.length;
+  let same = true;
+  let total = 0;
+  for (let k = from; k < to; k++) {
+    total += outs[k].length;
+    if (k > from) {
+      same &&= outs[k].buffer === a.buffer && outs[k].byteOffset === end;
+      end += outs[k].length;
+    }
+  }
+  if (same) return new Uint8Array(a.buffer, a.byteOffset, total);
+  const b = new Uint8Array(total);
+  for (let k = from, pos = 0; k < to; pos += outs[k].length, k++) b.set(outs[k], pos);
+  return b;
 }

@@ -1,6 +1,6 @@
 import pako from "pako";
 import { assert, assertEquals } from "./_assert.ts";
-import { compressClusterFast, CompressPool } from "../src/compress_pool.ts";
+import { compressBatchInThread, compressClusterFast, CompressPool } from "../src/compress_pool.ts";
 import { zstdDecompressCluster } from "../src/codec.ts";
 import { runProgram, sh, tempDir } from "./_util.ts";
 import { loadPako, loadZlib } from "../src/zlib_loader.ts";
@@ -29,33 +29,63 @@ Deno.test("compressClusterFast zstd gives a frame that decodes to the cluster", 
   assertEquals(zstdDecompressCluster(compressClusterFast("zstd", d), d.length), d);
 });
 
-Deno.test("CompressPool with Workers answers each request with its own bytes, then closes", async () => {
-  const pool = new CompressPool("zlib", 2);
-  const inputs = Array.from({ length: 12 }, (_, i) => cluster(i));
-  const buf = inputs[0].slice();
-  const pending = inputs.map((d) => {
-    buf.set(d);
-    return pool.compress(buf); // the pool copies: the buffer may be reused at once
-  });
-  const outs = await Promise.all(pending);
-  assert(pool.threaded);
-  for (let i = 0; i < inputs.length; i++) {
-    assertEquals(outs[i], compressClusterFast("zlib", inputs[i]));
+/** `n` clusters: text, random and all-zero ones in turn, each distinct. */
+function batch(n: number, seed: number): Uint8Array {
+  const b = new Uint8Array(n * 65536);
+  for (let i = 0; i < n; i++) {
+    if (i % 3 === 0) b.set(cluster(seed * 100 + i), i * 65536);
+    else if (i % 3 === 1) {
+      let x = (seed * 7919 + i) * 2654435761 >>> 0 || 1;
+      for (let j = i * 65536; j < (i + 1) * 65536; j++) {
+        x ^= x << 13;
+        x ^= x >>> 17;
+        x ^= x << 5;
+        b[j] = x;
+      }
+    }
   }
-  pool.close();
+  return b;
+}
+
+Deno.test("compressBatchInThread marks random clusters uncompressed and compresses the rest", () => {
+  const b = batch(6, 1);
+  const r = compressBatchInThread("zlib", b, 65536);
+  assertEquals(r.map((c) => c === null), [false, true, false, false, true, false]);
+  for (const i of [0, 2, 3, 5]) {
+    assertEquals(
+      pako.inflateRaw(r[i]!, { windowBits: 12 }),
+      b.subarray(i * 65536, (i + 1) * 65536),
+    );
+  }
+  const z = compressBatchInThread("zstd", b, 65536);
+  assertEquals(z.map((c) => c === null), [false, true, false, false, true, false]);
+  assertEquals(zstdDecompressCluster(z[3]!, 65536), b.subarray(3 * 65536, 4 * 65536));
+});
+
+Deno.test("CompressPool with Workers answers each batch with its own clusters' bytes, then closes", async () => {
+  for (const codec of ["zlib", "zstd"] as const) {
+    const pool = new CompressPool(codec, 2);
+    const inputs = Array.from({ length: 10 }, (_, i) => batch(5 + (i % 3), i));
+    const outs = await Promise.all(inputs.map((d) => pool.compressBatch(d, 65536)));
+    assert(pool.threaded);
+    for (let i = 0; i < inputs.length; i++) {
+      assertEquals(outs[i], compressBatchInThread(codec, inputs[i], 65536));
+    }
+    pool.close();
+  }
 });
 
 Deno.test("CompressPool with no Workers compresses in-thread", async () => {
   const pool = new CompressPool("zstd", 0);
-  const d = cluster(5);
-  assertEquals(await pool.compress(d), compressClusterFast("zstd", d));
+  const d = batch(3, 5);
+  assertEquals(await pool.compressBatch(d, 65536), compressBatchInThread("zstd", d, 65536));
   assert(!pool.threaded);
   pool.close();
 });
 
 Deno.test("CompressPool idle Workers terminate by themselves", async () => {
   const pool = new CompressPool("zlib", 1);
-  await pool.compress(cluster(3));
+  await pool.compressBatch(cluster(3), 65536);
   assert(pool.threaded);
   await new Promise((r) => setTimeout(r, 400));
   assert(!pool.threaded);
@@ -82,4 +112,57 @@ Deno.test("convert -c with read/write only on the images compresses on Workers, 
   const q = (await Deno.stat(`${dir.path}/q.qcow2`)).size;
   const o = (await Deno.stat(`${dir.path}/o.qcow2`)).size;
   assert(Math.abs(o - q) <= q * 0.02, `size ${o} against qemu-img's ${q}`);
+});
+
+/**
+ * 20 MiB of 4 KiB blocks that each name their own offset (text), with
+ * random, zero and unallocated stretches: any cluster written to the wrong
+ * place, or another cluster's bytes, shows in qemu-img compare.
+ */
+function distinctInput(): Uint8Array {
+  const size = 20 * 1048576;
+  const b = new Uint8Array(size);
+  const enc = new TextEncoder();
+  let x = 12345;
+  for (let off = 0; off < size; off += 4096) {
+    const kind = Math.floor(off / 196608) % 5; // 192 KiB stretches, not cluster-aligned
+    if (kind === 0 || kind === 2) {
+      b.set(enc.encode(`block at ${off} of kind ${kind}\n`.repeat(200)).subarray(0, 4096), off);
+    } else if (kind === 1) {
+      for (let i = off; i < off + 4096; i++) {
+        x ^= x << 13;
+        x ^= x >>> 17;
+        x ^= x << 5;
+        b[i] = x;
+      }
+    }
+  }
+  return b;
+}
+
+Deno.test("convert -c with several Workers writes every cluster in place (zlib, zstd; 4 KiB, 64 KiB, 2 MiB clusters)", async () => {
+  await using dir = await tempDir();
+  await Deno.writeFile(`${dir.path}/in.raw`, distinctInput());
+  // Holes as well as written zeroes.
+  await sh("fallocate -p -o 2M -l 3M in.raw && truncate -s 21M in.raw", dir.path);
+  const cli = new URL("../cli.ts", import.meta.url).pathname;
+  for (const codec of ["zlib", "zstd"]) {
+    for (const cs of ["4k", "64k", "2M"]) {
+      const o = `-o compression_type=${codec},cluster_size=${cs}`;
+      const r = await runProgram(Deno.execPath(), [
+        "run",
+        "-A",
+        cli,
+        ...["convert", "-c", "-O", "qcow2", "-o", `compression_type=${codec},cluster_size=${cs}`],
+        ...["in.raw", "o.qcow2"],
+      ], dir.path);
+      assertEquals(r, { stdout: "", stderr: "", code: 0 });
+      await sh(`qemu-img convert -c -O qcow2 ${o} in.raw q.qcow2`, dir.path);
+      await sh("qemu-img check -q o.qcow2 && qemu-img compare -q in.raw o.qcow2", dir.path);
+      const q = (await Deno.stat(`${dir.path}/q.qcow2`)).size;
+      const s = (await Deno.stat(`${dir.path}/o.qcow2`)).size;
+      assert(Math.abs(s - q) <= q * 0.02, `${codec} ${cs}: size ${s} against qemu-img's ${q}`);
+      await sh("rm o.qcow2 q.qcow2", dir.path);
+    }
+  }
 });
