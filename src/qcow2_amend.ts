@@ -220,6 +220,16 @@ export async function discardAllClusters(
     if (!(l1Hi & OFLAG_COPIED_HI)) {
       // Shared with a snapshot: this layer gets its own copy.
       target = await refs.allocClusters(1);
+      await refs.cache.flush();
+    }
+    // The emptied table is on disk before any cluster it mapped loses a
+    // reference or is punched: a crash then leaves leaks, never lost data.
+    await file.write(target, new Uint8Array(cs));
+    if (target !== l2) {
+      const entry = new Uint8Array(8);
+      putBe64(entry, 0, BigInt(target) | (1n << 63n));
+      await file.write(h.l1TableOffset + i * 8, entry);
+      l1.set(entry, i * 8);
     }
     // Data refcounts count the L1 tables (active and snapshots) using a
     // cluster, so they drop even when the L2 table is shared.
@@ -236,18 +246,73 @@ export async function discardAllClusters(
         await drop(entryOffset(hi, lo));
       }
     }
+    if (target !== l2) await drop(l2);
     await refs.cache.flush();
-    await file.write(target, new Uint8Array(cs));
-    if (target !== l2) {
-      const entry = new Uint8Array(8);
-      putBe64(entry, 0, BigInt(target) | (1n << 63n));
-      await file.write(h.l1TableOffset + i * 8, entry);
-      l1.set(entry, i * 8);
-      await drop(l2);
-      await refs.cache.flush();
-    }
   }
   await file.flush();
+}
+
+/**
+ * makeCompletelyEmpty without qemu's dirty window, where the first refcount
+ * block is at cluster 2 and clusters 1 and 3.. hold nothing live in another
+ * role: the L1 table is zeroed first (every cluster then leaks), clusters 1
+ * and 3.. count as used before the header points the refcount and L1 tables
+ * at them, and block 2 gets its final refcounts last. A crash at any point
+ * leaves leaks only; the result is qemu's byte for byte. False when the
+ * layout does not allow it.
+ */
+async function emptyWithoutDirtyWindow(
+  file: BlockFile,
+  h: Qcow2Header,
+  block: Uint8Array,
+): Promise<boolean> {
+  const cs = h.clusterSize;
+  const l1Clusters = Math.ceil(h.l1Size * 8 / cs);
+  const refs = await Qcow2Refcounts.open(file, h);
+  if (refs.table[0] !== 2 * cs) return false;
+  const tableHere = h.refcountTableOffset === cs && h.refcountTableClusters === 1;
+  const l1Here = h.l1TableOffset === 3 * cs;
+  // What the header and refcount table point at: it must not sit where the
+  // new tables go, unless it is that table already. The L1 table may: it
+  // holds zeroes by then, as the new one.
+  const inUse = new Set<number>();
+  const mark = (offset: number, clusters: number) => {
+    for (let c = 0; c < clusters; c++) inUse.add(offset / cs + c);
+  };
+  if (!tableHere) mark(h.refcountTableOffset, h.refcountTableClusters);
+  if (h.l1TableOffset <= cs) mark(h.l1TableOffset, l1Clusters);
+  for (const b of refs.table.slice(1)) if (b) inUse.add(b / cs);
+  const claim: number[] = [];
+  if (!tableHere) claim.push(1);
+  if (!l1Here) { for (let c = 3; c < 3 + l1Clusters; c++) claim.push(c); }
+  if ([1, ...claim].some((c) => inUse.has(c))) return false;
+
+  await file.write(h.l1TableOffset, new Uint8Array(l1Clusters * cs)); // everything leaks
+  for (const c of claim) if (await refs.get(c) === 0) await refs.change(c, 1);
+  await refs.cache.flush();
+  if (!l1Here) {
+    await file.write(3 * cs, new Uint8Array(l1Clusters * cs));
+    const field = new Uint8Array(8);
+    putBe64(field, 0, 3 * cs);
+    await file.write(40, field);
+  }
+  // Only block 2 stays: the other blocks become unreferenced.
+  const table = new Uint8Array(cs);
+  putBe64(table, 0, 2 * cs);
+  await file.write(cs, table);
+  if (!tableHere) {
+    const fields = new Uint8Array(12);
+    putBe64(fields, 0, cs);
+    putBe32(fields, 8, 1);
+    await file.write(48, fields);
+  }
+  await file.write(2 * cs, block); // leaked clusters become free
+  await file.truncate((3 + l1Clusters) * cs);
+  await file.flush();
+  h.l1TableOffset = 3 * cs;
+  h.refcountTableOffset = cs;
+  h.refcountTableClusters = 1;
+  return true;
 }
 
 /**
@@ -262,28 +327,15 @@ export async function makeCompletelyEmpty(file: BlockFile, h: Qcow2Header): Prom
     length > 0 ? file.write(offset, new Uint8Array(length)) : Promise.resolve();
   const block = new Uint8Array(cs);
   for (let i = 0; i < 3 + l1Clusters; i++) setRefcount(block, i, h.refcountOrder, 1);
-  const first = h.refcountTableOffset === cs && h.refcountTableClusters === 1 &&
-    h.l1TableOffset === 3 * cs && await readPadded(file, cs, 8);
-  if (first && new DataView(first.buffer).getBigUint64(0) === BigInt(2 * cs)) {
-    // Already qemu's layout: emptied in place, in an order where a crash
-    // leaves at worst leaks (no window with refcounts below their references).
-    // The same bytes as qemu's path below.
-    await zeroes(3 * cs, l1Clusters * cs); // all clusters unreferenced
-    const table = new Uint8Array(cs);
-    putBe64(table, 0, 2 * cs);
-    await file.write(cs, table); // the other refcount blocks unreferenced
-    await file.write(2 * cs, block); // leaked clusters free
-    await file.truncate((3 + l1Clusters) * cs);
-    await file.flush();
-    return;
-  }
+  if (await emptyWithoutDirtyWindow(file, h, block)) return;
   // qemu marks the image dirty while its refcounts are being rebuilt.
   const incompat = new Uint8Array(8);
   putBe64(incompat, 0, h.incompatibleFeatures | INCOMPAT_DIRTY);
   await file.write(72, incompat);
   await file.flush();
   await zeroes(h.l1TableOffset, l1Clusters * cs);
-  await zeroes(cs, 2 * cs);
+  // As qemu: the new L1 clusters too, before the header points at them.
+  await zeroes(cs, (2 + l1Clusters) * cs);
   const fields = new Uint8Array(20);
   putBe64(fields, 0, 3 * cs);
   putBe64(fields, 8, cs);
