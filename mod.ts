@@ -227,8 +227,10 @@ export interface OpenImageOptions {
    * data and vmdk extent files), by the name the image stores for them (as
    * qemu resolves it against the image's name; a File's name has no
    * directory, so usually the stored name itself). A file not given fails
-   * to open as a missing one does: "Could not open 'base.qcow2': No such
-   * file or directory". Open with `backing: false` to read an overlay alone.
+   * to open as a missing one does, with qemu-img's message: "Could not open
+   * 'top.qcow2': Could not open backing file: Could not open 'base.qcow2':
+   * No such file or directory". Open with `backing: false` to read an
+   * overlay alone.
    */
   files?: Record<string, Blob>;
 }
@@ -291,11 +293,20 @@ export async function openImage(
     const top = path;
     const openFile = (p: string, w: boolean): Promise<BlockFile> =>
       p === name && !w ? Promise.resolve(new BlobFile(top, name)) : others(p, w);
-    return new OpenedImage(await openImageChain(name, { format, backing, openFile }), true);
+    return new OpenedImage(
+      await openImageChain(name, { format, backing, openFile, nestBackingErrors: true }),
+      true,
+    );
   }
   const slash = path.lastIndexOf("/");
   const roots = options.roots ?? [slash < 0 ? "." : path.slice(0, slash + 1) || "/"];
   return new OpenedImage(
-    await openImageChain(path, { format, write, backing, openFile: gatedOpener(path, roots) }),
+    await openImageChain(path, {
+      format,
+      write,
+      backing,
+      openFile: gatedOpener(path, roots),
+      nestBackingErrors: true,
+    }),
   );
 }

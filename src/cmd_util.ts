@@ -216,6 +216,7 @@ export async function openForCommand(
       check: options.check,
       warn: (message) => io.stderr(message + "\n"),
       openFile: (p, w) => io.openFile(p, { write: w }),
+      nestBackingErrors: true,
     });
   } catch (e) {
     // qemu names the image as given: with --image-opts, the option string.

@@ -76,6 +76,13 @@ export interface OpenImageOptions {
   noIo?: boolean;
   /** Opening the top image for `check` (qemu's BDRV_O_CHECK). */
   check?: boolean;
+  /**
+   * A backing file that fails to open fails the chain as qemu's one
+   * bdrv_open does: "Could not open 'TOP': Could not open backing file: ..."
+   * once per level. Without it the error names only the failing layer, as
+   * qemu-img info --backing-chain, which opens each layer on its own.
+   */
+  nestBackingErrors?: boolean;
 }
 
 const PROBE_BYTES = 2048;
@@ -342,13 +349,24 @@ export async function openImageChain(
         throw new QimgError(`Backing chain of '${filename}' is too deep`);
       }
       const path = top.image.file.resolve(ref.name);
-      chain.push(
-        await openLayer(
-          path,
-          { ...options, format: ref.format, warn: undefined, check: undefined },
-          false,
-        ),
-      );
+      try {
+        chain.push(
+          await openLayer(
+            path,
+            { ...options, format: ref.format, warn: undefined, check: undefined },
+            false,
+          ),
+        );
+      } catch (e) {
+        if (!options.nestBackingErrors || !(e instanceof QimgError)) throw e;
+        const own = `Could not open '${path}': `;
+        const inner = e.message.startsWith(own) ? e.message.slice(own.length) : e.message;
+        throw new QimgError(
+          `Could not open '${filename}': ` + "Could not open backing file: ".repeat(chain.length) +
+            inner,
+          { exitCode: e.exitCode, hint: e.hint },
+        );
+      }
     }
   } catch (e) {
     for (const l of chain) await l.image.close();
