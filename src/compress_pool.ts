@@ -109,11 +109,11 @@ export interface CompressRequest {
   data: ArrayBuffer;
 }
 
-/** A worker's answer: the compressed clusters back to back and their lengths, or the error. */
+/** A worker's answer: the request's buffer holding the compressed clusters back to back, and their lengths (-1: uncompressed), or the error. */
 export interface CompressReply {
   id: number;
-  out?: ArrayBuffer;
-  lens?: ArrayBuffer;
+  data?: ArrayBuffer;
+  lens?: number[];
   error?: string;
 }
 
@@ -131,6 +131,9 @@ interface Slot {
   busy: number;
 }
 
+/** Batch buffers kept for reuse: garbage ArrayBuffers would pile up (RSS) until V8 collects. */
+const FREE_BUFFERS = 24;
+
 /** How long idle workers live: they keep the process alive, so they go once compression stops. */
 const IDLE_MS = 200;
 
@@ -145,6 +148,10 @@ export class CompressPool {
   readonly #pending = new Map<number, Pending>();
   #idle: ReturnType<typeof setTimeout> | undefined;
   #url: string | undefined;
+  /** Batch buffers back from the Workers, free for the next batches. */
+  #free: ArrayBuffer[] = [];
+  /** The buffer under each batch's results, for recycle(). */
+  readonly #buffers = new WeakMap<BatchResult, ArrayBuffer>();
 
   /**
    * @param codec the cluster codec
@@ -181,7 +188,8 @@ export class CompressPool {
     let slot = slots[0];
     for (const s of slots) if (s.busy < slot.busy) slot = s;
     const id = this.#nextId++;
-    const copy = data.slice();
+    const copy = this.#buffer(data.length);
+    copy.set(data);
     slot.busy += data.length;
     return new Promise<BatchResult>((resolve, reject) => {
       const done = () => {
@@ -198,6 +206,24 @@ export class CompressPool {
       const request: CompressRequest = { id, codec: this.codec, cs, data: copy.buffer };
       slot.worker.postMessage(request, [copy.buffer]);
     });
+  }
+
+  /**
+   * Gives back the buffer under a batch's results once the caller is done
+   * with them (written out): the pool sends the next batch in it.
+   */
+  recycle(results: BatchResult): void {
+    const b = this.#buffers.get(results);
+    this.#buffers.delete(results);
+    if (b && b.byteLength && this.#free.length < FREE_BUFFERS) this.#free.push(b);
+  }
+
+  #buffer(length: number): Uint8Array<ArrayBuffer> {
+    for (;;) {
+      const b = this.#free.pop();
+      if (!b) return new Uint8Array(length);
+      if (b.byteLength === length) return new Uint8Array(b);
+    }
   }
 
   /** Terminates the workers (pending requests fail); later requests start new ones. */
@@ -254,10 +280,11 @@ export class CompressPool {
     const p = this.#pending.get(r.id);
     if (!p) return;
     if (r.error !== undefined) return p.reject(new QimgError(r.error));
-    const out = new Uint8Array(r.out!);
+    const out = new Uint8Array(r.data!);
     const results: BatchResult = [];
+    this.#buffers.set(results, r.data!);
     let pos = 0;
-    for (const len of new Int32Array(r.lens!)) {
+    for (const len of r.lens!) {
       if (len < 0) results.push(null);
       else {
         results.push(out.subarray(pos, pos + len));

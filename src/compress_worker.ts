@@ -6,8 +6,9 @@
  * transfers one buffer of results back.
  *
  * Message in: { id, codec, cs, data } with `data` an ArrayBuffer of whole
- * clusters (transferred). Message out: { id, out, lens } where `out` holds
- * the compressed clusters back to back and `lens[i]` is cluster i's length,
+ * clusters (transferred). Message out: { id, data, lens }: the same buffer
+ * (transferred back, for the pool to reuse) now holds the compressed
+ * clusters back to back from its start, and `lens[i]` is cluster i's length,
  * or -1 when it is to be written uncompressed (it does not shrink below
  * cs - 1 bytes, as qemu's rule; or, for zlib, a fast zstd probe finds it
  * incompressible, which saves deflating random data for nothing).
@@ -29,26 +30,22 @@ self.onmessage = (e) => {
   try {
     const all = new Uint8Array(data);
     const count = all.length / cs;
-    const lens = new Int32Array(count);
-    const parts = [];
-    let total = 0;
+    const lens = [];
+    // Each result goes back into the batch's own buffer, packed: cluster i's
+    // output starts at or before i * cs (every output is shorter than a
+    // cluster), so it never overwrites a cluster not yet compressed.
+    let pos = 0;
     for (let i = 0; i < count; i++) {
       const out = compress(codec, all.subarray(i * cs, (i + 1) * cs));
       if (!out || out.length > cs - 1) {
-        lens[i] = -1;
+        lens.push(-1);
         continue;
       }
-      lens[i] = out.length;
-      parts.push(out);
-      total += out.length;
+      lens.push(out.length);
+      all.set(out, pos);
+      pos += out.length;
     }
-    const out = new Uint8Array(total);
-    let pos = 0;
-    for (const p of parts) {
-      out.set(p, pos);
-      pos += p.length;
-    }
-    self.postMessage({ id, out: out.buffer, lens: lens.buffer }, [out.buffer, lens.buffer]);
+    self.postMessage({ id, data, lens }, [data]);
   } catch (err) {
     self.postMessage({ id, error: err instanceof Error ? err.message : String(err) });
   }

@@ -920,7 +920,9 @@ export class Qcow2Writer {
       }
     }
     const results = out;
-    return await this.#serial(() => this.#writeCompressed(offset, data, results));
+    await this.#serial(() => this.#writeCompressed(offset, data, results));
+    // Written out: the batch's buffer can carry another batch to a Worker.
+    this.#pool?.recycle(results);
   }
 
   /** Worker threads compressing clusters ahead of writeCompressed (compress_pool.ts). */
