@@ -27,6 +27,9 @@ import { isCacheMode, openForCommand, processObject } from "./cmd_util.ts";
 import { convert, imageTarget, MAX_PARALLEL, MAX_SPARSE, unsafeCacheIo } from "./convert.ts";
 import { Progress } from "./progress.ts";
 import { throttledTarget } from "./throttle.ts";
+import type { BlockFile } from "./file.ts";
+import type { BitmapDirEntry, Qcow2Header } from "./qcow2_header.ts";
+import type { BitmapContent } from "./qcow2_bitmap.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -87,33 +90,66 @@ export async function loadSnapshot(
   return new Image([{ ...top, image: view }, ...image.chain.slice(1)]);
 }
 
-/** A persistent bitmap of a source, as `info` lists it. */
-interface SourceBitmap {
-  name: string;
-  flags: string[];
+/** What a qcow2 image (Qcow2Image) holds for its persistent bitmaps. */
+interface BitmapHolder {
+  file: BlockFile;
+  header: Qcow2Header;
+  bitmapDirectory: BitmapDirEntry[];
 }
 
 /**
- * The persistent bitmaps `--bitmaps` would copy (qemu's
- * convert_check_bitmaps): only qcow2 keeps them; an in-use (inconsistent)
- * one fails unless `--skip-broken-bitmaps` leaves it out.
+ * The persistent bitmaps of the source's top layer with their bits, in
+ * directory order, checked as qemu's convert_check_bitmaps: only qcow2
+ * keeps them; an in-use (inconsistent) one fails unless
+ * `--skip-broken-bitmaps` is given.
  */
-async function bitmapsToCopy(image: Image, skipBroken: boolean): Promise<SourceBitmap[]> {
+async function sourceBitmaps(image: Image, skipBroken: boolean): Promise<BitmapContent[]> {
   if (image.format !== "qcow2") throw new QimgError("Source lacks bitmap support");
-  const spec = (await image.formatInfo()).formatSpecific;
-  const list = (spec?.data.bitmaps ?? []) as unknown as SourceBitmap[];
-  const copied: SourceBitmap[] = [];
+  const top = image.chain[0].image as unknown as BitmapHolder;
+  const { readBitmaps } = await import("./qcow2_bitmap.ts");
+  const all = await readBitmaps(top.file, top.header, top.bitmapDirectory);
   // qemu keeps loaded bitmaps newest first: the directory's last entry comes first.
-  for (const b of [...list].reverse()) {
-    if (b.flags?.includes("in-use")) {
-      if (skipBroken) continue;
-      throw new QimgError(`Cannot copy inconsistent bitmap '${b.name}'`, {
-        hint: "Try --skip-broken-bitmaps, or use 'qimg bitmap --remove' to delete it",
-      });
-    }
-    copied.push(b);
+  const broken = [...all].reverse().find((b) => b.inUse);
+  if (broken && !skipBroken) {
+    throw new QimgError(`Cannot copy inconsistent bitmap '${broken.name}'`, {
+      hint: "Try --skip-broken-bitmaps, or use 'qimg bitmap --remove' to delete it",
+    });
   }
-  return copied;
+  return all;
+}
+
+/**
+ * Copies `bitmaps` into the qcow2 `target` after the data, as qemu's
+ * convert_copy_bitmaps: newest first, in-use ones skipped with a warning,
+ * each merged into a new bitmap of the same name, granularity and state
+ * (which needs disks of one size); stored in directory order as qemu does
+ * on close.
+ */
+async function copyBitmaps(
+  bitmaps: BitmapContent[],
+  sourceSize: number,
+  target: Image,
+  warn: (message: string) => void,
+): Promise<void> {
+  const copied: BitmapContent[] = [];
+  for (const b of [...bitmaps].reverse()) {
+    if (b.inUse) {
+      warn(`Skipping inconsistent bitmap '${b.name}'`);
+      continue;
+    }
+    if (target.size !== sourceSize) {
+      throw new QimgError(
+        `Failed to populate bitmap ${b.name}: Bitmaps are of different sizes (destination size is ${target.size}, source size is ${sourceSize}) and can't be merged`,
+      );
+    }
+    copied.unshift(b);
+  }
+  if (copied.length === 0) return;
+  const top = target.chain[0].image;
+  // The target's own tables reach the file before the bitmaps allocate after them.
+  await top.flush();
+  const { storeBitmaps } = await import("./qcow2_bitmap.ts");
+  await storeBitmaps(top.file, copied);
 }
 
 /** Creates an image file for `dd`: a new image of `size` bytes, errors without the file name. */
@@ -398,12 +434,12 @@ export async function run(args: string[], io: Io): Promise<number> {
         throw new QimgError("Compression and preallocation not supported at the same time");
       }
     }
-    let sourceBitmaps: SourceBitmap[] = [];
+    let bitmapsOfSource: BitmapContent[] = [];
     if (bitmaps) {
       if (sources.length > 1) {
         throw new QimgError("Copying bitmaps only possible with single source");
       }
-      sourceBitmaps = await bitmapsToCopy(sources[0], skipBroken);
+      bitmapsOfSource = await sourceBitmaps(opened[0], skipBroken);
     }
 
     if (!skipCreate) {
@@ -429,10 +465,13 @@ export async function run(args: string[], io: Io): Promise<number> {
       imageOpts: targetImageOpts,
       write: true,
     });
-    if (bitmaps && target.format !== "qcow2") {
+    if (
+      bitmaps &&
+      (target.format !== "qcow2" ||
+        (await target.formatInfo()).formatSpecific?.data.compat === "0.10")
+    ) {
       throw new QimgError(`Format driver '${target.format}' does not support bitmaps`);
     }
-    if (sourceBitmaps.length > 0) throw notSupportedYet("copying bitmaps (--bitmaps)");
     if (compressed && !target.chain[0].image.writeCompressed) {
       if (canCompress(target.chain[0].driver)) {
         throw notSupportedYet(`compressed ${target.format} writes`);
@@ -463,6 +502,9 @@ export async function run(args: string[], io: Io): Promise<number> {
       warn: (m) => io.stderr(`qimg: warning: ${m}\n`),
       progress: (p) => meter.print(p, 0),
     });
+    if (bitmaps) {
+      await copyBitmaps(bitmapsOfSource, opened[0].size, target, (m) => warn(`warning: ${m}`));
+    }
     // cache=unsafe (convert's default) never flushes; the others flush on close.
     if (cache !== "unsafe") await target.flush();
     meter.print(100, 0);

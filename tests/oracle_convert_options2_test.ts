@@ -5,7 +5,7 @@
 
 import { build } from "../scripts/build_node.ts";
 import { assertEquals, assertTrue } from "./_assert.ts";
-import { assertSameAsQemu, CLI, qemuImg, runProgram, sh, tempDir } from "./_util.ts";
+import { assertSameAsQemu, CLI, qemuImg, qimg, runProgram, sh, tempDir } from "./_util.ts";
 
 const decoder = new TextDecoder();
 
@@ -131,4 +131,127 @@ Deno.test("convert prints progress on SIGUSR1 to stderr as qemu-img 7.2, ignores
   } finally {
     if (bundleDir) await Deno.remove(bundleDir, { recursive: true });
   }
+});
+
+/** The persistent bitmaps of a qcow2 file, parsed here from qcow2.txt: name, flags, granularity bits, bits. */
+async function bitmapsIn(path: string): Promise<string[]> {
+  const f = await Deno.readFile(path);
+  const v = new DataView(f.buffer);
+  const u64 = (at: number) => Number(v.getBigUint64(at));
+  const cs = 2 ** v.getUint32(20);
+  const size = u64(24);
+  let p = v.getUint32(100);
+  const out: string[] = [];
+  for (;;) {
+    const [type, len] = [v.getUint32(p), v.getUint32(p + 4)];
+    if (type === 0) return out;
+    if (type === 0x23852875) {
+      let q = u64(p + 24);
+      for (let i = 0; i < v.getUint32(p + 8); i++) {
+        const [table, entries, flags, gbits] = [
+          u64(q),
+          v.getUint32(q + 8),
+          v.getUint32(q + 12),
+          f[q + 17],
+        ];
+        const nameSize = v.getUint16(q + 18);
+        const name = decoder.decode(f.subarray(q + 24, q + 24 + nameSize));
+        const bytes = Math.ceil(size / 2 ** gbits / 8);
+        const bits = new Uint8Array(bytes);
+        for (let k = 0; k < entries; k++) {
+          const at = u64(table + k * 8) % 2 ** 56 - (u64(table + k * 8) % 512);
+          if (at) bits.set(f.subarray(at, at + Math.min(cs, bytes - k * cs)), k * cs);
+        }
+        const set = [...bits].map((b, i) => b ? `${i}:${b}` : "").filter((s) => s).join(",");
+        out.push(`${name} flags=${flags} granularity=2^${gbits} bits=${set}`);
+        q += Math.ceil((24 + nameSize) / 8) * 8;
+      }
+    }
+    p += 8 + Math.ceil(len / 8) * 8;
+  }
+}
+
+/** `info --output=json` without what differs between two files of the same content. */
+async function infoOf(path: string, cwd: string): Promise<string> {
+  const r = await qemuImg(["info", "--output=json", path], cwd);
+  return r.stdout.replace(/"(filename|actual-size)": [^\n]*\n/g, "");
+}
+
+/** A qcow2 source with bitmaps b0 (64k), b1 (disabled) and small (512 bytes) that recorded writes. */
+const BITMAP_SOURCE = [
+  "qemu-img create -q -f qcow2 src.qcow2 64M",
+  "qemu-img bitmap --add -g 64k src.qcow2 b0",
+  "qemu-img bitmap --add --disable src.qcow2 b1",
+  "qemu-img bitmap --add -g 512 src.qcow2 small",
+  "qemu-io -c 'write -P 1 1M 1M' -c 'write -P 2 40M 64k' -c 'write -P 3 63M 4k' src.qcow2 >/dev/null",
+].join(" && ");
+
+Deno.test("convert --bitmaps copies persistent bitmaps as qemu-img 7.2", async () => {
+  await using dir = await tempDir();
+  await sh(BITMAP_SOURCE, dir.path);
+  const source = await bitmapsIn(`${dir.path}/src.qcow2`);
+  assertEquals(source.length, 3);
+  assertTrue(source[0].includes("bits=2:255,3:255,80:1,"), source[0]); // the writes were recorded
+  for (const opts of [[], ["-o", "cluster_size=4k"], ["-c"]]) {
+    const args = ["convert", "--bitmaps", "-O", "qcow2", ...opts, "src.qcow2"];
+    const ours = await assertSameAsQemu([...args, "o.qcow2"], dir.path);
+    const theirs = await qemuImg([...args, "q.qcow2"], dir.path);
+    assertEquals(ours.code, 0, ours.stderr);
+    assertEquals(theirs.code, 0);
+    await assertCleanAndSame(dir.path, "src.qcow2", "o.qcow2");
+    assertEquals(await infoOf("o.qcow2", dir.path), await infoOf("q.qcow2", dir.path));
+    assertEquals(await bitmapsIn(`${dir.path}/o.qcow2`), source, opts.join(" "));
+    assertEquals(await bitmapsIn(`${dir.path}/q.qcow2`), source, opts.join(" "));
+  }
+});
+
+Deno.test("convert --skip-broken-bitmaps leaves in-use bitmaps out with qemu-img's warnings", async () => {
+  await using dir = await tempDir();
+  await sh(
+    BITMAP_SOURCE + " && cp src.qcow2 mixed.qcow2 && " +
+      // qemu-io aborting with the image open leaves its bitmaps marked in use.
+      "{ qemu-io -c 'write -P 4 8M 64k' -c abort mixed.qcow2 >/dev/null 2>&1 || true; } && " +
+      "qemu-img bitmap --add -g 128k mixed.qcow2 fresh && " +
+      "qemu-io -c 'write -P 5 0 256k' mixed.qcow2 >/dev/null",
+    dir.path,
+  );
+  const all = await bitmapsIn(`${dir.path}/mixed.qcow2`);
+  assertEquals(all.length, 4);
+  await assertSameAsQemu(
+    ["convert", "--bitmaps", "-O", "qcow2", "mixed.qcow2", "o.qcow2"],
+    dir.path,
+  );
+  const args = ["convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "mixed.qcow2"];
+  const ours = await assertSameAsQemu([...args, "o.qcow2"], dir.path);
+  assertTrue(ours.stderr.includes("warning: Skipping inconsistent bitmap 'b0'"), ours.stderr);
+  await qemuImg([...args, "q.qcow2"], dir.path);
+  await assertCleanAndSame(dir.path, "mixed.qcow2", "o.qcow2");
+  assertEquals(await infoOf("o.qcow2", dir.path), await infoOf("q.qcow2", dir.path));
+  assertEquals(await bitmapsIn(`${dir.path}/o.qcow2`), [all[3]]);
+});
+
+Deno.test("convert --bitmaps fails as qemu-img 7.2 for v2 targets and targets of another size", async () => {
+  await using dir = await tempDir();
+  await sh(
+    BITMAP_SOURCE + " && qemu-img create -q -f qcow2 big.qcow2 128M && " +
+      "qemu-img create -q -f qcow2 same.qcow2 64M && cp same.qcow2 same2.qcow2",
+    dir.path,
+  );
+  await assertSameAsQemu(
+    ["convert", "--bitmaps", "-O", "qcow2", "-o", "compat=0.10", "src.qcow2", "v2.qcow2"],
+    dir.path,
+  );
+  await assertSameAsQemu(
+    ["convert", "--bitmaps", "-n", "-O", "qcow2", "src.qcow2", "big.qcow2"],
+    dir.path,
+  );
+  // Onto an existing image of the same size: each program gets its own copy.
+  const args = ["convert", "--bitmaps", "-n", "-O", "qcow2", "src.qcow2"];
+  const ours = await qimg([...args, "same.qcow2"], dir.path);
+  const theirs = await qemuImg([...args, "same2.qcow2"], dir.path);
+  assertEquals(ours, theirs);
+  assertEquals(ours.code, 0);
+  await assertCleanAndSame(dir.path, "src.qcow2", "same.qcow2");
+  assertEquals(await infoOf("same.qcow2", dir.path), await infoOf("same2.qcow2", dir.path));
+  assertEquals(await bitmapsIn(`${dir.path}/same.qcow2`), await bitmapsIn(`${dir.path}/src.qcow2`));
 });
