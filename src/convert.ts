@@ -232,16 +232,20 @@ function pow2floor(n: number): number {
 }
 
 /** Whether sector `i` of a buffer (viewed as 32-bit words) holds only zeroes. */
-function sectorIsZero(words: Uint32Array, i: number): boolean {
-  for (let j = i * (SECTOR / 4), end = j + SECTOR / 4; j < end; j++) {
-    if (words[j] !== 0) return false;
+function sectorIsZero(words: Int32Array, i: number): boolean {
+  // Eight words OR-ed per step: about twice as fast as a test per word on zeroed sectors.
+  for (let j = i * (SECTOR / 4), end = j + SECTOR / 4; j < end; j += 8) {
+    if (
+      (words[j] | words[j + 1] | words[j + 2] | words[j + 3] | words[j + 4] | words[j + 5] |
+        words[j + 6] | words[j + 7]) !== 0
+    ) return false;
   }
   return true;
 }
 
 /** A buffer of whole sectors viewed as 32-bit words (buffers here start 4-byte aligned). */
-function wordsOf(buf: Uint8Array): Uint32Array {
-  return new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
+function wordsOf(buf: Uint8Array): Int32Array {
+  return new Int32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
 }
 
 /**
@@ -250,7 +254,7 @@ function wordsOf(buf: Uint8Array): Uint32Array {
  * writes aligned (short zero tails count as data).
  */
 function sameRun(
-  buf: Uint32Array,
+  buf: Int32Array,
   start: number,
   n: number,
   sector: number,
@@ -274,7 +278,7 @@ function sameRun(
  * than `min` sectors swallowed; or a zero run.
  */
 function dataRun(
-  buf: Uint32Array,
+  buf: Int32Array,
   start: number,
   n: number,
   min: number,
@@ -608,6 +612,10 @@ class Converter {
           this.#target.prepareCompressed((sector + pos) * SECTOR, bytes);
         }
       }
+      // Zero detection before waiting for our turn: it overlaps the writes of earlier requests.
+      if (status === Status.Data && !this.#o.compressed && this.#error === undefined) {
+        runs = this.#dataRuns(input!, sector, count);
+      }
       if (!this.#o.outOfOrder) {
         while (this.#writeOffset !== sector && this.#error === undefined) {
           await new Promise<void>((resolve) => this.#waiters.set(sector, resolve));
@@ -683,7 +691,9 @@ class Converter {
           if (this.#minSparse === 0 || this.#o.copyRange) {
             data = true;
           } else if (!this.#o.compressed) {
-            const r = dataRun(words!, pos, n, this.#minSparse, sector, this.#alignment);
+            const r = runs
+              ? runs[run++]
+              : dataRun(words!, pos, n, this.#minSparse, sector, this.#alignment);
             n = r.count;
             data = r.data;
           } else {
@@ -708,6 +718,19 @@ class Converter {
       count -= n;
       pos += n;
     }
+  }
+
+  /** The writes (data or zero runs) `#write` makes of a data request, found ahead. */
+  #dataRuns(buf: Uint8Array, sector: number, count: number): ClusterRun[] | undefined {
+    if (this.#minSparse === 0 || this.#o.copyRange) return;
+    const words = wordsOf(buf);
+    const runs: ClusterRun[] = [];
+    for (let pos = 0; pos < count;) {
+      const r = dataRun(words, pos, count - pos, this.#minSparse, sector + pos, this.#alignment);
+      runs.push(r);
+      pos += r.count;
+    }
+    return runs;
   }
 
   /**

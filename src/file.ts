@@ -186,12 +186,17 @@ export class DenoFile implements BlockFile {
     return done;
   }
 
-  // deno-lint-ignore require-await
   async write(offset: number, data: Uint8Array): Promise<void> {
     beforeChange();
     if (this.#holes === undefined) this.#holes = this.#native();
-    // pwrite where libc is open; what it leaves (an error) goes through Deno for the error's text.
-    let done = this.#holes ? this.#holes.pwrite(offset, data) : 0;
+    // pwrite where libc is open (large ones on another thread); what it
+    // leaves (an error) goes through Deno for the error's text.
+    const h = this.#holes;
+    let done = !h
+      ? 0
+      : data.length >= ASYNC_WRITE
+      ? await h.pwriteAsync(offset, data)
+      : h.pwrite(offset, data);
     if (done === data.length) return;
     const f = this.#file;
     f.seekSync(offset + done, Deno.SeekMode.Start);
@@ -292,6 +297,8 @@ function closeLibc(): void {
   }
 }
 
+/** Writes from this size on run on another thread (see pwriteAsync). */
+const ASYNC_WRITE = 1 << 20;
 const PROT_READ = 1;
 const MAP_SHARED = 1;
 const PAGE = 4096;
@@ -372,6 +379,28 @@ class HoleFinder {
     return done;
   }
 
+  /**
+   * pwrite on another thread: the copy into the page cache overlaps with
+   * what the caller does next (convert maps and scans the next chunk).
+   * `data` must stay unchanged until the promise settles.
+   */
+  async pwriteAsync(offset: number, data: Uint8Array): Promise<number> {
+    let done = 0;
+    while (done < data.length) {
+      const n = Number(
+        await this.#lib.symbols.pwriteAsync(
+          this.#fd,
+          data.subarray(done),
+          BigInt(data.length - done),
+          BigInt(offset + done),
+        ),
+      );
+      if (n <= 0) break;
+      done += n;
+    }
+    return done;
+  }
+
   /** Maps [offset, offset + length) read-only; undefined when mmap fails. */
   map(offset: number, length: number): FileView | undefined {
     const s = this.#lib.symbols;
@@ -435,6 +464,12 @@ const LIBC = {
   fstat: { parameters: ["i32", "buffer"], result: "i32" },
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pwriteAsync: {
+    name: "pwrite",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
   mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
   munmap: { parameters: ["pointer", "usize"], result: "i32" },
 } as const;

@@ -148,11 +148,22 @@ export class Qcow2Refcounts {
    */
   async findFree(n: number): Promise<number> {
     let start = this.freeIndex;
+    // A refcount block at a time (one cache lookup for all its entries).
     for (let i = 0; i < n;) {
-      if (await this.get(start + i) !== 0) {
-        start += i + 1;
-        i = 0;
-      } else i++;
+      const t = Math.floor((start + i) / this.#perBlock);
+      const end = (t + 1) * this.#perBlock;
+      const offset = this.table[t] ?? 0;
+      if (!offset) {
+        i = Math.min(n, end - start); // no block: all free
+        continue;
+      }
+      const block = await this.cache.get(offset);
+      for (; i < n && start + i < end;) {
+        if (getRefcount(block, (start + i) % this.#perBlock, this.#order) !== 0) {
+          start += i + 1;
+          i = 0;
+        } else i++;
+      }
     }
     this.freeIndex = start + n;
     return start;
@@ -161,7 +172,23 @@ export class Qcow2Refcounts {
   /** Allocates `n` contiguous clusters with refcount 1; returns the host offset. */
   async allocClusters(n: number): Promise<number> {
     const start = await this.findFree(n);
-    for (let c = start; c < start + n; c++) await this.change(c, 1);
+    for (let c = start; c < start + n;) {
+      const t = Math.floor(c / this.#perBlock);
+      const offset = this.table[t] ?? 0;
+      // A missing block is allocated (and may move the table) by change().
+      if (!offset) {
+        await this.change(c++, 1);
+        continue;
+      }
+      // The rest of this block's entries in one cache lookup (they were free: no overflow).
+      const block = await this.cache.get(offset);
+      const end = Math.min(start + n, (t + 1) * this.#perBlock);
+      for (; c < end; c++) {
+        const i = c % this.#perBlock;
+        setRefcount(block, i, this.#order, getRefcount(block, i, this.#order) + 1);
+      }
+      await this.cache.put(offset, block, { dirty: true });
+    }
     return start * this.#cs;
   }
 
@@ -610,25 +637,37 @@ export class Qcow2Writer {
         i = j + 1;
         continue;
       }
-      let buf: Uint8Array;
-      if (from === runStart && to === runEnd) {
-        buf = data.subarray(from - pos, to - pos);
-      } else {
-        buf = new Uint8Array(count * cs);
-        if (from > runStart) buf.set(await this.#oldCluster(e, runStart, backingRead));
-        if (to < runEnd && (count > 1 || from === runStart)) {
-          const lastStart = runEnd - cs;
-          const old = await this.#oldCluster(
-            readEntry(view, j, ext, this.#dataMode),
-            lastStart,
-            backingRead,
-          );
-          buf.set(old, count * cs - cs);
-        }
-        buf.set(data.subarray(from - pos, to - pos), from - runStart);
+      // Partly written first and last clusters keep what they read as before
+      // (copy-on-write); whole clusters between them go out straight from `data`.
+      let head: Uint8Array | undefined;
+      let tail: Uint8Array | undefined;
+      if (from > runStart) {
+        head = await this.#oldCluster(e, runStart, backingRead);
+        head.set(data.subarray(from - pos, Math.min(to, runStart + cs) - pos), from - runStart);
+      }
+      const lastStart = runEnd - cs;
+      if (to < runEnd && (count > 1 || !head)) {
+        tail = await this.#oldCluster(
+          readEntry(view, j, ext, this.#dataMode),
+          lastStart,
+          backingRead,
+        );
+        tail.set(
+          data.subarray(Math.max(from, lastStart) - pos, to - pos),
+          Math.max(from, lastStart) - lastStart,
+        );
       }
       const host = await this.#allocData(runStart, count);
-      await this.#data.write(host, buf);
+      const wholeFrom = head ? runStart + cs : runStart;
+      const wholeTo = tail ? lastStart : runEnd;
+      if (head) await this.#data.write(host, head);
+      if (wholeTo > wholeFrom) {
+        await this.#data.write(
+          host + (wholeFrom - runStart),
+          data.subarray(wholeFrom - pos, wholeTo - pos),
+        );
+      }
+      if (tail) await this.#data.write(host + (lastStart - runStart), tail);
       for (let k = 0; k < count; k++) {
         const old = readEntry(view, i + k, ext, this.#dataMode);
         setEntry(view, i + k, ext, COPIED | BigInt(host + k * cs), BITMAP_DATA);
