@@ -18,7 +18,7 @@ import { CLI, hashFile, qemuImg, sh, tempDir } from "./_util.ts";
 
 const HOOK = "QIMG_CRASH_AFTER_WRITES";
 /** Kill points per command: QIMG_CRASH_POINTS=N, or `all`. */
-const POINTS = Deno.env.get("QIMG_CRASH_POINTS") ?? "24";
+const POINTS = Deno.env.get("QIMG_CRASH_POINTS") ?? "10";
 /** Kill points run at the same time. */
 const PARALLEL = 3;
 
@@ -89,6 +89,31 @@ async function isQcow2(path: string): Promise<boolean> {
   }
 }
 
+/** The gist of a failed check: its first ERROR lines. */
+function errorsOf(out: string): string {
+  const lines = out.split("\n").filter((l) => /ERROR|errors were found|Could not/.test(l));
+  return lines.slice(0, 4).join("\n") + (lines.length > 4 ? ` (+${lines.length - 4})` : "");
+}
+
+/**
+ * Whether every error is a cluster with refcount 1 whose entry lacks the
+ * COPIED flag. A new reference (snapshot -c) changes a refcount and the
+ * entries' flags in different clusters, so a kill between the two writes
+ * leaves either this or the reverse, whatever the order (qemu too). This
+ * one is harmless: the next write to the cluster copies it needlessly,
+ * and `check -r all` sets the flag. The reverse (COPIED with a refcount
+ * above 1) would let a write overwrite a snapshot's data: never accepted.
+ */
+function onlyCopiedLag(out: string): boolean {
+  const errors = out.split("\n").filter((l) => l.startsWith("ERROR"));
+  const count = Number(/(\d+) errors were found/.exec(out)?.[1]);
+  return errors.length === count && errors.every((l) => {
+    const m = /^ERROR OFLAG_COPIED (?:data|L2) cluster: .*(?:l2|l1)_entry=([0-9a-f]+) refcount=1$/
+      .exec(l);
+    return m !== null && !(BigInt("0x" + m[1]) >> 63n);
+  });
+}
+
 /** Problems with the files in `dir` after a kill (empty: none). */
 async function inspect(s: Scenario, dir: string, hashes: Map<string, string>): Promise<string[]> {
   const bad: string[] = [];
@@ -101,20 +126,28 @@ async function inspect(s: Scenario, dir: string, hashes: Map<string, string>): P
       continue;
     }
     const c = await qemuImg(["check", f], dir);
-    if (c.code === 3 && !c.stdout.includes("ERROR")) {
-      const r = await runQimg(["check", "-r", "leaks", f], dir);
-      if (r.code !== 0) bad.push(`qimg check -r leaks ${f}: exit ${r.code}\n${r.stderr}`);
-      const again = await qemuImg(["check", f], dir);
-      if (again.code !== 0) {
-        bad.push(`${f} after check -r leaks: exit ${again.code}\n${again.stdout}`);
-      }
-    } else if (c.code !== 0) {
-      bad.push(`qemu-img check ${f}: exit ${c.code}\n${c.stdout}${c.stderr}`);
+    const out = c.stdout + c.stderr;
+    if (c.code === 0) continue;
+    // Leaks are allowed; so is the one harmless mismatch qcow2 cannot avoid (below).
+    const repair = c.code === 3 ? "leaks" : c.code === 2 && onlyCopiedLag(out) ? "all" : undefined;
+    if (!repair) {
+      bad.push(`qemu-img check ${f}: exit ${c.code}\n${errorsOf(out)}`);
+      continue;
+    }
+    const r = await runQimg(["check", "-r", repair, f], dir);
+    if (r.code !== 0) bad.push(`qimg check -r ${repair} ${f}: exit ${r.code}\n${r.stderr}`);
+    const again = await qemuImg(["check", f], dir);
+    if (again.code !== 0) {
+      bad.push(
+        `${f} after check -r ${repair}: exit ${again.code}\n${
+          errorsOf(again.stdout + again.stderr)
+        }`,
+      );
     }
   }
   for (const [image, raw] of Object.entries(s.guest ?? {})) {
     const c = await qemuImg(["compare", image, raw], dir);
-    if (c.code !== 0) bad.push(`${image} reads other data: ${c.stdout}${c.stderr}`);
+    if (c.code !== 0) bad.push(`${image} reads other data: ${(c.stdout + c.stderr).trim()}`);
   }
   const more = await s.extra?.(dir);
   if (more) bad.push(more);
@@ -139,11 +172,17 @@ async function fresh(golden: string, root: string, name: string): Promise<string
   return dir;
 }
 
-/** Which of the changes 1..total to kill before. */
+/**
+ * Which of the changes 1..total to kill before: POINTS spread evenly, plus
+ * the first and last few, where files are created and commands end with
+ * their header and table switches.
+ */
 function killPoints(total: number): number[] {
   const n = POINTS === "all" ? total : Math.min(total, Math.max(1, Number(POINTS)));
   const set = new Set<number>();
   for (let i = 0; i < n; i++) set.add(1 + Math.round(i * (total - 1) / Math.max(1, n - 1)));
+  for (let i = 1; i <= Math.min(total, 3); i++) set.add(i);
+  for (let i = Math.max(1, total - 5); i <= total; i++) set.add(i);
   return [...set];
 }
 
@@ -187,7 +226,8 @@ async function crashEverywhere(s: Scenario): Promise<number> {
     }
     await Deno.remove(dir, { recursive: true });
   });
-  assertEquals(failures.sort(), [], `qimg ${s.args.join(" ")}`);
+  failures.sort((a, b) => Number(/\d+/.exec(a)![0]) - Number(/\d+/.exec(b)![0]));
+  assertEquals(failures, [], `qimg ${s.args.join(" ")}`);
   return total;
 }
 
@@ -242,28 +282,43 @@ const SCATTERED = "qemu-img create -q -f raw src.raw 16M && " +
   'for i in $(seq 0 40); do echo "write -P $((i % 200 + 1)) $((i * 393216)) 20k"; done | ' +
   "qemu-io -f raw src.raw >/dev/null";
 
-const CONVERT_RAW: Scenario = {
-  // 512-byte clusters: refcount blocks and the refcount table grow as it goes.
-  setup: SCATTERED,
-  args: ["convert", "-O", "qcow2", "-o", "cluster_size=512", "src.raw", "dst.qcow2"],
-  sources: ["src.raw"],
-  images: ["dst.qcow2"],
-};
+/**
+ * A base and an overlay (`opts` for both) that changes `runs` scattered runs
+ * of it, with the overlay's guest view in top.raw.
+ */
+function chain(opts: string, runs = 41, extra = ""): string {
+  return `qemu-img create -q -f qcow2 -o ${opts} base.qcow2 8M && ` +
+    "qemu-io -c 'write -P 1 0 6M' base.qcow2 >/dev/null && " +
+    `qemu-img create -q -f qcow2 -o ${opts} -b base.qcow2 -F qcow2 top.qcow2 ${extra} && ` +
+    `for i in $(seq 0 ${runs - 1}); do echo "write -P $((i + 7)) $((i * 196608)) 8k"; done | ` +
+    "qemu-io top.qcow2 >/dev/null && qemu-img convert -O raw top.qcow2 top.raw";
+}
 
-/** A base and an overlay that changes 41 scattered runs of it, with the overlay's guest view. */
-const CHAIN = "qemu-img create -q -f qcow2 -o cluster_size=4096 base.qcow2 8M && " +
-  "qemu-io -c 'write -P 1 0 6M' base.qcow2 >/dev/null && " +
-  "qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 top.qcow2 && " +
-  'for i in $(seq 0 40); do echo "write -P $((i + 7)) $((i * 196608)) 8k"; done | ' +
-  "qemu-io top.qcow2 >/dev/null && qemu-img convert -O raw top.qcow2 top.raw";
+/** commit of top.qcow2 (made by `setup`) into base.qcow2. */
+function commit(setup: string): Scenario {
+  return {
+    setup,
+    args: ["commit", "top.qcow2"],
+    sources: [],
+    images: ["base.qcow2", "top.qcow2"],
+    guest: { "top.qcow2": "top.raw" },
+  };
+}
 
 Deno.test("convert -O qcow2 killed at any file change leaves the source intact and the target without corruption", async () => {
-  await crashEverywhere(CONVERT_RAW);
+  // 512-byte clusters: refcount blocks are added as it goes. Also the case
+  // that made create write the header last.
+  await crashEverywhere({
+    setup: SCATTERED,
+    args: ["convert", "-O", "qcow2", "-o", "cluster_size=512", "src.raw", "dst.qcow2"],
+    sources: ["src.raw"],
+    images: ["dst.qcow2"],
+  });
 });
 
 Deno.test("convert -B of an overlay killed at any file change leaves its chain intact and the target without corruption", async () => {
   await crashEverywhere({
-    setup: CHAIN,
+    setup: chain("cluster_size=4096"),
     args: [
       "convert",
       "-O",
@@ -292,45 +347,56 @@ Deno.test("convert -c killed at any file change leaves the source intact and the
 });
 
 Deno.test("commit killed at any file change keeps the overlay's guest data and both images without corruption", async () => {
-  await crashEverywhere({
-    setup: CHAIN,
-    args: ["commit", "top.qcow2"],
-    sources: [],
-    images: ["base.qcow2", "top.qcow2"],
-    guest: { "top.qcow2": "top.raw" },
-  });
+  // The overlay is emptied in place (qemu's make_completely_empty layout).
+  await crashEverywhere(commit(chain("cluster_size=4096")));
+});
+
+Deno.test("commit of a v2 overlay killed at any file change keeps its guest data and both images without corruption", async () => {
+  // v2: emptied by discarding every cluster (was: clusters freed and punched
+  // while the L2 table still mapped them).
+  await crashEverywhere(commit(chain("cluster_size=4096,compat=0.10", 16)));
+});
+
+Deno.test("commit of a resized overlay killed at any file change keeps its guest data and both images without corruption", async () => {
+  // The resize moved the overlay's L1 table: emptying moves it back to cluster 3.
+  await crashEverywhere(
+    commit(
+      chain("cluster_size=512", 5, "1M") + " && qemu-img resize -q top.qcow2 8M && " +
+        "qemu-io -c 'write -P 98 1M 200k' -c 'write -P 99 7M 64k' top.qcow2 >/dev/null && " +
+        "qemu-img convert -O raw top.qcow2 top.raw",
+    ),
+  );
 });
 
 Deno.test("snapshot -c killed at any file change keeps the image's data and any snapshot it wrote complete", async () => {
+  // 512-byte clusters: 96 L2 tables and 6144 data clusters gain a reference.
   await crashEverywhere({
-    setup: CHAIN + " && qemu-img rebase -q -b '' top.qcow2 && qemu-img snapshot -c old top.qcow2",
+    setup: "qemu-img create -q -f qcow2 -o cluster_size=512 top.qcow2 4M && " +
+      "qemu-io -c 'write -P 3 0 3M' top.qcow2 >/dev/null && qemu-img snapshot -c old top.qcow2 && " +
+      "qemu-io -c 'write -P 4 1M 64k' top.qcow2 >/dev/null && qemu-img convert -O raw top.qcow2 top.raw",
     args: ["snapshot", "-c", "new", "top.qcow2"],
     sources: [],
     images: ["top.qcow2"],
     guest: { "top.qcow2": "top.raw" },
     extra: async (dir) => {
-      // A snapshot that made it into the table holds the image's data.
+      // A snapshot that made it into the table holds the data it was taken of.
       const list = await qemuImg(["snapshot", "-l", "top.qcow2"], dir);
-      for (const name of ["old", "new"]) {
-        if (name === "new" && !/\snew\s/.test(list.stdout)) continue;
-        await sh(`qemu-img convert -l snapshot.name=${name} -O raw top.qcow2 ${name}.raw`, dir);
-        const c = await qemuImg(
-          ["compare", "-f", "raw", "-F", "raw", `${name}.raw`, "top.raw"],
-          dir,
-        );
-        if (c.code !== 0) return `snapshot ${name} reads other data: ${c.stdout}`;
-      }
-      return undefined;
+      if (!/\sold\s/.test(list.stdout)) return "snapshot old is gone";
+      if (!/\snew\s/.test(list.stdout)) return undefined;
+      await sh("qemu-img convert -l snapshot.name=new -O raw top.qcow2 new.raw", dir);
+      const c = await qemuImg(["compare", "-f", "raw", "-F", "raw", "new.raw", "top.raw"], dir);
+      return c.code === 0 ? undefined : `snapshot new reads other data: ${c.stdout}`;
     },
   });
 });
 
 Deno.test("resize killed at any file change keeps the image's data and the image without corruption", async () => {
-  // 512-byte clusters: 32 L1 entries grow to 4096, the L1 table moves.
+  // 512-byte clusters: the L1 table grows to 1024 clusters, which need new
+  // refcount blocks (was: a block referenced before its own refcount was written).
   await crashEverywhere({
-    setup: "qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 1M && " +
-      "qemu-io -c 'write -P 3 0 1M' img.qcow2 >/dev/null && qemu-img convert -O raw img.qcow2 img.raw",
-    args: ["resize", "img.qcow2", "128M"],
+    setup: "qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 4M && " +
+      "qemu-io -c 'write -P 3 0 3M' img.qcow2 >/dev/null && qemu-img convert -O raw img.qcow2 img.raw",
+    args: ["resize", "img.qcow2", "2G"],
     sources: [],
     images: ["img.qcow2"],
     guest: { "img.qcow2": "img.raw" },
@@ -349,15 +415,5 @@ Deno.test("convert -O qcow2 and commit killed after random delays leave sources 
     4,
     1,
   );
-  await crashAtRandom(
-    {
-      setup: CHAIN,
-      args: ["commit", "top.qcow2"],
-      sources: [],
-      images: ["base.qcow2", "top.qcow2"],
-      guest: { "top.qcow2": "top.raw" },
-    },
-    4,
-    2,
-  );
+  await crashAtRandom(commit(chain("cluster_size=4096")), 4, 2);
 });
