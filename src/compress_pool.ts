@@ -134,8 +134,12 @@ interface Slot {
 /** Batch buffers kept for reuse: garbage ArrayBuffers would pile up (RSS) until V8 collects. */
 const FREE_BUFFERS = 24;
 
-/** How long idle workers live: they keep the process alive, so they go once compression stops. */
-const IDLE_MS = 200;
+/**
+ * How long idle workers live by default: they keep the process alive, so
+ * they go once compression stops (convert closes the pool at its end; a
+ * short timeout restarted them whenever a loaded machine stalled the copy).
+ */
+const IDLE_MS = 2000;
 
 /** Compresses batches of clusters on Worker threads, falling back to the calling thread. */
 export class CompressPool {
@@ -148,6 +152,7 @@ export class CompressPool {
   readonly #pending = new Map<number, Pending>();
   #idle: ReturnType<typeof setTimeout> | undefined;
   #url: string | undefined;
+  readonly #idleMs: number;
   /** Batch buffers back from the Workers, free for the next batches. */
   #free: ArrayBuffer[] = [];
   /** The buffer under each batch's results, for recycle(). */
@@ -156,9 +161,11 @@ export class CompressPool {
   /**
    * @param codec the cluster codec
    * @param workers how many Workers: by default 2 with two or more cores, else 0 (in-thread)
+   * @param idleMs how long Workers without work live
    */
-  constructor(codec: ClusterCodec, workers?: number) {
+  constructor(codec: ClusterCodec, workers?: number, idleMs = IDLE_MS) {
     this.codec = codec;
+    this.#idleMs = idleMs;
     const cores = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator
       ?.hardwareConcurrency ?? 1;
     this.#size = Math.max(0, Math.floor(workers ?? (cores >= 2 ? 2 : 0)));
@@ -245,7 +252,7 @@ export class CompressPool {
     this.#idle = setTimeout(() => {
       this.#idle = undefined;
       if (this.#pending.size === 0) this.close();
-    }, IDLE_MS);
+    }, this.#idleMs);
   }
 
   #start(): Slot[] | undefined {

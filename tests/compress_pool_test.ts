@@ -84,7 +84,7 @@ Deno.test("CompressPool with no Workers compresses in-thread", async () => {
 });
 
 Deno.test("CompressPool idle Workers terminate by themselves", async () => {
-  const pool = new CompressPool("zlib", 1);
+  const pool = new CompressPool("zlib", 1, 200);
   await pool.compressBatch(cluster(3), 65536);
   assert(pool.threaded);
   await new Promise((r) => setTimeout(r, 400));
