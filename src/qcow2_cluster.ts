@@ -230,6 +230,31 @@ export class ClusterMapper {
     // Extend unit by unit while type (and host contiguity) hold.
     let expected = withHost ? hostBase + (sc + 1) * scSize : 0;
     const perCluster = ext ? 32 : 1;
+    if (!ext) {
+      // Runs of empty or of contiguous plain entries, compared without typeAt:
+      // map and convert walk every entry of an image this way (start-up time).
+      // Anything else stops here and goes through typeAt below.
+      if (first === "unallocated-plain") {
+        while (length < limit && l2Index + 1 < h.l2Size) {
+          const at = (l2Index + 1) * 8;
+          if (view.getUint32(at) !== 0 || view.getUint32(at + 4) !== 0) break;
+          l2Index++;
+          length += cs;
+        }
+      } else if (first === "normal") {
+        while (length < limit && l2Index + 1 < h.l2Size) {
+          const at = (l2Index + 1) * 8;
+          const hi = view.getUint32(at);
+          const lo = view.getUint32(at + 4);
+          if (hi & OFLAG_COMPRESSED_HI || lo & OFLAG_ZERO || entryOffset(hi, lo) !== expected) {
+            break;
+          }
+          l2Index++;
+          expected += cs;
+          length += cs;
+        }
+      }
+    }
     while (length < limit) {
       sc++;
       if (sc === perCluster) {
