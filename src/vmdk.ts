@@ -837,7 +837,7 @@ export class VmdkImage implements FormatImage {
       if (!e) throw new QimgError("Input/output error");
       const cb = e.clusterSectors * SECTOR;
       const inCluster = (guest - e.startSector * SECTOR) % cb;
-      const n = Math.min(data.length - done, cb - inCluster);
+      let n = Math.min(data.length - done, cb - inCluster);
       const piece = data.subarray(done, done + n);
       const l = await this.#lookup(e, guest);
       if (l.kind === "error") throw new QimgError("Invalid argument");
@@ -846,10 +846,8 @@ export class VmdkImage implements FormatImage {
       } else if (e.compressed) {
         if (l.kind === "ok") throw new QimgError("Input/output error");
         await this.#writeStream(e, guest, inCluster, piece);
-      } else if (l.kind === "ok") {
-        await e.file.write(l.hostOffset + inCluster, piece);
       } else {
-        await this.#allocate(e, l, guest, inCluster, piece, backingRead);
+        n = await this.#sparseRun(e, l, guest, inCluster, data.subarray(done), backingRead);
       }
       done += n;
       await this.#updateCid();
@@ -888,34 +886,97 @@ export class VmdkImage implements FormatImage {
     await this.#writeGrain(q.e, l, q.clusterGuest, 0, q.buf);
   }
 
-  /** A new grain: the rest of the cluster from the backing file (or zeroes), then the data. */
-  async #allocate(
+  /**
+   * Writes the start of `rest` (at `guest`, `inCluster` into its grain) over
+   * a run of grains of one grain table; returns the bytes written. Grains
+   * already allocated and contiguous in the file take the data in place in
+   * one write. New grains are allocated together at the end of the file
+   * (partial ones completed from the backing file or zeroes) in one write,
+   * then their grain table entries, and the redundant table's, in one write
+   * each: qemu writes every grain and every entry on its own, data first.
+   */
+  async #sparseRun(
     e: Extent,
-    l: Lookup,
+    first: Lookup,
     guest: number,
     inCluster: number,
-    piece: Uint8Array,
+    rest: Uint8Array,
     backingRead?: BackingReader,
-  ): Promise<void> {
-    if (l.kind === "error" || l.kind === "ok" || l.l2Offset === undefined) {
+  ): Promise<number> {
+    if (first.kind === "error") throw new QimgError("Invalid argument");
+    const isNew = first.kind !== "ok";
+    if (isNew && first.l2Offset === undefined) {
       // No grain table for this range (qemu leaves that undefined).
       throw new QimgError("Invalid argument");
     }
-    if (e.nextClusterSector >= EXTENT_MAX_SECTORS) throw new QimgError("Invalid argument");
+    if (isNew && e.nextClusterSector >= EXTENT_MAX_SECTORS) throw new QimgError("Invalid argument");
     const cb = e.clusterSectors * SECTOR;
-    const sector = e.nextClusterSector;
-    e.nextClusterSector += e.clusterSectors;
-    const whole = new Uint8Array(cb);
     const clusterGuest = guest - inCluster;
-    if (backingRead && !await this.#cidValid()) throw new QimgError("Invalid argument");
-    if (backingRead && l.kind !== "zeroed") {
-      if (inCluster > 0) await backingRead(clusterGuest, whole.subarray(0, inCluster));
-      const end = inCluster + piece.length;
-      if (end < cb) await backingRead(clusterGuest + end, whole.subarray(end));
+    const base = e.startSector * SECTOR;
+    const tableSpan = e.l1EntrySectors * SECTOR;
+    const tableEnd = Math.min(
+      e.endSector * SECTOR,
+      base + (Math.floor((clusterGuest - base) / tableSpan) + 1) * tableSpan,
+    );
+    const end = Math.min(guest + rest.length, tableEnd);
+    // New grains stop where grain offsets would no longer fit (qemu's check per grain).
+    const room = isNew
+      ? Math.ceil((EXTENT_MAX_SECTORS - e.nextClusterSector) / e.clusterSectors)
+      : Infinity;
+    let grains = 1;
+    let last: Lookup = first;
+    while (clusterGuest + grains * cb < end && grains < room) {
+      const next = await this.#lookup(e, clusterGuest + grains * cb);
+      if (isNew) {
+        if (next.kind !== "unalloc" && next.kind !== "zeroed") break;
+      } else if (
+        next.kind !== "ok" ||
+        next.hostOffset !== (first as { hostOffset: number }).hostOffset + grains * cb
+      ) {
+        break;
+      }
+      last = next;
+      grains++;
     }
-    whole.set(piece, inCluster);
-    await e.file.write(sector * SECTOR, whole);
-    await this.#setGte(e, l, sector);
+    const bytes = Math.min(end, clusterGuest + grains * cb, guest + rest.length) - guest;
+    const piece = rest.subarray(0, bytes);
+    if (first.kind === "ok") {
+      await e.file.write(first.hostOffset + inCluster, piece);
+      return bytes;
+    }
+    const span = grains * cb;
+    const tail = span - inCluster - bytes;
+    let out = piece;
+    if (inCluster > 0 || tail > 0) {
+      out = new Uint8Array(span);
+      if (backingRead && !await this.#cidValid()) throw new QimgError("Invalid argument");
+      if (backingRead && inCluster > 0 && first.kind !== "zeroed") {
+        await backingRead(clusterGuest, out.subarray(0, inCluster));
+      }
+      if (backingRead && tail > 0 && last.kind !== "zeroed") {
+        await backingRead(guest + bytes, out.subarray(span - tail));
+      }
+      out.set(piece, inCluster);
+    } else if (backingRead && !await this.#cidValid()) {
+      throw new QimgError("Invalid argument");
+    }
+    const sector = e.nextClusterSector;
+    e.nextClusterSector += grains * e.clusterSectors;
+    await e.file.write(sector * SECTOR, out);
+    const entries = new Uint8Array(grains * 4);
+    const l2Index = first.l2Index!;
+    const table = e.l2Cache.get(first.l2Offset!) as Uint32Array | undefined;
+    for (let i = 0; i < grains; i++) {
+      const value = sector + i * e.clusterSectors;
+      putLe32(entries, i * 4, value);
+      if (table) table[l2Index + i] = value;
+    }
+    await e.file.write(first.l2Offset! * SECTOR + l2Index * 4, entries);
+    const backup = e.l1Backup?.[first.l1Index!];
+    if (e.l1BackupOffset && backup !== undefined) {
+      await e.file.write(backup * SECTOR + l2Index * 4, entries);
+    }
+    return bytes;
   }
 
   /** streamOptimized: a whole grain, deflated behind a grain marker, appended. */
