@@ -13,6 +13,7 @@ import {
   AUTOCLEAR_BITMAPS,
   type BitmapDirEntry,
   type Qcow2Header,
+  readBitmapDirectory,
   readPadded,
   readQcow2Header,
 } from "./qcow2_header.ts";
@@ -102,65 +103,222 @@ export async function readBitmaps(
 }
 
 /** A directory entry's size: 24 bytes, the name, padding to 8 bytes. */
-function entrySize(name: Uint8Array): number {
-  return Math.ceil((24 + name.length) / 8) * 8;
+function entrySize(name: string): number {
+  return Math.ceil((24 + new TextEncoder().encode(name).length) / 8) * 8;
+}
+
+/** A bitmap directory entry as stored, with the bits to store for it (qemu's Qcow2Bitmap). */
+interface DirEntry {
+  name: string;
+  tableOffset: number;
+  tableSize: number;
+  flags: number;
+  granularityBits: number;
+  /** The in-memory bitmap to store on close; absent: the entry stays as it is (in use). */
+  content?: BitmapContent;
+}
+
+/** The directory's bytes. */
+function encodeDirectory(list: readonly DirEntry[]): Uint8Array {
+  const enc = new TextEncoder();
+  const raw = new Uint8Array(list.reduce((n, d) => n + entrySize(d.name), 0));
+  let pos = 0;
+  for (const d of list) {
+    const name = enc.encode(d.name);
+    putBe64(raw, pos, d.tableOffset);
+    putBe32(raw, pos + 8, d.tableSize);
+    putBe32(raw, pos + 12, d.flags);
+    raw[pos + 16] = BT_DIRTY_TRACKING_BITMAP;
+    raw[pos + 17] = d.granularityBits;
+    putBe16(raw, pos + 18, name.length);
+    raw.set(name, pos + 24);
+    pos += entrySize(d.name);
+  }
+  return raw;
+}
+
+/**
+ * The persistent bitmaps of a qcow2 image opened for writing, changed as
+ * qemu changes them: opening marks the consistent ones in use (directory
+ * rewritten in place); `remove` drops one from the image at once (new
+ * directory, its clusters freed); everything else happens in memory until
+ * `close` stores every consistent bitmap anew (data clusters, table, then
+ * the directory and header) and frees their old clusters.
+ */
+export class Qcow2Bitmaps {
+  readonly #file: BlockFile;
+  readonly #h: Qcow2Header;
+  readonly #refs: Qcow2Refcounts;
+  /** The directory on disk. */
+  #dir: DirEntry[];
+  /**
+   * The bitmaps in memory, newest first as qemu lists them (loaded ones in
+   * reverse directory order, added ones in front).
+   */
+  readonly bitmaps: BitmapContent[];
+
+  private constructor(
+    file: BlockFile,
+    h: Qcow2Header,
+    refs: Qcow2Refcounts,
+    dir: DirEntry[],
+    bitmaps: BitmapContent[],
+  ) {
+    this.#file = file;
+    this.#h = h;
+    this.#refs = refs;
+    this.#dir = dir;
+    this.bitmaps = bitmaps;
+  }
+
+  /**
+   * Opens the bitmaps of the qcow2 image in `file`, whose own tables are on
+   * disk (no writer holds changes), and marks the consistent ones in use.
+   */
+  static async open(file: BlockFile): Promise<Qcow2Bitmaps> {
+    const h = await readQcow2Header(file, { write: true });
+    if (h.bitmaps && h.bitmapsInconsistent) {
+      throw new QimgError("qcow2 images with stale bitmaps: not supported yet");
+    }
+    const entries = await readBitmapDirectory(file, h);
+    const contents = await readBitmaps(file, h, entries);
+    const dir: DirEntry[] = entries.map((e) => ({ ...e }));
+    const refs = await Qcow2Refcounts.open(file, h);
+    const image = new Qcow2Bitmaps(file, h, refs, dir, contents.reverse());
+    if (dir.some((d) => !(d.flags & BME_FLAG_IN_USE))) {
+      for (const d of dir) d.flags |= BME_FLAG_IN_USE;
+      await file.write(h.bitmaps!.directoryOffset, encodeDirectory(dir));
+    }
+    return image;
+  }
+
+  /** A bitmap in memory by name. */
+  get(name: string): BitmapContent | undefined {
+    return this.bitmaps.find((b) => b.name === name);
+  }
+
+  /** Adds a new bitmap (stored on close). */
+  add(bitmap: BitmapContent): void {
+    this.bitmaps.unshift(bitmap);
+  }
+
+  /** Removes a bitmap from memory and from the image. */
+  async remove(name: string): Promise<void> {
+    const i = this.bitmaps.findIndex((b) => b.name === name);
+    if (i >= 0) this.bitmaps.splice(i, 1);
+    const gone = this.#dir.find((d) => d.name === name);
+    if (!gone) return;
+    await this.#writeDirectory(this.#dir.filter((d) => d !== gone));
+    await this.#freeTable(gone);
+    await this.#refs.cache.flush();
+  }
+
+  /** Stores every consistent bitmap anew and frees the clusters they had. */
+  async close(): Promise<void> {
+    const consistent = this.bitmaps.filter((b) => !b.inUse);
+    if (consistent.length === 0) return;
+    const cs = this.#h.clusterSize;
+    const list = this.#dir.map((d) => ({ ...d }));
+    const drop: DirEntry[] = [];
+    for (const b of consistent) {
+      let d = list.find((e) => e.name === b.name);
+      if (!d) {
+        d = { name: b.name, tableOffset: 0, tableSize: 0, flags: 0, granularityBits: 0 };
+        list.push(d);
+      } else {
+        drop.push({ ...d });
+      }
+      d.flags = b.enabled ? BME_FLAG_AUTO : 0;
+      d.granularityBits = Math.log2(b.granularity);
+      d.content = b;
+    }
+    for (const d of list) {
+      const b = d.content;
+      if (!b) continue;
+      const bytes = bitmapBytes(this.#h.size, b.granularity);
+      const tableSize = Math.ceil(bytes / cs);
+      const table = new Uint8Array(tableSize * 8);
+      for (let k = 0; k < tableSize; k++) {
+        const part = b.bits.subarray(k * cs, Math.min((k + 1) * cs, bytes));
+        if (!part.some((x) => x !== 0)) continue; // an all-zero cluster needs no data cluster
+        const offset = await this.#refs.allocClusters(1);
+        const cluster = new Uint8Array(cs);
+        cluster.set(part);
+        await this.#file.write(offset, cluster);
+        putBe64(table, k * 8, offset);
+      }
+      d.tableOffset = await this.#refs.allocClusters(Math.ceil(table.length / cs));
+      d.tableSize = tableSize;
+      await this.#file.write(d.tableOffset, table);
+    }
+    await this.#writeDirectory(list);
+    for (const d of drop) await this.#freeTable(d);
+    await this.#refs.cache.flush();
+  }
+
+  /**
+   * Writes `list` as the new directory (qemu's update_ext_header_and_dir):
+   * new clusters, refcounts on disk, the header pointing at it, then the
+   * old directory's clusters freed.
+   */
+  async #writeDirectory(list: DirEntry[]): Promise<void> {
+    const h = this.#h;
+    const cs = h.clusterSize;
+    const old = h.bitmaps;
+    if (list.length > 0) {
+      const raw = encodeDirectory(list);
+      const offset = await this.#refs.allocClusters(Math.ceil(raw.length / cs));
+      await this.#file.write(offset, raw);
+      await this.#refs.cache.flush();
+      h.bitmaps = { nbBitmaps: list.length, directorySize: raw.length, directoryOffset: offset };
+      h.bitmapsInconsistent = false;
+      h.autoclearFeatures |= AUTOCLEAR_BITMAPS;
+    } else {
+      h.bitmaps = undefined;
+      h.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+    }
+    await this.#file.write(0, headerCluster(h));
+    if (old && old.directorySize > 0) {
+      await this.#refs.changeRange(old.directoryOffset, old.directorySize, -1);
+    }
+    this.#dir = list.map((d) => ({ ...d, content: undefined }));
+  }
+
+  /** Frees a bitmap's data clusters (their bytes discarded, as qemu's DISCARD_ALWAYS) and its table. */
+  async #freeTable(d: DirEntry): Promise<void> {
+    const cs = this.#h.clusterSize;
+    const table = await readPadded(this.#file, d.tableOffset, d.tableSize * 8);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    for (let k = 0; k < d.tableSize; k++) {
+      const offset = Number(view.getBigUint64(k * 8) & BME_TABLE_OFFSET_MASK);
+      if (!offset) continue;
+      await this.#refs.changeRange(offset, cs, -1);
+      // Where the file cannot punch holes it gets zeroes: the bytes read the same.
+      if (!(await this.#file.discard?.(offset, cs))) {
+        await this.#file.write(offset, new Uint8Array(cs));
+      }
+    }
+    await this.#refs.changeRange(d.tableOffset, d.tableSize * 8, -1);
+  }
 }
 
 /**
  * Stores `bitmaps` (in directory order, none in use, each with bits for the
- * image's size) into the qcow2 image in `file`, which has none yet. The
- * image's own tables must be on disk already (its writer flushed), since
- * this allocates through a refcount view of its own.
+ * image's size) into the qcow2 image in `file`, as qemu does when it closes
+ * an image it added them to. The image's own tables must be on disk
+ * already (its writer flushed): this allocates through a refcount view of
+ * its own.
  */
 export async function storeBitmaps(
   file: BlockFile,
   bitmaps: readonly BitmapContent[],
 ): Promise<void> {
   if (bitmaps.length === 0) return;
-  const h = await readQcow2Header(file, { write: true });
-  if (h.bitmaps && !h.bitmapsInconsistent) {
+  const image = await Qcow2Bitmaps.open(file);
+  if (image.bitmaps.length > 0) {
     throw new QimgError("adding bitmaps to a qcow2 image that has some: not supported yet");
   }
-  const cs = h.clusterSize;
-  const refs = await Qcow2Refcounts.open(file, h);
-  const enc = new TextEncoder();
-  const dir: { name: Uint8Array; tableOffset: number; tableSize: number; b: BitmapContent }[] = [];
-  for (const b of bitmaps) {
-    const bytes = bitmapBytes(h.size, b.granularity);
-    const tableSize = Math.ceil(bytes / cs);
-    const table = new Uint8Array(tableSize * 8);
-    for (let k = 0; k < tableSize; k++) {
-      const part = b.bits.subarray(k * cs, Math.min((k + 1) * cs, bytes));
-      if (!part.some((x) => x !== 0)) continue; // an all-zero cluster needs no data cluster
-      const offset = await refs.allocClusters(1);
-      const cluster = new Uint8Array(cs);
-      cluster.set(part);
-      await file.write(offset, cluster);
-      putBe64(table, k * 8, offset);
-    }
-    const tableOffset = await refs.allocClusters(Math.ceil(table.length / cs));
-    await file.write(tableOffset, table);
-    dir.push({ name: enc.encode(b.name), tableOffset, tableSize, b });
-  }
-  const dirSize = dir.reduce((n, d) => n + entrySize(d.name), 0);
-  const raw = new Uint8Array(dirSize);
-  let pos = 0;
-  for (const d of dir) {
-    putBe64(raw, pos, d.tableOffset);
-    putBe32(raw, pos + 8, d.tableSize);
-    putBe32(raw, pos + 12, d.b.enabled ? BME_FLAG_AUTO : 0);
-    raw[pos + 16] = BT_DIRTY_TRACKING_BITMAP;
-    raw[pos + 17] = Math.log2(d.b.granularity);
-    putBe16(raw, pos + 18, d.name.length);
-    raw.set(d.name, pos + 24);
-    pos += entrySize(d.name);
-  }
-  const dirOffset = await refs.allocClusters(Math.ceil(dirSize / cs));
-  await file.write(dirOffset, raw);
-  // Refcounts first, then the header that makes the new clusters reachable.
-  await refs.cache.flush();
-  h.bitmaps = { nbBitmaps: dir.length, directorySize: dirSize, directoryOffset: dirOffset };
-  h.bitmapsInconsistent = false;
-  h.autoclearFeatures |= AUTOCLEAR_BITMAPS;
-  await file.write(0, headerCluster(h));
+  // Added last to first, so that the newest first list is in directory order.
+  for (const b of [...bitmaps].reverse()) image.add(b);
+  await image.close();
 }
