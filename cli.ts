@@ -87,6 +87,8 @@ if (import.meta.main) {
     e.preventDefault();
     Deno.exit(reportError(e.reason, denoIo.stderr, debugEnabled()));
   });
+  // qemu-img blocks SIGUSR1 (its main loop's SIG_IPI) except to print progress: never fatal.
+  denoIo.onProgressSignal?.(() => {});
   // The crash test's hook (src/file.ts); only with --allow-env for it.
   const hook = { name: "env", variable: "QIMG_CRASH_AFTER_WRITES" } as const;
   const crash = Deno.permissions.querySync(hook).state === "granted" && Deno.env.get(hook.variable);

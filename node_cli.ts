@@ -117,5 +117,7 @@ if (isMain()) {
   process.on("unhandledRejection", (reason) => {
     process.exit(reportError(reason, nodeIo.stderr, debugEnabled()));
   });
+  // qemu-img blocks SIGUSR1 (its main loop's SIG_IPI) except to print progress: never fatal.
+  nodeIo.onProgressSignal?.(() => {});
   process.exit(await runNodeCli(process.argv.slice(2)));
 }

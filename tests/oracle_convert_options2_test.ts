@@ -134,6 +134,20 @@ Deno.test("convert prints progress on SIGUSR1 to stderr as qemu-img 7.2, ignores
   }
 });
 
+Deno.test("qimg outlives SIGUSR1 in commands without progress, as qemu-img (which blocks it)", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f raw a.raw 64M", dir.path);
+  // Seconds of 512-byte reads; the signal comes well after start-up.
+  const r = await withSignals(
+    ["bench", "-c", "800000", "-d", "1", "-s", "512", "-f", "raw", "a.raw"],
+    dir.path,
+    [1000],
+  );
+  assertEquals(r.code, 0, r.stderr);
+  assertTrue(r.stdout.includes("Run completed in "), r.stdout);
+  assertEquals(withoutDenoInspector(r.stderr), "");
+});
+
 /** A qcow2 source with bitmaps b0 (64k), b1 (disabled) and small (512 bytes) that recorded writes. */
 const BITMAP_SOURCE = [
   "qemu-img create -q -f qcow2 src.qcow2 64M",
