@@ -332,6 +332,10 @@ async function linkClusters(
     if (esize === 16) view.setBigUint64(at + 8, bitmap(guest));
   }
   await refs.cache.flush();
+  // The file reaches the new clusters before an entry points past its end
+  // (qemu-img check calls that corruption).
+  const end = links.reduce((m, l) => Math.max(m, l.host + cs), 0);
+  if (!t.dataFile && end > await file.size()) await file.truncate(end);
   await file.flush();
   for (const { offset, table } of tables.values()) await file.write(offset, table);
   await file.flush();

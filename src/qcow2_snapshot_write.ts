@@ -143,7 +143,11 @@ class SnapshotWriter {
           modified = true;
         }
       }
-      if (modified) await this.file.write(l2Offset, l2);
+      if (modified) {
+        // A lowered refcount is on disk before COPIED is set on its strength.
+        if (addend < 0) await refs.cache.flush();
+        await this.file.write(l2Offset, l2);
+      }
       if (addend) await this.change(l2Offset / cs, addend);
       const rc = await refs.get(l2Offset / cs);
       const hi = v1.getUint32(i * 8);

@@ -403,6 +403,31 @@ Deno.test("resize killed at any file change keeps the image's data and the image
   });
 });
 
+Deno.test("resize --preallocation=metadata killed at any file change keeps the image's data and the image without corruption", async () => {
+  // Was: L2 entries pointing past the end of the file until its last step.
+  await crashEverywhere({
+    setup: "qemu-img create -q -f qcow2 -o cluster_size=4096 img.qcow2 4M && " +
+      "qemu-io -c 'write -P 3 0 3M' img.qcow2 >/dev/null && qemu-img convert -O raw img.qcow2 img.raw",
+    args: ["resize", "--preallocation=metadata", "img.qcow2", "12M"],
+    sources: [],
+    images: ["img.qcow2"],
+    guest: { "img.qcow2": "img.raw" },
+  });
+});
+
+Deno.test("snapshot -d killed at any file change keeps the image's data and the image without corruption", async () => {
+  // Was: COPIED set in shared L2 tables before their lowered refcounts were written.
+  await crashEverywhere({
+    setup: "qemu-img create -q -f qcow2 -o cluster_size=4096 img.qcow2 8M && " +
+      "qemu-io -c 'write -P 3 0 6M' img.qcow2 >/dev/null && qemu-img snapshot -c a img.qcow2 && " +
+      "qemu-io -c 'write -P 4 1M 1M' img.qcow2 >/dev/null && qemu-img convert -O raw img.qcow2 img.raw",
+    args: ["snapshot", "-d", "a", "img.qcow2"],
+    sources: [],
+    images: ["img.qcow2"],
+    guest: { "img.qcow2": "img.raw" },
+  });
+});
+
 Deno.test("convert -O qcow2 and commit killed after random delays leave sources intact and images without corruption", async () => {
   await crashAtRandom(
     {
