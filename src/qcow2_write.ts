@@ -671,7 +671,8 @@ export class Qcow2Writer {
       for (let k = 0; k < count; k++) {
         const old = readEntry(view, i + k, ext, this.#dataMode);
         setEntry(view, i + k, ext, COPIED | BigInt(host + k * cs), BITMAP_DATA);
-        await this.#release(old);
+        // Fresh clusters (most of a convert) held nothing to release.
+        if (old.host || old.compressed) await this.#release(old);
       }
       i = j + 1;
     }
