@@ -15,16 +15,28 @@
  * are written uncompressed as qemu would after deflating them in vain.
  *
  * Figures (1 GiB raw, 40% data as bench/bench.ts makeRaw: 5152 non-zero
- * 64 KiB clusters, half random; 2 shared cores, medians of 3 alternated runs;
- * cpu = user + sys):
+ * 64 KiB clusters, half random; 2 cores shared with 7 other engineers, load
+ * 10-13; medians of 3 runs alternating before/after/qemu-img; cpu = user +
+ * sys of all threads; per thread from /proc/PID/task):
  *   codec alone, one thread: deflate level 9: random 2.3 s, text 1.4 s;
- *     level 1: random 1.0 s, text 0.3 s but +8% size; zstd level 1 probe:
- *     ~0.2 s on random; zstd level 3: 0.5 s in all; deflateRawSync (sync)
- *     vs pako: ~4x faster (async node:zlib does not run in parallel in Deno).
- *   before (per-cluster messages, zlib on 2 Workers, zstd in-thread):
- *     zlib  qimg 3.96 s wall, 4.20 s cpu, 193 MiB; qemu-img 5.44 s, 5.11 s cpu
- *     zstd  qimg 1.62 s wall, 0.88 s cpu, 110 MiB; qemu-img 1.17 s, 0.82 s cpu
- *   after: see AFTER below.
+ *     level 1: random 1.0 s, text 0.3 s but +8% size; zstd level-1 probe
+ *     ~0.2 s on random (it skips 2560 of 5152 clusters here, every one of
+ *     them stored uncompressed by qemu-img too: same `map` output);
+ *     zstd level 3: 0.5 s in all.
+ *   zlib   before (a message per cluster): 16.7 s wall, 4.66 s cpu, 202 MiB
+ *          after: 10.6 s wall, 2.67 s cpu (main 0.63, Workers 0.89 + 0.85,
+ *            V8 GC 0.2), 193 MiB;   qemu-img: 7.2 s wall, 4.80 s cpu, 13 MiB
+ *   zstd   before (in-thread):        2.7 s wall, 0.90 s cpu, 109 MiB
+ *          after: 3.1 s wall, 1.14 s cpu (main 0.35, Workers 0.30 + 0.28),
+ *            208 MiB;                  qemu-img: 1.1 s wall, 0.84 s cpu, 13 MiB
+ *   4 GiB input: zlib 10.9 s cpu, 206 MiB (qemu-img 19.6 s cpu); zstd 4.0 s
+ *     cpu, 218 MiB (qemu-img 4.0 s): memory does not grow with the image.
+ * Wall times on that machine say little: any deno process (the in-thread
+ * "before" too) got about a third of a core while qemu-img got 2/3 to a
+ * whole one. On an idle 2-core machine the cpu split bounds the wall time
+ * at about max(main, cpu / 2): zlib ~1.3 s (~0.3x qemu-img), zstd ~0.6 s
+ * (~0.7x), plus start-up (each `new Worker` blocks the main thread while
+ * its isolate starts).
  */
 
 import { loadPako, loadZlib, pakoSync, zlibSync } from "./zlib_loader.ts";
