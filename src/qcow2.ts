@@ -242,6 +242,9 @@ export class Qcow2Image implements FormatImage {
     const realClusters = Math.floor(await this.file.allocated() / cs);
     const threshold = Math.max(Math.floor(realClusters * 10 / 9), realClusters + 2);
     const endCluster = Math.ceil(await this.file.size() / cs);
+    // At most endCluster clusters are counted below: a file about as large as
+    // what it occupies cannot reach the threshold (no refcount reads then).
+    if (endCluster < threshold) return false;
     const bits = 2 ** h.refcountOrder;
     const perBlock = (cs * 8) / bits;
     const table = await readPadded(this.file, h.refcountTableOffset, h.refcountTableClusters * cs);
