@@ -7,6 +7,7 @@ import { QimgError } from "./errors.ts";
 import type { Image } from "./image.ts";
 import { Progress } from "./progress.ts";
 import { cvtnum } from "./size.ts";
+import { JobRateLimit } from "./throttle.ts";
 import {
   checkCacheMode,
   expectOneImage,
@@ -33,6 +34,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   let drop = false;
   let progress = false;
   let quiet = false;
+  let rate = 0;
   let imageOpts = false;
   for (const o of options) {
     switch (o.opt) {
@@ -58,7 +60,7 @@ export async function run(args: string[], io: Io): Promise<number> {
         quiet = true;
         break;
       case "r":
-        cvtnum("rate limit", o.arg!, { warn: (m) => io.stderr(`qimg: ${m}\n`) }); // qimg does not throttle
+        rate = Number(cvtnum("rate limit", o.arg!, { warn: (m) => io.stderr(`qimg: ${m}\n`) }));
         break;
       case "object":
         if (processObject(o.arg!, io)) return 0;
@@ -88,7 +90,7 @@ export async function run(args: string[], io: Io): Promise<number> {
     } else if (image.chain.length < 2) {
       throw new QimgError("Image does not have a backing file");
     }
-    await commitInto(image, depth, drop, io);
+    await commitInto(image, depth, drop, io, rate > 0 ? new JobRateLimit(rate) : undefined);
     meter.print(100, 0);
   } finally {
     meter.end();
@@ -117,7 +119,13 @@ const MAKE_EMPTY_FORMATS = new Set(["qcow2", "qed"]);
  * Copies what the layers above `depth` hold into that layer, then empties
  * the overlay unless it is kept (-d, -b, formats qemu cannot empty).
  */
-async function commitInto(image: Image, depth: number, drop: boolean, io: Io): Promise<void> {
+async function commitInto(
+  image: Image,
+  depth: number,
+  drop: boolean,
+  io: Io,
+  limit?: JobRateLimit,
+): Promise<void> {
   const keep = drop || !MAKE_EMPTY_FORMATS.has(image.format);
   const top = image.chain[0].image;
   if ((depth !== 1 && !keep) || (!keep && !top.makeEmpty)) throw notSupportedYet("commit");
@@ -143,12 +151,14 @@ async function commitInto(image: Image, depth: number, drop: boolean, io: Io): P
       if (e.zero && out.writeZeroes) {
         // As qemu's commit job: zeroes may become holes.
         await out.writeZeroes(e.offset, e.length, { mayUnmap: true });
+        await limit?.processed(e.length);
         continue;
       }
       for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {
         const buf = new Uint8Array(Math.min(CHUNK, e.offset + e.length - off));
         if (!e.zero) await image.read(off, buf);
         await out.write(off, buf);
+        await limit?.processed(buf.length);
       }
     }
     await target.flush();

@@ -42,6 +42,29 @@ export class WriteThrottle {
   }
 }
 
+/**
+ * A block job's speed limit (commit's `-r`), as qemu's job rate limiting:
+ * after each chunk the job waits until its bytes so far, at `rate` bytes a
+ * second, would have taken as long; so 4 MiB at 1 MiB/s takes 4 s.
+ */
+export class JobRateLimit {
+  #rate: number;
+  #start = performance.now();
+  #done = 0;
+
+  /** @param rate bytes per second (> 0) */
+  constructor(rate: number) {
+    this.#rate = rate;
+  }
+
+  /** Counts `bytes` as processed; resolves when the job may go on. */
+  async processed(bytes: number): Promise<void> {
+    this.#done += bytes;
+    const due = this.#start + this.#done / this.#rate * 1000 - performance.now();
+    if (due > 0) await new Promise((resolve) => setTimeout(resolve, due));
+  }
+}
+
 /** `target` with every write, zero write and compressed write admitted by a throttle of `rate` bytes/s. */
 export function throttledTarget(target: CopyTarget, rate: number): CopyTarget {
   const t = new WriteThrottle(rate);
