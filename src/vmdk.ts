@@ -28,9 +28,9 @@ import { probeVmdk } from "./format_probes.ts";
 import {
   buildDescriptor,
   cString,
+  extentLines,
   parentFileNameHint,
   parseCreateType,
-  parseExtentLines,
   readCid,
   replaceCid,
 } from "./vmdk_descriptor.ts";
@@ -411,8 +411,7 @@ async function openSparse(st: OpenState, file: BlockFile, depth: number): Promis
 
 async function openDescriptor(st: OpenState, desc: string, depth: number): Promise<void> {
   st.createType = parseCreateType(desc);
-  const lines = parseExtentLines(desc);
-  for (const line of lines) {
+  for (const line of extentLines(desc)) {
     const path = st.top.resolve(line.fileName);
     if (!st.options.openFile) throw new QimgError(`Could not open '${path}': no file access`);
     let file: BlockFile;

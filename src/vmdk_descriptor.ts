@@ -152,7 +152,14 @@ function scanExtentLine(desc: string, p: number) {
  * another type with one is qemu's "Invalid extent line".
  */
 export function parseExtentLines(desc: string): ExtentLine[] {
-  const out: ExtentLine[] = [];
+  return [...extentLines(desc)];
+}
+
+/**
+ * The extent lines one at a time, as qemu parses and opens them: an
+ * invalid line throws only once the extents before it have been opened.
+ */
+export function* extentLines(desc: string): Generator<ExtentLine> {
   for (let p = 0; p < desc.length;) {
     const nl = desc.indexOf("\n", p);
     const next = nl < 0 ? desc.length : nl + 1;
@@ -174,16 +181,15 @@ export function parseExtentLines(desc: string): ExtentLine[] {
       throw invalid();
     }
     if (r.sectors! > 0n && EXTENT_TYPES.includes(r.type!)) {
-      out.push({
+      yield {
         sectors: Number(r.sectors),
         type: r.type!,
         fileName: r.fname!,
         flatOffset: Number(flatOffset),
-      });
+      };
     }
     p = next;
   }
-  return out;
 }
 
 /**
