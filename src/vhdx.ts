@@ -509,17 +509,16 @@ export async function openVhdx(file: BlockFile, options: OpenOptions = {}): Prom
     }];
 
     // The log: pending entries are replayed by a writable open, refused otherwise.
-    let pending: Awaited<ReturnType<typeof findLogEntries>> = [];
+    let pending: NonNullable<Awaited<ReturnType<typeof findLogEntries>>> = [];
+    const log = { offset: header.logOffset, length: header.logLength, guid: header.logGuid };
     if (!(header.logOffset >= MiB) || header.logOffset % MiB || le16(header.raw, 64) !== 0) {
       throw einval();
     }
     if (header.logGuid.some((x) => x !== 0) && header.logLength !== 0) {
       if (header.logLength % MiB) throw einval();
-      pending = await findLogEntries(file, {
-        offset: header.logOffset,
-        length: header.logLength,
-        guid: header.logGuid,
-      });
+      const found = await findLogEntries(file, log);
+      if (!found) throw einval();
+      pending = found;
       if (pending.length && !options.write) {
         throw new QimgError(
           `VHDX image file '${file.name}' opened read-only, but contains a log that needs to be replayed`,
@@ -529,7 +528,7 @@ export async function openVhdx(file: BlockFile, options: OpenOptions = {}): Prom
     }
     const hs: HeaderState = { headers, current };
     if (pending.length) {
-      if (!(await replayLog(file, pending))) throw einval();
+      if (!(await replayLog(file, log, pending))) throw einval();
       await updateHeaders(file, hs, { logGuid: new Uint8Array(16) });
     }
     const l = await readLayout(file, hs, regions, einval, enotsup, options.warn);

@@ -18,6 +18,8 @@ const SIG_DESC = 0x63736564; // "desc"
 const SIG_DATA = 0x61746164; // "data"
 /** Largest log qimg scans (the header's field is 32 bits: 4 GiB). */
 const MAX_LOG = 2 ** 32;
+/** Writes past qemu's block layer limit fail (BDRV_MAX_LENGTH). */
+const MAX_WRITE = 2 ** 63 - 2 ** 30;
 
 const CRC_TABLE = (() => {
   const t = new Uint32Array(256);
@@ -44,17 +46,18 @@ export function checksumValid(b: Uint8Array, at: number): boolean {
   return crc32c(b, at) === le32(b, at);
 }
 
-/** A write a log entry describes: `data` at `offset`, or `zeroLength` zero bytes there. */
+/** A write a log entry describes: the data sector at `logPos` in the log, or `zeroLength` zero bytes, at `offset`. */
 export interface LogWrite {
   offset: number;
-  data?: Uint8Array;
+  /** Where the sector's middle 4084 bytes lie in the log (its first 8 and last 4 are in `edges`). */
+  logPos?: number;
+  edges?: Uint8Array;
   zeroLength?: number;
 }
 
 /** One valid log entry. */
 interface Entry {
   sequence: bigint;
-  length: number;
   flushedFileOffset: number;
   lastFileOffset: number;
   /** Every data sector carries the entry's sequence number. */
@@ -62,17 +65,19 @@ interface Entry {
   writes: LogWrite[];
 }
 
+/** Where the log lies and which GUID its entries carry. */
+interface Log {
+  offset: number;
+  length: number;
+  guid: Uint8Array;
+}
+
 function guidEqual(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
 /** Reads `n` bytes of the circular log at `pos` (wrapping at its end); zeroes past the file. */
-async function readLog(
-  file: BlockFile,
-  log: { offset: number; length: number },
-  pos: number,
-  n: number,
-): Promise<Uint8Array> {
+async function readLog(file: BlockFile, log: Log, pos: number, n: number): Promise<Uint8Array> {
   const out = new Uint8Array(n);
   for (let done = 0; done < n;) {
     const at = (pos + done) % log.length;
@@ -83,94 +88,161 @@ async function readLog(
   return out;
 }
 
-/** Parses and validates the entry at `pos`, or undefined when it is not a valid entry of this log. */
+/** Continues a CRC-32C over `b` (start with 0xffffffff, finish with `^ 0xffffffff`), the 4 bytes at `skip` as zeroes. */
+function crcUpdate(c: number, b: Uint8Array, skip = -1): number {
+  for (let i = 0; i < b.length; i++) {
+    const x = skip >= 0 && i >= skip && i < skip + 4 ? 0 : b[i];
+    c = CRC_TABLE[(c ^ x) & 0xff] ^ (c >>> 8);
+  }
+  return c;
+}
+
+/** The CRC register's change over one zero sector, a linear map: the image of each bit. */
+const ZERO_SECTOR = (() => {
+  const cols = new Uint32Array(32);
+  const zeros = new Uint8Array(SECTOR);
+  for (let bit = 0; bit < 32; bit++) cols[bit] = crcUpdate((1 << bit) >>> 0, zeros) >>> 0;
+  return cols;
+})();
+
+/** `crcUpdate(c, 4096 zero bytes)`, fast: the entry lengths of a hostile log may run far past the file. */
+function zeroSector(c: number): number {
+  let out = 0;
+  for (let bit = 0; bit < 32; bit++) if ((c >>> bit) & 1) out ^= ZERO_SECTOR[bit];
+  return out;
+}
+
+/** What reading at one log position found, and where the next read starts. */
+type Found = { entry?: Entry; next: number };
+
+/**
+ * The entry at `pos`, as qemu 7.2 reads it: a header that is not one of
+ * this log's (or breaks the sequence `after` + 1) moves on one sector; a
+ * bad checksum moves past the sectors read; an invalid descriptor in an
+ * entry with a valid header is an error for the whole log (null).
+ * Descriptors and data sectors are read a sector at a time, so a hostile
+ * length or count costs what the file holds, not what it claims.
+ */
 async function readEntry(
   file: BlockFile,
-  log: { offset: number; length: number; guid: Uint8Array },
+  log: Log,
   pos: number,
-): Promise<Entry | undefined> {
-  const head = await readLog(file, log, pos, SECTOR);
-  if (le32(head, 0) !== SIG_ENTRY) return undefined;
+  after: bigint,
+  fileSize: number,
+): Promise<Found | null> {
+  const skip = { next: (pos + SECTOR) % log.length };
+  const head = await readLog(file, log, pos, ENTRY_HEADER);
+  const hv = new DataView(head.buffer);
   const length = le32(head, 8);
   const count = le32(head, 24);
-  if (length < SECTOR || length % SECTOR || length > log.length) return undefined;
-  if (!guidEqual(head.subarray(32, 48), log.guid)) return undefined;
-  const descSectors = Math.ceil((ENTRY_HEADER + count * DESCRIPTOR) / SECTOR);
-  if (descSectors * SECTOR > length) return undefined;
-  const raw = await readLog(file, log, pos, length);
-  if (!checksumValid(raw, 4)) return undefined;
-  const sequence = new DataView(raw.buffer).getBigUint64(16, true);
-  if (sequence === 0n) return undefined;
-  const flushedFileOffset = le64(raw, 48);
-  const lastFileOffset = le64(raw, 56);
+  const sequence = hv.getBigUint64(16, true);
+  if (
+    le32(head, 0) !== SIG_ENTRY || length > log.length || length % SECTOR || sequence === 0n ||
+    !guidEqual(head.subarray(32, 48), log.guid) || count * DESCRIPTOR > length
+  ) return skip;
+  if (after > 0n && sequence !== after + 1n) return skip;
+  // qemu counts the header as one descriptor slot.
+  const descSectors = Math.ceil((count + 1) / (SECTOR / DESCRIPTOR));
+  const total = length / SECTOR;
+  let crc = 0xffffffff;
   const writes: LogWrite[] = [];
-  let dataSector = descSectors;
+  let at = pos;
+  let slot = 2; // the header fills the first two 32-byte slots
+  for (let k = 0; k < descSectors; k++) {
+    const sector = await readLog(file, log, at, SECTOR);
+    crc = crcUpdate(crc, sector, k === 0 ? 4 : -1);
+    for (; slot < SECTOR / DESCRIPTOR; slot++) {
+      const i = k * (SECTOR / DESCRIPTOR) + slot - 2;
+      if (i >= count) break;
+      const d = sector.subarray(slot * DESCRIPTOR, (slot + 1) * DESCRIPTOR);
+      const dv = new DataView(d.buffer, d.byteOffset, DESCRIPTOR);
+      const offset = dv.getBigUint64(16, true);
+      if (dv.getBigUint64(24, true) !== sequence || offset % BigInt(SECTOR)) return null;
+      const sig = le32(d, 0);
+      if (sig === SIG_ZERO) {
+        if (dv.getBigUint64(8, true) % BigInt(SECTOR)) return null;
+        writes.push({ offset: le64(d, 16), zeroLength: le64(d, 8) });
+      } else if (sig === SIG_DESC) {
+        const edges = new Uint8Array(12);
+        edges.set(d.subarray(8, 16), 0);
+        edges.set(d.subarray(4, 8), 8);
+        writes.push({ offset: le64(d, 16), edges });
+      } else {
+        return null;
+      }
+    }
+    slot = 0;
+    at = (at + SECTOR) % log.length;
+  }
+  // The data sectors: the checksum covers them all; the k-th belongs to the k-th data descriptor.
   let intact = true;
-  for (let i = 0; i < count; i++) {
-    const d = raw.subarray(ENTRY_HEADER + i * DESCRIPTOR, ENTRY_HEADER + (i + 1) * DESCRIPTOR);
-    const dv = new DataView(d.buffer, d.byteOffset, DESCRIPTOR);
-    if (dv.getBigUint64(24, true) !== sequence || le64(d, 16) % SECTOR) return undefined;
-    const sig = le32(d, 0);
-    if (sig === SIG_ZERO) {
-      if (le64(d, 8) % SECTOR) return undefined;
-      writes.push({ offset: le64(d, 16), zeroLength: le64(d, 8) });
-    } else if (sig === SIG_DESC) {
-      if ((dataSector + 1) * SECTOR > length) return undefined;
-      const s = raw.subarray(dataSector * SECTOR, (dataSector + 1) * SECTOR);
-      const sv = new DataView(s.buffer, s.byteOffset, SECTOR);
+  const data = writes.filter((w) => w.edges);
+  for (let k = 0; k < total - descSectors; k++) {
+    if (log.offset + at >= fileSize && k >= data.length) {
+      // A zero sector past the end of the file: no read, 32 steps instead of 4096.
+      crc = zeroSector(crc);
+      at = (at + SECTOR) % log.length;
+      continue;
+    }
+    const sector = await readLog(file, log, at, SECTOR);
+    crc = crcUpdate(crc, sector);
+    if (k < data.length) {
+      const sv = new DataView(sector.buffer);
       const seq = (BigInt(sv.getUint32(4, true)) << 32n) | BigInt(sv.getUint32(4092, true));
       // qemu finds a data sector of another sequence only while replaying: the replay fails.
       if (seq !== sequence) intact = false;
-      // The sector's first 8 and last 4 bytes live in the descriptor (they hold the sequence).
-      const data = new Uint8Array(SECTOR);
-      data.set(d.subarray(8, 16), 0);
-      data.set(s.subarray(8, 4092), 8);
-      data.set(d.subarray(4, 8), 4092);
-      writes.push({ offset: le64(d, 16), data });
-      dataSector++;
-    } else {
-      return undefined;
+      data[k].logPos = at;
     }
+    at = (at + SECTOR) % log.length;
   }
-  return { sequence, length, flushedFileOffset, lastFileOffset, writes, intact };
+  if ((crc ^ 0xffffffff) >>> 0 !== le32(head, 4)) return { next: at };
+  // A data descriptor without its sector fails qemu's replay.
+  if (data.some((w) => w.logPos === undefined)) intact = false;
+  const entry = {
+    sequence,
+    flushedFileOffset: le64(head, 48),
+    lastFileOffset: le64(head, 56),
+    writes,
+    intact,
+  };
+  return { entry, next: at };
 }
 
 /**
- * Finds the active sequence of a log as qemu 7.2 does: from each sector,
+ * Finds the active sequence of a log as qemu 7.2 does: from each position,
  * a run of valid entries (the second may have any sequence number, each
  * later one the previous plus one); the run whose first entry has the
- * highest sequence number wins. Returns its entries in order (empty when
- * there is nothing to replay).
+ * highest sequence number wins; the scan ends when the read position
+ * wraps. Returns its entries in order (empty when there is nothing to
+ * replay), or null when an entry's descriptors are invalid (qemu's EINVAL).
  */
-export async function findLogEntries(
-  file: BlockFile,
-  log: { offset: number; length: number; guid: Uint8Array },
-): Promise<Entry[]> {
+export async function findLogEntries(file: BlockFile, log: Log): Promise<Entry[] | null> {
   if (log.length < SECTOR || log.length > MAX_LOG || log.length % SECTOR) return [];
+  const fileSize = await file.size();
   // Past the end of the file the log reads as zeroes: no entry starts there.
-  const inFile = Math.min(log.length, (await file.size()) - log.offset);
-  if (!Number.isFinite(log.offset) || inFile <= 0) return [];
+  if (!Number.isFinite(log.offset) || log.offset >= fileSize) return [];
   let best: Entry[] = [];
-  for (let start = 0; start < inFile;) {
-    const first = await readEntry(file, log, start);
-    if (!first) {
-      start += SECTOR;
-      continue;
+  for (let pos = 0;;) {
+    const tail = pos;
+    // Sectors past the end of the file read as zeroes: skip them at once.
+    if (log.offset + pos >= fileSize) break;
+    const first = await readEntry(file, log, pos, 0n, fileSize);
+    if (!first) return null;
+    pos = first.next;
+    if (first.entry) {
+      const chain = [first.entry];
+      for (let after = 0n;;) {
+        const next = await readEntry(file, log, pos, after, fileSize);
+        if (!next) return null;
+        pos = next.next;
+        if (!next.entry) break;
+        chain.push(next.entry);
+        after = next.entry.sequence;
+      }
+      if (!best.length || chain[0].sequence > best[0].sequence) best = chain;
     }
-    const chain = [first];
-    let pos = start + first.length;
-    for (let used = first.length; used < log.length;) {
-      const next = await readEntry(file, log, pos % log.length);
-      const prev = chain[chain.length - 1].sequence;
-      if (!next || (chain.length > 1 && next.sequence !== prev + 1n)) break;
-      chain.push(next);
-      pos += next.length;
-      used += next.length;
-    }
-    if (!best.length || first.sequence > best[0].sequence) best = chain;
-    // A run that wrapped round the end of the log ends the scan.
-    if (pos >= log.length) break;
-    start = pos;
+    // qemu loops forever on an entry spanning the whole log with a bad checksum: qimg stops.
+    if (pos <= tail) break;
   }
   return best;
 }
@@ -181,17 +253,27 @@ export async function findLogEntries(
  * more written, when an entry says the file was longer than it is
  * (a truncated image).
  */
-export async function replayLog(file: BlockFile, entries: Entry[]): Promise<boolean> {
+export async function replayLog(file: BlockFile, log: Log, entries: Entry[]): Promise<boolean> {
   for (const e of entries) {
     if (!(e.flushedFileOffset <= await file.size()) || !e.intact) return false;
     for (const w of e.writes) {
-      if (w.data) await file.write(w.offset, w.data);
-      else if (w.zeroLength) {
-        const chunk = new Uint8Array(Math.min(w.zeroLength, 1 << 20));
-        for (let done = 0; done < w.zeroLength; done += chunk.length) {
-          const n = Math.min(chunk.length, w.zeroLength - done);
+      if (!(w.offset + (w.zeroLength ?? SECTOR) <= MAX_WRITE)) return false;
+      if (w.edges) {
+        const data = await readLog(file, log, w.logPos!, SECTOR);
+        data.set(w.edges.subarray(0, 8), 0);
+        data.set(w.edges.subarray(8, 12), 4092);
+        await file.write(w.offset, data);
+      } else if (w.zeroLength) {
+        // Zeroes past the end of the file are a truncate, not a write.
+        const size = await file.size();
+        const end = w.offset + w.zeroLength;
+        const inFile = Math.max(0, Math.min(end, size) - w.offset);
+        const chunk = new Uint8Array(Math.min(inFile, 1 << 20));
+        for (let done = 0; done < inFile; done += chunk.length) {
+          const n = Math.min(chunk.length, inFile - done);
           await file.write(w.offset + done, chunk.subarray(0, n));
         }
+        if (end > size) await file.truncate(end);
       }
     }
     // qemu grows the file only to a last offset that is not 1 MiB-aligned.
