@@ -43,8 +43,12 @@ import { loadPako, loadZlib, pakoSync, zlibSync } from "./zlib_loader.ts";
 import { QimgError } from "./errors.ts";
 import { WORKER_SOURCE } from "./compress_worker.ts";
 
-/** qcow2's compression types. */
-export type ClusterCodec = "zlib" | "zstd";
+/**
+ * qcow2's compression types, and vmdk's grains ("zlib-stream": a zlib
+ * stream at zlib's default level, byte for byte qemu's compress(); every
+ * cluster gets its bytes, also those that do not shrink).
+ */
+export type ClusterCodec = "zlib" | "zstd" | "zlib-stream";
 
 /** One batch's results: each cluster's compressed bytes, or null to write it uncompressed. */
 export type BatchResult = (Uint8Array | null)[];
@@ -60,6 +64,11 @@ function zstdSync(): ZstdSync | undefined {
  * (windowBits -12, so qemu's inflate can read it) or a zstd frame.
  */
 export function compressClusterFast(codec: ClusterCodec, data: Uint8Array): Uint8Array {
+  if (codec === "zlib-stream") {
+    if (typeof zlibSync().deflateSync !== "function") return pakoSync().deflate(data);
+    const out = zlibSync().deflateSync(data);
+    return new Uint8Array(out.buffer, out.byteOffset, out.length);
+  }
   if (codec === "zstd") {
     const zstd = zstdSync();
     if (!zstd) throw new QimgError("This runtime cannot compress zstd clusters");
@@ -102,7 +111,7 @@ export function compressBatchInThread(
     const out = codec === "zlib" && incompressible(cluster)
       ? null
       : compressClusterFast(codec, cluster);
-    results.push(out && out.length <= cs - 1 ? out : null);
+    results.push(out && (out.length <= cs - 1 || codec === "zlib-stream") ? out : null);
   }
   return results;
 }
@@ -110,7 +119,7 @@ export function compressBatchInThread(
 /** Loads what compressBatchInThread needs: node:zlib, and pako where it cannot deflate. */
 export async function loadCodec(codec: ClusterCodec): Promise<void> {
   const zlib = await loadZlib();
-  if (codec === "zlib" && typeof zlib.deflateRawSync !== "function") await loadPako();
+  if (codec !== "zstd" && typeof zlib.deflateRawSync !== "function") await loadPako();
 }
 
 /** A request sent to a worker: `data` holds whole clusters of `cs` bytes (transferred). */

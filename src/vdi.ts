@@ -119,6 +119,9 @@ function hex(n: number): string {
   return n.toString(16);
 }
 
+/** Zeroes padding new blocks (never written to). */
+let zeroBlock: Uint8Array | undefined;
+
 /** An open vdi image. */
 export class VdiImage implements FormatImage {
   readonly file: BlockFile;
@@ -153,8 +156,12 @@ export class VdiImage implements FormatImage {
   async read(offset: number, buf: Uint8Array): Promise<void> {
     for (let done = 0; done < buf.length;) {
       const guest = offset + done;
-      const n = Math.min(buf.length - done, BLOCK_SIZE - guest % BLOCK_SIZE);
+      let n = Math.min(buf.length - done, BLOCK_SIZE - guest % BLOCK_SIZE);
       const host = this.#host(guest);
+      // Blocks that follow each other in the file are read at once.
+      while (host >= 0 && done + n < buf.length && this.#host(guest + n) === host + n) {
+        n = Math.min(buf.length - done, n + BLOCK_SIZE);
+      }
       const dst = buf.subarray(done, done + n);
       if (host < 0) dst.fill(0);
       else await readZeroFilled(this.file, host, dst);
@@ -169,21 +176,35 @@ export class VdiImage implements FormatImage {
       for (let done = 0; done < data.length;) {
         const guest = offset + done;
         const inBlock = guest % BLOCK_SIZE;
-        const n = Math.min(data.length - done, BLOCK_SIZE - inBlock);
+        let n = Math.min(data.length - done, BLOCK_SIZE - inBlock);
         const block = Math.floor(guest / BLOCK_SIZE);
         const host = this.#host(guest);
         if (host >= 0) {
+          // Blocks that follow each other in the file take the data in one write.
+          while (done + n < data.length && this.#host(guest + n) === host + n) {
+            n = Math.min(data.length - done, n + BLOCK_SIZE);
+          }
           await this.file.write(host, data.subarray(done, done + n));
         } else {
-          // A new block goes after the allocated ones, written whole (zero-padded).
+          // New blocks go after the allocated ones, in order, written whole
+          // (zero-padded) in one write; the map and header once per request.
+          let count = 1;
+          while (done + n < data.length && this.#host(guest + n) < 0) {
+            n = Math.min(data.length - done, n + BLOCK_SIZE);
+            count++;
+          }
           const entry = this.header.blocksAllocated;
-          this.#setEntry(block, entry);
-          this.header.blocksAllocated = (entry + 1) >>> 0;
-          const whole = new Uint8Array(BLOCK_SIZE);
-          whole.set(data.subarray(done, done + n), inBlock);
-          await this.file.write(this.header.offsetData + entry * BLOCK_SIZE, whole);
+          for (let i = 0; i < count; i++) this.#setEntry(block + i, entry + i);
+          this.header.blocksAllocated = (entry + count) >>> 0;
+          // The zeroes around the data come from one shared buffer (no copy of the data).
+          const at = this.header.offsetData + entry * BLOCK_SIZE;
+          const tail = count * BLOCK_SIZE - inBlock - n;
+          zeroBlock ??= new Uint8Array(BLOCK_SIZE);
+          if (inBlock) await this.file.write(at, zeroBlock.subarray(0, inBlock));
+          await this.file.write(at + inBlock, data.subarray(done, done + n));
+          if (tail) await this.file.write(at + inBlock + n, zeroBlock.subarray(0, tail));
           if (first < 0) first = block;
-          last = block;
+          last = block + count - 1;
         }
         done += n;
       }
@@ -223,7 +244,12 @@ export class VdiImage implements FormatImage {
     }
     const where = { hostOffset: host, file: this.file.name };
     if (this.header.imageType !== TYPE_STATIC) {
-      return { length: n, data: true, zero: false, ...where };
+      // Blocks that follow each other in the file answer as one run.
+      let run = n;
+      while (run < length && this.#host(offset + run) === host + run) {
+        run += Math.min(length - run, BLOCK_SIZE);
+      }
+      return { length: run, data: true, zero: false, ...where };
     }
     // Static images: qemu asks the host file (BDRV_BLOCK_RECURSE), holes read as zeroes.
     const end = await this.file.size();

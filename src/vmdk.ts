@@ -7,6 +7,7 @@
  */
 
 import { loadZlib, zlibSync } from "./zlib_loader.ts";
+import { type BatchResult, CompressPool } from "./compress_pool.ts";
 import type {
   BackingReader,
   BackingRef,
@@ -18,7 +19,7 @@ import type {
   FormatInfo,
   OpenOptions,
 } from "./driver.ts";
-import type { BlockFile } from "./file.ts";
+import { type BlockFile, readZeroFilled } from "./file.ts";
 import type { JsonValue } from "./output.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { alignUp, be32, le16, le32, putLe32 } from "./bytes.ts";
@@ -90,6 +91,22 @@ interface Extent {
   se?: { l1: BigUint64Array; l2TablesOffset: bigint; clustersOffset: bigint };
 }
 
+/** streamOptimized writes that may be outstanding (writeBehind): enough to keep both Workers busy. */
+const BEHIND = 2;
+
+/** Bytes of a compressed extent read ahead for the grains of one read request. */
+interface GrainWindow {
+  extent?: Extent;
+  /** File offset of `bytes`. */
+  start: number;
+  /** Bytes of the file from `start` (never past its end). */
+  bytes: Uint8Array;
+  /** The file's size when `bytes` was read. */
+  fileSize: number;
+  /** The buffer under `bytes`. */
+  store?: Uint8Array;
+}
+
 /** Where a guest offset lives. */
 type Lookup =
   | { kind: "error" }
@@ -124,6 +141,15 @@ async function readAt(file: BlockFile, offset: number, length: number): Promise<
   const size = await file.size();
   if (offset < size) await file.read(offset, buf.subarray(0, Math.min(length, size - offset)));
   return buf;
+}
+
+/** Reads `dst.length` bytes at `offset` into `dst`, zeroes past the end of the file. */
+async function readInto(file: BlockFile, offset: number, dst: Uint8Array): Promise<void> {
+  // qemu's block layer refuses requests outside int64 with EIO.
+  if (!Number.isSafeInteger(offset) || offset < 0 || offset + dst.length > 2 ** 63) {
+    throw new QimgError("Input/output error");
+  }
+  await readZeroFilled(file, offset, dst);
 }
 
 /** qemu's vmdk_read_desc: up to 1 MiB of text at `offset` (at least 4 bytes, zero-padded, for the magic). */
@@ -494,6 +520,12 @@ export class VmdkImage implements FormatImage {
   #cidChecked = false;
   #lock: Promise<void> = Promise.resolve();
   #openFile?: OpenOptions["openFile"];
+  /** streamOptimized: Workers deflating grains. */
+  #pool?: CompressPool;
+  /** streamOptimized writes returned early, still compressing or being stored. */
+  #behind: Promise<void>[] = [];
+  /** Buffers of finished reads' grain windows, for the next ones (less to zero and collect). */
+  #windows: Uint8Array[] = [];
   /** The last grain inflated (sequential reads take it piece by piece). */
   #grain?: { extent: Extent; offset: number; data: Uint8Array };
   #pending?: { e: Extent; clusterGuest: number; buf: Uint8Array; filled: number };
@@ -604,8 +636,11 @@ export class VmdkImage implements FormatImage {
   }
 
   async read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void> {
+    if (this.#behind.length) await this.#drain();
     if (this.#pending) await this.#locked(() => this.#flushPending());
     let done = 0;
+    // Compressed grains of this request come out of one larger read of the file.
+    const window: GrainWindow = { start: 0, bytes: new Uint8Array(0), fileSize: 0 };
     while (done < buf.length) {
       const guest = offset + done;
       const e = this.#find(Math.floor(guest / SECTOR));
@@ -613,10 +648,26 @@ export class VmdkImage implements FormatImage {
       const l = await this.#lookup(e, guest);
       const cb = e.clusterSectors * SECTOR;
       const inCluster = (guest - e.startSector * SECTOR) % cb;
-      const n = Math.min(buf.length - done, cb - inCluster);
+      let n = Math.min(buf.length - done, cb - inCluster);
+      if (l.kind === "ok" && !e.flat && !e.compressed) {
+        // Grains that follow each other in the file are read at once.
+        const end = Math.min(buf.length - done, e.endSector * SECTOR - guest);
+        while (n < end) {
+          const next = await this.#lookup(e, guest + n);
+          if (next.kind !== "ok" || next.hostOffset !== l.hostOffset + inCluster + n) break;
+          n = Math.min(end, n + cb);
+        }
+      }
       const dst = buf.subarray(done, done + n);
       if (l.kind === "ok") {
-        await this.#readExtent(e, l.hostOffset, inCluster, dst);
+        if (!e.compressed) await readInto(e.file, l.hostOffset + inCluster, dst);
+        else {
+          window.extent ??= e;
+          if (window.extent !== e) Object.assign(window, { extent: e, bytes: new Uint8Array(0) });
+          const data = await this.#readGrain(e, l.hostOffset, window, buf.length - done);
+          if (inCluster + dst.length > data.length) throw new QimgError("Invalid argument");
+          dst.set(data.subarray(inCluster, inCluster + dst.length));
+        }
       } else if (l.kind === "error") {
         throw new QimgError("Input/output error");
       } else if (backingRead && l.kind !== "zeroed") {
@@ -627,27 +678,61 @@ export class VmdkImage implements FormatImage {
       }
       done += n;
     }
+    if (window.store) this.#giveWindow(window.store);
   }
 
-  async #readExtent(e: Extent, hostOffset: number, inCluster: number, dst: Uint8Array) {
-    if (!e.compressed) {
-      dst.set(await readAt(e.file, hostOffset + inCluster, dst.length));
-      return;
-    }
-    const data = await this.#readGrain(e, hostOffset);
-    if (inCluster + dst.length > data.length) throw new QimgError("Invalid argument");
-    dst.set(data.subarray(inCluster, inCluster + dst.length));
+  #takeWindow(length: number): Uint8Array {
+    const i = this.#windows.findIndex((b) => b.length >= length);
+    return i < 0 ? new Uint8Array(length) : this.#windows.splice(i, 1)[0];
   }
 
-  /** One compressed grain, inflated (zlib stream, after a grain marker when the extent has them). */
-  async #readGrain(e: Extent, hostOffset: number): Promise<Uint8Array> {
+  #giveWindow(buf: Uint8Array): void {
+    if (this.#windows.length < 16) this.#windows.push(buf);
+  }
+
+  /**
+   * One compressed grain, inflated (zlib stream, after a grain marker when
+   * the extent has them). Its bytes come from `window`, refilled with what
+   * the rest of the request (`ahead` guest bytes) likely needs when short.
+   */
+  async #readGrain(
+    e: Extent,
+    hostOffset: number,
+    window: GrainWindow,
+    ahead: number,
+  ): Promise<Uint8Array> {
     await loadZlib();
     if (this.#grain?.offset === hostOffset && this.#grain.extent === e) return this.#grain.data;
     const cb = e.clusterSectors * SECTOR;
     // Two grains' worth, as qemu reads (marker + data may exceed one), but
     // never past the end of the file: hostile grain sizes reach 1 GiB.
-    const avail = Math.max(12, Math.min(cb * 2, (await e.file.size()) - hostOffset));
-    const raw = await readAt(e.file, hostOffset, avail);
+    let end = window.start + window.bytes.length;
+    const inWindow = hostOffset >= window.start &&
+      (hostOffset + cb * 2 <= end || (end === window.fileSize && hostOffset < end));
+    if (!inWindow) {
+      if (!Number.isSafeInteger(hostOffset) || hostOffset + cb * 2 > 2 ** 63) {
+        throw new QimgError("Input/output error");
+      }
+      window.fileSize = await e.file.size();
+      const want = cb * 2 + Math.min(ahead, 1 << 20);
+      const length = Math.max(0, Math.min(want, window.fileSize - hostOffset));
+      if (!window.store || window.store.length < length) {
+        if (window.store) this.#giveWindow(window.store);
+        window.store = this.#takeWindow(length);
+      }
+      window.start = hostOffset;
+      window.bytes = window.store.subarray(0, length);
+      await readZeroFilled(e.file, hostOffset, window.bytes);
+      end = hostOffset + window.bytes.length;
+    }
+    const avail = Math.max(12, Math.min(cb * 2, window.fileSize - hostOffset));
+    let raw = window.bytes.subarray(hostOffset - window.start, hostOffset - window.start + avail);
+    if (raw.length < avail) {
+      // Past the end of the file: zeroes, as qemu's block layer reads there.
+      const padded = new Uint8Array(avail);
+      padded.set(raw);
+      raw = padded;
+    }
     let input = raw.subarray(0, Math.min(raw.length, cb));
     if (e.hasMarker) {
       const size = le32(raw, 8);
@@ -665,6 +750,7 @@ export class VmdkImage implements FormatImage {
   }
 
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    if (this.#behind.length) await this.#drain();
     if (this.#pending) await this.#locked(() => this.#flushPending());
     const e = this.#find(Math.floor(offset / SECTOR));
     if (!e) throw new QimgError("Input/output error");
@@ -822,7 +908,66 @@ export class VmdkImage implements FormatImage {
 
   /** Writes guest bytes, allocating grains at the end of their extent file as qemu does. */
   write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
-    return this.#locked(() => this.#write(offset, data, backingRead));
+    return this.#writeBehind(offset, data) ??
+      this.#locked(() => this.#write(offset, data, backingRead));
+  }
+
+  /** Whole grains of `data` in halves to the compression Workers (grain results in order). */
+  #deflate(data: Uint8Array, cb: number): Promise<BatchResult>[] {
+    this.#pool ??= new CompressPool("zlib-stream");
+    const pool = this.#pool;
+    const half = Math.ceil(data.length / cb / 2) * cb;
+    return [data.subarray(0, half), data.subarray(half)].filter((d) => d.length)
+      .map((d) => pool.compressBatch(d, cb));
+  }
+
+  /**
+   * streamOptimized, two or more whole grains: returns at once, the grains
+   * already on their way to the compression Workers, and stores them in
+   * turn once compressed, so that the Workers always have the next grains
+   * while the file is written. At most BEHIND writes are outstanding; an
+   * error comes back from a later write, flush or close.
+   */
+  #writeBehind(offset: number, data: Uint8Array): Promise<void> | undefined {
+    const e = this.#find(Math.floor(offset / SECTOR));
+    if (!e || e.flat || !e.compressed || !e.hasMarker) return;
+    const cb = e.clusterSectors * SECTOR;
+    const wholeBytes = Math.floor(data.length / cb) * cb;
+    if ((offset - e.startSector * SECTOR) % cb || wholeBytes < 2 * cb) return;
+    if (offset + data.length > e.endSector * SECTOR) return;
+    // The caller reuses its buffer once this returns.
+    const copy = data.slice();
+    const job = Promise.all(this.#deflate(copy.subarray(0, wholeBytes), cb));
+    job.catch(() => {});
+    const done = this.#locked(async () => {
+      const batches = await job;
+      try {
+        if (this.#pending) return await this.#write(offset, copy);
+        const deflated = batches.flat();
+        let pos = 0;
+        while (pos < wholeBytes) {
+          const l = await this.#lookup(e, offset + pos);
+          if (l.kind === "error" || (l.kind !== "ok" && l.l2Offset === undefined)) {
+            throw new QimgError("Invalid argument");
+          }
+          if (l.kind === "ok") throw new QimgError("Input/output error");
+          const rest = copy.subarray(pos, wholeBytes);
+          pos += await this.#streamRun(e, l, offset + pos, rest, deflated.slice(pos / cb));
+          await this.#updateCid();
+        }
+        if (pos < copy.length) await this.#write(offset + pos, copy.subarray(pos));
+      } finally {
+        for (const b of batches) this.#pool?.recycle(b);
+      }
+    });
+    done.catch(() => {});
+    this.#behind.push(done);
+    return this.#behind.length > BEHIND ? this.#behind.shift()! : Promise.resolve();
+  }
+
+  /** Waits for the writes still going on behind; throws the first error. */
+  async #drain(): Promise<void> {
+    while (this.#behind.length) await this.#behind.shift();
   }
 
   async #write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
@@ -844,7 +989,12 @@ export class VmdkImage implements FormatImage {
         await e.file.write(l.hostOffset + inCluster, piece);
       } else if (e.compressed) {
         if (l.kind === "ok") throw new QimgError("Input/output error");
-        await this.#writeStream(e, guest, inCluster, piece);
+        if (
+          !this.#pending && inCluster === 0 && e.hasMarker && l.l2Offset !== undefined &&
+          data.length - done >= 2 * cb
+        ) {
+          n = await this.#streamRun(e, l, guest, data.subarray(done));
+        } else await this.#writeStream(e, guest, inCluster, piece);
       } else {
         n = await this.#sparseRun(e, l, guest, inCluster, data.subarray(done), backingRead);
       }
@@ -962,20 +1112,96 @@ export class VmdkImage implements FormatImage {
     const sector = e.nextClusterSector;
     e.nextClusterSector += grains * e.clusterSectors;
     await e.file.write(sector * SECTOR, out);
-    const entries = new Uint8Array(grains * 4);
+    const values = Array.from({ length: grains }, (_, i) => sector + i * e.clusterSectors);
+    await this.#setGtes(e, first, values);
+    return bytes;
+  }
+
+  /**
+   * Stores consecutive grain table entries from `first`'s (all in its
+   * table) in one write, and in one more the redundant table's.
+   */
+  async #setGtes(e: Extent, first: Lookup, values: number[]): Promise<void> {
+    if (first.kind === "error" || first.l2Offset === undefined) return;
+    const entries = new Uint8Array(values.length * 4);
     const l2Index = first.l2Index!;
-    const table = e.l2Cache.get(first.l2Offset!) as Uint32Array | undefined;
-    for (let i = 0; i < grains; i++) {
-      const value = sector + i * e.clusterSectors;
+    const table = e.l2Cache.get(first.l2Offset) as Uint32Array | undefined;
+    values.forEach((value, i) => {
       putLe32(entries, i * 4, value);
       if (table) table[l2Index + i] = value;
-    }
-    await e.file.write(first.l2Offset! * SECTOR + l2Index * 4, entries);
+    });
+    await e.file.write(first.l2Offset * SECTOR + l2Index * 4, entries);
     const backup = e.l1Backup?.[first.l1Index!];
     if (e.l1BackupOffset && backup !== undefined) {
       await e.file.write(backup * SECTOR + l2Index * 4, entries);
     }
-    return bytes;
+  }
+
+  /**
+   * streamOptimized: the whole grains at the start of `rest` (`guest` is
+   * grain-aligned; all new, in one grain table) deflated on the
+   * compression Workers (byte for byte as qemu), two halves at once, laid out back to back
+   * behind their grain markers in one write, then their table entries in
+   * one write (qemu deflates, writes and enters each grain on its own).
+   * Returns the bytes written.
+   */
+  async #streamRun(
+    e: Extent,
+    first: Lookup,
+    guest: number,
+    rest: Uint8Array,
+    ready?: BatchResult,
+  ): Promise<number> {
+    const cb = e.clusterSectors * SECTOR;
+    const base = e.startSector * SECTOR;
+    const tableSpan = e.l1EntrySectors * SECTOR;
+    const tableEnd = Math.min(
+      e.endSector * SECTOR,
+      base + (Math.floor((guest - base) / tableSpan) + 1) * tableSpan,
+    );
+    let grains = Math.floor(Math.min(rest.length, tableEnd - guest) / cb);
+    for (let i = 1; i < grains; i++) {
+      const next = await this.#lookup(e, guest + i * cb);
+      if (next.kind !== "unalloc" && next.kind !== "zeroed") grains = i;
+    }
+    const data = rest.subarray(0, grains * cb);
+    const batches = ready ? [] : await Promise.all(this.#deflate(data, cb));
+    const deflated = ready ?? batches.flat();
+    // Each grain: a marker (guest sector, size) and a zlib stream, from a sector boundary.
+    const sectors: number[] = [];
+    const sizes: number[] = [];
+    let next = e.nextClusterSector;
+    let overflow = false;
+    for (let i = 0; i < grains; i++) {
+      if (next >= EXTENT_MAX_SECTORS) {
+        overflow = true;
+        grains = i;
+        break;
+      }
+      const size = deflated[i]!.length;
+      sectors.push(next);
+      sizes.push(size);
+      next = Math.ceil((next * SECTOR + 12 + size) / SECTOR);
+    }
+    if (grains === 0) throw new QimgError("Invalid argument");
+    const start = sectors[0];
+    // qemu zero-fills each grain's whole cluster before writing it: the last one shows.
+    const out = new Uint8Array(
+      Math.max((sectors[grains - 1] - start) * SECTOR + cb, (next - start) * SECTOR),
+    );
+    const view = new DataView(out.buffer);
+    for (let i = 0; i < grains; i++) {
+      const at = (sectors[i] - start) * SECTOR;
+      view.setBigUint64(at, BigInt(Math.floor((guest + i * cb) / SECTOR)), true);
+      view.setUint32(at + 8, sizes[i], true);
+      out.set(deflated[i]!, at + 12);
+    }
+    for (const b of batches) this.#pool!.recycle(b);
+    await e.file.write(start * SECTOR, out);
+    e.nextClusterSector = next;
+    await this.#setGtes(e, first, sectors);
+    if (overflow) throw new QimgError("Invalid argument");
+    return grains * cb;
   }
 
   /** streamOptimized: a whole grain, deflated behind a grain marker, appended. */
@@ -1140,14 +1366,18 @@ export class VmdkImage implements FormatImage {
   }
 
   async flush(): Promise<void> {
+    await this.#drain();
     await this.#locked(() => this.#flushPending());
     for (const f of new Set([this.#top, ...this.extents.map((e) => e.file)])) await f.flush();
   }
 
   async close(): Promise<void> {
     try {
+      await this.#drain();
       await this.#locked(() => this.#flushPending());
     } finally {
+      await Promise.allSettled(this.#behind.splice(0));
+      this.#pool?.close();
       for (const f of this.#opened) await f.close();
       await this.#top.close();
     }
@@ -1157,7 +1387,6 @@ export class VmdkImage implements FormatImage {
 function randomCid(): number {
   return crypto.getRandomValues(new Uint32Array(1))[0];
 }
-
 
 /** Opens a vmdk image on `file`: a sparse file, or a descriptor naming its extents. */
 export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Promise<VmdkImage> {
