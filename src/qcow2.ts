@@ -56,6 +56,7 @@ import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_s
 // use (`import()` below): read-only commands start faster without them.
 import type { Qcow2Writer } from "./qcow2_write.ts";
 import type { ResizeOptions } from "./qcow2_resize.ts";
+import type { Qcow2Bitmaps } from "./qcow2_bitmap.ts";
 import { QCOW2_CREATE_OPTIONS } from "./options.ts";
 
 /** qcow2_write.ts, once loaded: Qcow2Image's sync write paths (prepareCompressed) need it at hand. */
@@ -383,16 +384,54 @@ export class Qcow2Image implements FormatImage {
     this.#writer ??= new writeSide!.Qcow2Writer(this.file, this.header, this.mapper, {
       hasBacking: this.backing !== undefined,
       dataFile: this.dataFile,
+      tracksBitmaps: true,
       // A freed compressed cluster's bytes may be reused: forget the decompressed copy.
       onChange: () => this.#cached = undefined,
     });
     return this.#writer;
   }
 
+  /** The persistent bitmaps once a guest write loaded them (qcow2_bitmap.ts). */
+  #bitmaps?: Promise<Qcow2Bitmaps | undefined>;
+
+  /**
+   * The persistent bitmaps that guest writes mark: loaded and marked in use
+   * before the first write, as qemu does when it opens an image read-write.
+   */
+  #tracking(): Promise<Qcow2Bitmaps | undefined> {
+    const h = this.header;
+    if (!h.bitmaps || h.bitmapsInconsistent || !this.file.writable || this.#snapshotView) {
+      return Promise.resolve(undefined);
+    }
+    return this.#bitmaps ??= (async () => {
+      // Qcow2Bitmaps allocates through its own refcount view: tables on disk first.
+      await this.#writer?.flush();
+      const { Qcow2Bitmaps } = await import("./qcow2_bitmap.ts");
+      return await Qcow2Bitmaps.open(this.file);
+    })();
+  }
+
+  /** Stores the bitmaps guest writes marked (new clusters, in use cleared), as qemu on close. */
+  async #storeBitmaps(): Promise<void> {
+    const bitmaps = await this.#bitmaps;
+    if (!bitmaps) return;
+    this.#bitmaps = undefined;
+    await this.#writer?.flush();
+    this.#writer = undefined;
+    await bitmaps.reload();
+    await bitmaps.close();
+    await this.file.flush();
+    const h = bitmaps.header;
+    this.header.bitmaps = h.bitmaps;
+    this.header.autoclearFeatures = h.autoclearFeatures;
+  }
+
   /** Writes guest bytes (qcow2_write.ts). */
   async write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
     await loadWriteSide();
-    return await this.#w().write(offset, data, backingRead);
+    const bitmaps = await this.#tracking();
+    await this.#w().write(offset, data, backingRead);
+    bitmaps?.mark(offset, data.length);
   }
 
   /** Makes a range read as zeroes (qcow2_write.ts). */
@@ -402,7 +441,9 @@ export class Qcow2Image implements FormatImage {
     options?: { mayUnmap?: boolean; backingRead?: BackingReader },
   ): Promise<void> {
     await loadWriteSide();
-    return await this.#w().writeZeroes(offset, length, options);
+    const bitmaps = await this.#tracking();
+    await this.#w().writeZeroes(offset, length, options);
+    bitmaps?.mark(offset, length);
   }
 
   /** Starts compressing a cluster ahead of its writeCompressed (qcow2_write.ts). */
@@ -415,7 +456,9 @@ export class Qcow2Image implements FormatImage {
   /** Writes one cluster compressed (qcow2_write.ts). */
   async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
     await loadWriteSide();
-    return await this.#w().writeCompressed(offset, data);
+    const bitmaps = await this.#tracking();
+    await this.#w().writeCompressed(offset, data);
+    bitmaps?.mark(offset, data.length);
   }
 
   /** Changes the virtual size (qcow2_resize.ts; a plain grow is the writer's). */
@@ -439,10 +482,12 @@ export class Qcow2Image implements FormatImage {
           this.#writer = undefined;
           this.#cached = undefined;
         },
+        checkBitmaps: async () => (await this.#tracking())?.checkResize(),
       },
       size,
       options,
     );
+    (await this.#bitmaps)?.resize(size);
   }
 
   /** Rewrites the backing file reference in the header (qcow2_amend.ts). */
@@ -507,6 +552,7 @@ export class Qcow2Image implements FormatImage {
   async close(): Promise<void> {
     try {
       await this.#writer?.flush();
+      await this.#storeBitmaps();
     } finally {
       if (this.dataFile && this.dataFile !== this.file) await this.dataFile.close();
       await this.file.close();

@@ -130,10 +130,7 @@ export async function changeBacking(
   format: string | undefined,
 ): Promise<void> {
   const enc = new TextEncoder();
-  // qemu rewrites the bitmap directory of a writable image as it closes it.
-  if (h.bitmaps && !h.bitmapsInconsistent) {
-    throw notYet("changing the backing file of qcow2 images with bitmaps");
-  }
+  // The header keeps its bitmaps extension (headerCluster): bitmaps stay valid.
   if (name && enc.encode(name).length > BACKING_NAME_MAX) {
     throw new HeaderError("Invalid argument");
   }
@@ -164,10 +161,9 @@ export function backingChangeError(name: string | undefined, e: unknown): unknow
 
 /** Why qimg cannot empty this image yet (commit without -d), or undefined. */
 export function makeEmptyObstacle(h: Qcow2Header): string | undefined {
-  if (
-    (h.bitmaps && h.bitmaps.nbBitmaps > 0) || h.cryptMethod !== CRYPT_NONE ||
-    (h.incompatibleFeatures & INCOMPAT_DATA_FILE)
-  ) {
+  // Bitmaps stay as they are: qemu empties by discarding every cluster,
+  // which marks no bitmap.
+  if (h.cryptMethod !== CRYPT_NONE || (h.incompatibleFeatures & INCOMPAT_DATA_FILE)) {
     return "emptying this qcow2 image";
   }
   return undefined;

@@ -102,6 +102,17 @@ export async function readBitmaps(
   return out;
 }
 
+/** Sets bits [first, end) of `bits`, least significant bit first. */
+function setBits(bits: Uint8Array, first: number, end: number): void {
+  let i = first;
+  for (; i < end && i % 8; i++) bits[i >> 3] |= 1 << (i & 7);
+  if (i + 8 <= end) {
+    bits.fill(0xff, i >> 3, end >> 3);
+    i = end - (end % 8);
+  }
+  for (; i < end; i++) bits[i >> 3] |= 1 << (i & 7);
+}
+
 /** A directory entry's size: 24 bytes, the name, padding to 8 bytes. */
 function entrySize(name: string): number {
   return Math.ceil((24 + new TextEncoder().encode(name).length) / 8) * 8;
@@ -147,8 +158,8 @@ function encodeDirectory(list: readonly DirEntry[]): Uint8Array {
  */
 export class Qcow2Bitmaps {
   readonly #file: BlockFile;
-  readonly #h: Qcow2Header;
-  readonly #refs: Qcow2Refcounts;
+  #h: Qcow2Header;
+  #refs: Qcow2Refcounts;
   /** The directory on disk. */
   #dir: DirEntry[];
   /**
@@ -188,6 +199,8 @@ export class Qcow2Bitmaps {
     if (dir.some((d) => !(d.flags & BME_FLAG_IN_USE))) {
       for (const d of dir) d.flags |= BME_FLAG_IN_USE;
       await file.write(h.bitmaps!.directoryOffset, encodeDirectory(dir));
+      // In use on disk before any write the bitmaps do not show yet.
+      await file.flush();
     }
     return image;
   }
@@ -195,6 +208,60 @@ export class Qcow2Bitmaps {
   /** A bitmap in memory by name. */
   get(name: string): BitmapContent | undefined {
     return this.bitmaps.find((b) => b.name === name);
+  }
+
+  /**
+   * Marks guest bytes [offset, offset + length) dirty in every enabled
+   * bitmap, a granule at a time (qemu's bdrv_set_dirty after each write).
+   */
+  mark(offset: number, length: number): void {
+    if (length <= 0) return;
+    for (const b of this.bitmaps) {
+      if (!b.enabled || b.inUse) continue;
+      const first = Math.floor(offset / b.granularity);
+      const end = Math.min(Math.ceil((offset + length) / b.granularity), b.bits.length * 8);
+      setBits(b.bits, first, end);
+    }
+  }
+
+  /**
+   * Takes the header and refcounts from the file again: a writer of the
+   * image's data may have moved tables and allocated clusters since open.
+   */
+  async reload(): Promise<void> {
+    this.#h = await readQcow2Header(this.#file, { write: true });
+    this.#refs = await Qcow2Refcounts.open(this.#file, this.#h);
+  }
+
+  /**
+   * qemu's check before a resize: an inconsistent bitmap (in use when the
+   * image was opened) cannot be resized. The first in qemu's list is named.
+   */
+  checkResize(): void {
+    const b = this.bitmaps.find((x) => x.inUse);
+    if (b) {
+      throw new QimgError(
+        `Bitmap '${b.name}' is inconsistent and cannot be used\n` +
+          "Try block-dirty-bitmap-remove to delete this bitmap from disk",
+      );
+    }
+  }
+
+  /** Gives every bitmap bits for a disk of `size` bytes: new granules clean, those past the end gone. */
+  resize(size: number): void {
+    for (const b of this.bitmaps) {
+      if (b.inUse) continue;
+      const bits = new Uint8Array(bitmapBytes(size, b.granularity));
+      bits.set(b.bits.subarray(0, bits.length));
+      const total = Math.ceil(size / b.granularity);
+      if (total % 8 && bits.length) bits[bits.length - 1] &= (1 << (total % 8)) - 1;
+      b.bits = bits;
+    }
+  }
+
+  /** The header as this module last wrote or read it (bitmaps extension, autoclear bit). */
+  get header(): Qcow2Header {
+    return this.#h;
   }
 
   /** Adds a new bitmap (stored on close). */

@@ -49,6 +49,8 @@ export interface ResizeTarget {
   write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void>;
   /** Flushes the writer and forgets every cached table (metadata is edited directly next). */
   settle(): Promise<void>;
+  /** Loads the persistent bitmaps, refusing inconsistent ones as qemu (qcow2_bitmap.ts). */
+  checkBitmaps?(): Promise<void>;
 }
 
 /** How to resize. */
@@ -80,7 +82,10 @@ export async function resizeQcow2(
   }
   // qemu resizes the bitmaps and stores them again as it closes the image.
   if (h.bitmaps && !h.bitmapsInconsistent) {
-    throw new QimgError("resize of qcow2 images with bitmaps: not supported yet");
+    if (!t.checkBitmaps) {
+      throw new QimgError("resize of qcow2 images with bitmaps: not supported yet");
+    }
+    await t.checkBitmaps();
   }
   const old = h.size;
   if (size < old) {

@@ -322,6 +322,8 @@ export interface Qcow2WriterOptions {
   dataFile?: BlockFile;
   /** Called after metadata changes that can make cached decompressed data stale. */
   onChange?: () => void;
+  /** The caller marks the image's persistent bitmaps for every write (Qcow2Image). */
+  tracksBitmaps?: boolean;
 }
 
 /** The parts of an L2 entry the writer looks at. */
@@ -441,7 +443,7 @@ export class Qcow2Writer {
       throw new QimgError("writing dirty qcow2 images (lazy refcounts): not supported yet");
     }
     // Writes must also mark the persistent bitmaps, or they would silently go stale.
-    if (h.bitmaps && !h.bitmapsInconsistent) {
+    if (h.bitmaps && !h.bitmapsInconsistent && !this.#options.tracksBitmaps) {
       throw new QimgError("writing qcow2 images with persistent bitmaps: not supported yet");
     }
   }
@@ -1087,7 +1089,9 @@ export class Qcow2Writer {
     if (h.nbSnapshots && h.version < 3) {
       throw new QimgError("Can't resize a v2 image which has snapshots");
     }
-    if (h.bitmaps) throw new QimgError("resize of qcow2 images with bitmaps: not supported yet");
+    if (h.bitmaps && !this.#options.tracksBitmaps) {
+      throw new QimgError("resize of qcow2 images with bitmaps: not supported yet");
+    }
     if (size < h.size) throw new QimgError("resize --shrink of qcow2 images: not supported yet");
     if ((options.preallocation ?? "off") !== "off") {
       throw new QimgError(

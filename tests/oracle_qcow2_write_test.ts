@@ -252,10 +252,6 @@ Deno.test("Qcow2Image.write grows refcount blocks and the refcount table (scatte
 
 Deno.test("Qcow2Image.write refuses images whose writes are not supported yet", async () => {
   await using dir = await tempDir();
-  await sh("qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img bitmap --add b.qcow2 b0", dir.path);
-  const b = await openForWrite(`${dir.path}/b.qcow2`);
-  await assertRejects(() => b.top.write(0, new Uint8Array(512)), /bitmaps: not supported yet/);
-  await b.image.close();
   await sh("qemu-img create -q -f qcow2 s.qcow2 1M && qemu-img snapshot -c s1 s.qcow2", dir.path);
   const sn = await openForWrite(`${dir.path}/s.qcow2`);
   // Past the end: EIO, as qemu's block layer.

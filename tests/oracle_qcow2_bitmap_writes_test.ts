@@ -1,0 +1,121 @@
+/**
+ * Writes to qcow2 images that carry persistent dirty bitmaps: each command
+ * run by Debian's qemu-img 7.2 in q/ and by qimg in m/ on copies of the same
+ * files; same output and exit code, clean check, identical guest data,
+ * same `info` and the same bits (parsed from the files): every write marks
+ * the enabled bitmaps, disabled and inconsistent ones stay as they were.
+ */
+
+import { assertEquals, assertTrue } from "./_assert.ts";
+import { qemuImg, qimg, sh, tempDir } from "./_util.ts";
+import { bitmapsIn, infoOf } from "./_bitmap_util.ts";
+
+/** Sets the in-use flag of the first bitmap directory entry (an image qemu did not close). */
+const IN_USE = `python3 -c "
+import struct,sys
+f=open(sys.argv[1],'r+b'); d=f.read(); e=struct.unpack('>I',d[100:104])[0]
+while struct.unpack('>I',d[e:e+4])[0]!=0x23852875: e+=8+(struct.unpack('>I',d[e+4:e+8])[0]+7)//8*8
+q=struct.unpack('>Q',d[e+24:e+32])[0]; f.seek(q+12)
+f.write(struct.pack('>I',struct.unpack('>I',d[q+12:q+16])[0]|1))"`;
+
+/** Makes the inputs in q/ by `setup`, copies them to m/. */
+async function inputs(setup: string): Promise<{ path: string } & AsyncDisposable> {
+  const dir = await tempDir();
+  await sh(`mkdir q && (cd q && ${setup}) && cp -r q m`, dir.path);
+  return dir;
+}
+
+/** Runs `args` in q/ (qemu-img) and m/ (qimg); compares output, then each of `images`. */
+async function same(dir: string, args: string[], images: string[]): Promise<void> {
+  const theirs = await qemuImg(args, `${dir}/q`);
+  const ours = await qimg(args, `${dir}/m`);
+  const what = args.join(" ");
+  assertEquals(ours, theirs, what);
+  for (const img of images) {
+    const check = await qemuImg(["check", img], `${dir}/m`);
+    assertEquals(check.code, 0, `${what}: ${img}: ${check.stdout}${check.stderr}`);
+    assertTrue(!/leaked/.test(check.stdout), `${what}: ${img}: ${check.stdout}`);
+    await sh(`qemu-img compare q/${img} m/${img} >/dev/null`, dir);
+    assertEquals(await infoOf(img, `${dir}/m`), await infoOf(img, `${dir}/q`), `${what}: ${img}`);
+    assertEquals(await bitmapsIn(`${dir}/m/${img}`), await bitmapsIn(`${dir}/q/${img}`), what);
+  }
+}
+
+/** An image with an enabled bitmap made dirty by qemu-io, a disabled one and a coarse one. */
+const IMAGE = "qemu-img create -q -f qcow2 t.qcow2 4M && qemu-img bitmap --add t.qcow2 a && " +
+  "qemu-img bitmap --add -g 4k --disable t.qcow2 d && qemu-img bitmap --add -g 512k t.qcow2 c && " +
+  "qemu-io -c 'write -P 1 0 64k' -c 'write 3968k 128k' t.qcow2 >/dev/null 2>&1; " +
+  "qemu-img bitmap --merge a t.qcow2 d";
+
+Deno.test("convert -n marks the enabled bitmaps of a qcow2 target as qemu-img 7.2", async () => {
+  await using dir = await inputs(
+    `${IMAGE} && qemu-img create -q -f raw s.raw 4M && ` +
+      "qemu-io -f raw -c 'write -P 2 1M 4k' -c 'write -P 3 3M 100k' s.raw >/dev/null",
+  );
+  const before = await bitmapsIn(`${dir.path}/m/t.qcow2`);
+  await same(dir.path, ["convert", "-n", "-O", "qcow2", "s.raw", "t.qcow2"], ["t.qcow2"]);
+  const after = await bitmapsIn(`${dir.path}/m/t.qcow2`);
+  assertTrue(after[0] !== before[0], after[0]); // the enabled bitmap changed
+  assertEquals(after[1], before[1]); // the disabled one did not
+  // Data written compressed and with -S marks too.
+  await same(dir.path, ["convert", "-n", "-c", "-O", "qcow2", "s.raw", "t.qcow2"], ["t.qcow2"]);
+});
+
+Deno.test("convert -n into a qcow2 image with an inconsistent bitmap keeps it, stores the others", async () => {
+  await using dir = await inputs(
+    `${IMAGE} && ${IN_USE} t.qcow2 && qemu-img create -q -f raw s.raw 4M && ` +
+      "qemu-io -f raw -c 'write -P 2 1M 4k' s.raw >/dev/null",
+  );
+  await same(dir.path, ["convert", "-n", "-O", "qcow2", "s.raw", "t.qcow2"], ["t.qcow2"]);
+  assertTrue((await bitmapsIn(`${dir.path}/m/t.qcow2`))[0].includes("flags=3"));
+});
+
+Deno.test("commit marks the base's bitmaps, leaves the emptied overlay's as qemu-img 7.2", async () => {
+  const chain = "qemu-img create -q -f qcow2 b.qcow2 4M && qemu-img bitmap --add b.qcow2 a && " +
+    "qemu-img bitmap --add -g 4k --disable b.qcow2 d && qemu-io -c 'write -P 1 2M 64k' b.qcow2 >/dev/null && " +
+    "qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 t.qcow2 && qemu-img bitmap --add t.qcow2 o && " +
+    "qemu-io -c 'write -P 2 0 8k' -c 'write -z 1M 64k' -c 'write -P 3 3M 4k' t.qcow2 >/dev/null";
+  for (const args of [["commit", "t.qcow2"], ["commit", "-d", "t.qcow2"]]) {
+    await using dir = await inputs(chain);
+    await same(dir.path, args, ["b.qcow2", "t.qcow2"]);
+  }
+  // Into a longer chain's middle (-b), from an overlay of compat=0.10 size.
+  await using dir = await inputs(
+    `${chain} && qemu-img create -q -f qcow2 -b t.qcow2 -F qcow2 u.qcow2 && ` +
+      "qemu-io -c 'write -P 4 512k 128k' u.qcow2 >/dev/null",
+  );
+  await same(dir.path, ["commit", "-b", "t.qcow2", "u.qcow2"], ["b.qcow2", "t.qcow2", "u.qcow2"]);
+});
+
+Deno.test("rebase marks the overlay's enabled bitmaps for what it copies, as qemu-img 7.2", async () => {
+  const chain =
+    "qemu-img create -q -f qcow2 b1.qcow2 4M && qemu-io -c 'write -P 1 0 1M' b1.qcow2 >/dev/null && " +
+    "qemu-img create -q -f qcow2 b2.qcow2 4M && qemu-io -c 'write -P 1 512k 1M' b2.qcow2 >/dev/null && " +
+    "qemu-img create -q -f qcow2 -b b1.qcow2 -F qcow2 t.qcow2 && qemu-img bitmap --add -g 128k t.qcow2 x && " +
+    "qemu-img bitmap --add --disable t.qcow2 y && qemu-io -c 'write -P 5 3M 4k' t.qcow2 >/dev/null";
+  for (
+    const args of [
+      ["rebase", "-b", "b2.qcow2", "-F", "qcow2", "t.qcow2"],
+      ["rebase", "-b", "", "t.qcow2"],
+      ["rebase", "-u", "-b", "b2.qcow2", "-F", "qcow2", "t.qcow2"],
+    ]
+  ) {
+    await using dir = await inputs(chain);
+    await same(dir.path, args, ["t.qcow2"]);
+  }
+});
+
+Deno.test("resize of qcow2 images with bitmaps resizes them, refuses inconsistent ones as qemu-img 7.2", async () => {
+  for (const inUse of [false, true]) {
+    for (const size of ["8M", "1M", "+1k", "4100k"]) {
+      await using dir = await inputs(inUse ? `${IMAGE} && ${IN_USE} t.qcow2` : IMAGE);
+      await same(dir.path, ["resize", "--shrink", "t.qcow2", size], ["t.qcow2"]);
+    }
+  }
+  await using dir = await inputs(`${IMAGE} && ${IN_USE} t.qcow2`);
+  const r = await qimg(["resize", "t.qcow2", "8M"], `${dir.path}/m`);
+  assertEquals(
+    r.stderr,
+    "qimg: Bitmap 'a' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk\n",
+  );
+});
