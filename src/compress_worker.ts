@@ -35,10 +35,12 @@ self.onmessage = (e) => {
     const count = all.length / cs;
     const lens = [];
     if (codec === "zlib-stream") {
-      // Outputs may outgrow their cluster: they go back in a new buffer.
+      // Outputs may outgrow their cluster: all made first, they go back in
+      // the batch's buffer where they fit (for the pool to reuse), else in a new one.
       const outs = [];
       for (let i = 0; i < count; i++) outs.push(compress(codec, all.subarray(i * cs, (i + 1) * cs)));
-      const packed = new Uint8Array(outs.reduce((n, o) => n + o.length, 0));
+      const total = outs.reduce((n, o) => n + o.length, 0);
+      const packed = total <= all.length ? all : new Uint8Array(total);
       let at = 0;
       for (const o of outs) {
         packed.set(o, at);

@@ -522,6 +522,9 @@ export class VmdkImage implements FormatImage {
   #openFile?: OpenOptions["openFile"];
   /** streamOptimized: Workers deflating grains. */
   #pool?: CompressPool;
+  /** streamOptimized: the buffer runs of grains are laid out in, and copies of data written behind. */
+  #streamOut?: Uint8Array;
+  #copies: Uint8Array[] = [];
   /** streamOptimized writes returned early, still compressing or being stored. */
   #behind: Promise<void>[] = [];
   /** Buffers of finished reads' grain windows, for the next ones (less to zero and collect). */
@@ -936,7 +939,10 @@ export class VmdkImage implements FormatImage {
     if ((offset - e.startSector * SECTOR) % cb || wholeBytes < 2 * cb) return;
     if (offset + data.length > e.endSector * SECTOR) return;
     // The caller reuses its buffer once this returns.
-    const copy = data.slice();
+    let whole = this.#copies.pop();
+    if (!whole || whole.length < data.length) whole = new Uint8Array(data.length);
+    const copy = whole.subarray(0, data.length);
+    copy.set(data);
     const job = Promise.all(this.#deflate(copy.subarray(0, wholeBytes), cb));
     job.catch(() => {});
     const done = this.#locked(async () => {
@@ -958,6 +964,7 @@ export class VmdkImage implements FormatImage {
         if (pos < copy.length) await this.#write(offset + pos, copy.subarray(pos));
       } finally {
         for (const b of batches) this.#pool?.recycle(b);
+        this.#copies.push(whole!);
       }
     });
     done.catch(() => {});
@@ -1186,17 +1193,20 @@ export class VmdkImage implements FormatImage {
     if (grains === 0) throw new QimgError("Invalid argument");
     const start = sectors[0];
     // qemu zero-fills each grain's whole cluster before writing it: the last one shows.
-    const out = new Uint8Array(
-      Math.max((sectors[grains - 1] - start) * SECTOR + cb, (next - start) * SECTOR),
-    );
-    const view = new DataView(out.buffer);
+    const length = Math.max((sectors[grains - 1] - start) * SECTOR + cb, (next - start) * SECTOR);
+    // One buffer for every run (runs are stored one at a time): less garbage, less memory.
+    if (!this.#streamOut || this.#streamOut.length < length) {
+      this.#streamOut = new Uint8Array(length);
+    }
+    const out = this.#streamOut.subarray(0, length);
+    out.fill(0);
+    const view = new DataView(out.buffer, out.byteOffset, out.length);
     for (let i = 0; i < grains; i++) {
       const at = (sectors[i] - start) * SECTOR;
       view.setBigUint64(at, BigInt(Math.floor((guest + i * cb) / SECTOR)), true);
       view.setUint32(at + 8, sizes[i], true);
       out.set(deflated[i]!, at + 12);
     }
-    for (const b of batches) this.#pool!.recycle(b);
     await e.file.write(start * SECTOR, out);
     e.nextClusterSector = next;
     await this.#setGtes(e, first, sectors);
