@@ -29,6 +29,8 @@ const MAX_BUF_SECTORS = 32768;
 const COMPRESS_BATCH_SECTORS = 2048;
 /** The most sectors one block-status query or request covers (BDRV_REQUEST_MAX_SECTORS). */
 const REQUEST_MAX_SECTORS = Math.floor(0x7fffffff / SECTOR);
+/** Requests whose writes run at once on a target that allows it (CopyTarget.writeConcurrent). */
+const WRITES_IN_FLIGHT = 4;
 /** The most parallel workers `-m` allows. */
 export const MAX_PARALLEL = 16;
 /** The largest `-S` value, in bytes. */
@@ -53,6 +55,12 @@ export interface CopyTarget {
    * writeCompressed of the same offset and data; the data stays unchanged until then.
    */
   prepareCompressed?(offset: number, data: Uint8Array): void;
+  /**
+   * As `write`, on another thread, and writes to different ranges may run
+   * at once (a raw file): convert then starts a request's writes while
+   * earlier requests' are still in flight (WRITES_IN_FLIGHT, issued in order).
+   */
+  writeConcurrent?(offset: number, data: Uint8Array): Promise<void>;
 }
 
 /** How to convert. Sizes are in bytes. */
@@ -331,7 +339,23 @@ export function imageTarget(image: Image): CopyTarget {
     prepareCompressed: top.prepareCompressed
       ? (offset, data) => top.prepareCompressed!(offset, data)
       : undefined,
+    writeConcurrent: concurrentWriter(image),
   };
+}
+
+/**
+ * Concurrent writes straight to a raw target's file, whose offsets are the
+ * guest's (a qcow2 target allocates clusters in call order, so it keeps
+ * one write at a time). Past the image's end the driver's write keeps its size.
+ */
+function concurrentWriter(image: Image): CopyTarget["writeConcurrent"] {
+  const top = image.chain[0].image;
+  const file = top.file;
+  if (image.chain[0].driver.name !== "raw" || !file.writeConcurrent) return;
+  return (offset, data) =>
+    offset + data.length <= top.size
+      ? file.writeConcurrent!(offset, data)
+      : top.write!(offset, data);
 }
 
 /**
@@ -379,6 +403,8 @@ class Converter {
   #writeOffset = 0;
   #waiters = new Map<number, () => void>();
   #error: unknown = undefined;
+  /** One promise per request that started writing (the latest last): done and its error recorded. */
+  #recentWrites: Promise<void>[] = [];
   #lock = new Lock();
 
   constructor(sources: SourceImage[], target: CopyTarget, options: ConvertOptions) {
@@ -622,24 +648,46 @@ class Converter {
         }
         this.#waiters.delete(sector);
       }
+      const pipelined = this.#target.writeConcurrent && !this.#o.outOfOrder && !this.#o.compressed;
       if (this.#error === undefined) {
-        try {
-          await this.#write(sector, count, input, status, runs);
-        } catch (err) {
-          this.#fail(
-            new CopyError("writing", sector * SECTOR, strerror(err)),
-          );
+        const writing = this.#write(sector, count, input, status, runs).then(
+          () => undefined,
+          (err) => new CopyError("writing", sector * SECTOR, strerror(err)),
+        );
+        if (pipelined) {
+          // Up to WRITES_IN_FLIGHT requests write at once (pwrites on other
+          // threads): the next may start once the one that many back is done.
+          // Errors are recorded in offset order.
+          const recent = this.#recentWrites;
+          const previous = recent[recent.length - 1];
+          const gate = recent[recent.length - (WRITES_IN_FLIGHT - 1)];
+          let done = () => {};
+          recent.push(new Promise<void>((resolve) => (done = resolve)));
+          if (recent.length > WRITES_IN_FLIGHT) recent.shift();
+          await gate;
+          this.#advance(sector + count);
+          const failure = await writing;
+          await previous;
+          if (failure) this.#fail(failure);
+          done();
+        } else {
+          const failure = await writing;
+          if (failure) this.#fail(failure);
         }
       }
       view?.release();
-      if (!this.#o.outOfOrder) {
-        this.#writeOffset = sector + count;
-        const wake = this.#waiters.get(this.#writeOffset);
-        if (wake) {
-          this.#waiters.delete(this.#writeOffset);
-          wake();
-        }
-      }
+      if (!this.#o.outOfOrder) this.#advance(sector + count);
+    }
+  }
+
+  /** Lets the request that starts at `next` write (in-order mode). */
+  #advance(next: number): void {
+    if (this.#writeOffset >= next) return;
+    this.#writeOffset = next;
+    const wake = this.#waiters.get(next);
+    if (wake) {
+      this.#waiters.delete(next);
+      wake();
     }
   }
 
@@ -683,6 +731,9 @@ class Converter {
     let pos = 0;
     let run = 0;
     const words = buf && status === Status.Data ? wordsOf(buf) : undefined;
+    // A raw target takes all the writes of a request at once (on other threads).
+    const concurrent = this.#o.compressed ? undefined : this.#target.writeConcurrent;
+    const pending: Promise<void>[] | undefined = concurrent ? [] : undefined;
     while (count > 0) {
       let n = count;
       if (status !== Status.Backing) {
@@ -707,16 +758,24 @@ class Converter {
           const bytes = buf!.subarray(pos * SECTOR, (pos + n) * SECTOR);
           if (this.#o.compressed && this.#target.writeCompressed) {
             await this.#writeCompressed(offset, bytes);
+          } else if (pending) {
+            pending.push(concurrent!.call(this.#target, offset, bytes));
           } else {
             await this.#target.write(offset, bytes);
           }
         } else if (!this.#hasZeroInit) {
-          await this.#writeZeroes(offset, n * SECTOR);
+          if (pending) pending.push(this.#writeZeroes(offset, n * SECTOR));
+          else await this.#writeZeroes(offset, n * SECTOR);
         }
       }
       sector += n;
       count -= n;
       pos += n;
+    }
+    if (pending) {
+      // All settle before the buffer may go; the first failure in offset order is the error.
+      const failed = (await Promise.allSettled(pending)).find((r) => r.status === "rejected");
+      if (failed) throw (failed as PromiseRejectedResult).reason;
     }
   }
 

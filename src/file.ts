@@ -27,6 +27,12 @@ export interface BlockFile {
   read(offset: number, buf: Uint8Array): Promise<number>;
   /** Writes all of `data` at `offset`. */
   write(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * As `write`, but the transfer runs on another thread: the caller goes on
+   * meanwhile, and writes to different ranges may run at once. `data` must
+   * stay unchanged until the promise settles. May be absent.
+   */
+  writeConcurrent?(offset: number, data: Uint8Array): Promise<void>;
   /** Sets the file length. */
   truncate(size: number): Promise<void>;
   /** Makes written data durable. */
@@ -127,6 +133,7 @@ export class DenoFile implements BlockFile {
   #path: string;
   #holes: HoleFinder | null | undefined;
   #noFlush = false;
+  #viewSize: number | undefined;
 
   private constructor(name: string, path: string, file: Deno.FsFile, writable: boolean) {
     this.name = name;
@@ -186,17 +193,24 @@ export class DenoFile implements BlockFile {
     return done;
   }
 
+  // deno-lint-ignore require-await
   async write(offset: number, data: Uint8Array): Promise<void> {
     beforeChange();
     if (this.#holes === undefined) this.#holes = this.#native();
-    // pwrite where libc is open (large ones on another thread); what it
-    // leaves (an error) goes through Deno for the error's text.
-    const h = this.#holes;
-    let done = !h
-      ? 0
-      : data.length >= ASYNC_WRITE
-      ? await h.pwriteAsync(offset, data)
-      : h.pwrite(offset, data);
+    // pwrite where libc is open; what it leaves (an error) goes through Deno for the error's text.
+    const done = this.#holes ? this.#holes.pwrite(offset, data) : 0;
+    this.#writeRest(offset, data, done);
+  }
+
+  async writeConcurrent(offset: number, data: Uint8Array): Promise<void> {
+    beforeChange();
+    if (this.#holes === undefined) this.#holes = this.#native();
+    const done = this.#holes ? await this.#holes.pwriteAsync(offset, data) : 0;
+    this.#writeRest(offset, data, done);
+  }
+
+  /** Writes what pwrite left (after an error: Deno's call throws it with its text). */
+  #writeRest(offset: number, data: Uint8Array, done: number): void {
     if (done === data.length) return;
     const f = this.#file;
     f.seekSync(offset + done, Deno.SeekMode.Start);
@@ -206,7 +220,13 @@ export class DenoFile implements BlockFile {
   // deno-lint-ignore require-await
   async view(offset: number, length: number): Promise<FileView | undefined> {
     if (this.#holes === undefined) this.#holes = this.#native();
-    if (!this.#holes || length <= 0 || offset + length > this.#file.statSync().size) return;
+    if (!this.#holes || length <= 0) return;
+    // Bytes past the end must never be touched (SIGBUS): only ranges inside the file map.
+    // A read-only handle's size is taken once (it changes only under another writer).
+    const size = this.writable
+      ? this.#file.statSync().size
+      : (this.#viewSize ??= this.#file.statSync().size);
+    if (offset + length > size) return;
     return this.#holes.map(offset, length);
   }
 
@@ -297,9 +317,15 @@ function closeLibc(): void {
   }
 }
 
-/** Writes from this size on run on another thread (see pwriteAsync). */
-const ASYNC_WRITE = 1 << 20;
+/** Views map whole windows of this size (see HoleFinder.map), into one of SLOTS slots. */
+const WINDOW = 8 << 20;
+const SLOTS = 8;
+const PROT_NONE = 0;
 const PROT_READ = 1;
+const MAP_PRIVATE = 2;
+const MAP_FIXED = 0x10;
+const MAP_ANONYMOUS = 0x20;
+const MAP_NORESERVE = 0x4000;
 const MAP_SHARED = 1;
 const PAGE = 4096;
 
@@ -401,8 +427,100 @@ class HoleFinder {
     return done;
   }
 
-  /** Maps [offset, offset + length) read-only; undefined when mmap fails. */
+  /**
+   * A read-only view of [offset, offset + length). Views share mappings of
+   * whole windows, placed in slots of one reserved address range: one
+   * ArrayBuffer for all of them, so mapping adds nothing for the garbage
+   * collector to count (a new ArrayBuffer per mapping triggered collections),
+   * and fewer mmap calls. The window last left without views stays mapped
+   * for the next. Undefined when mmap fails.
+   */
   map(offset: number, length: number): FileView | undefined {
+    const w = Math.floor(offset / WINDOW);
+    if (Math.floor((offset + length - 1) / WINDOW) !== w) return this.#mapOnce(offset, length);
+    let win = this.#windows.get(w);
+    if (!win) {
+      const slot = this.#freeSlot();
+      if (slot === undefined) return this.#mapOnce(offset, length);
+      const at = Deno.UnsafePointer.offset(this.#arena!.ptr, slot * WINDOW);
+      // MAP_FIXED replaces the slot's pages in place; the range stays ours throughout.
+      // A window may reach past the end of the file: only bytes inside it are viewed.
+      const ptr = this.#lib.symbols.mmap(
+        at,
+        BigInt(WINDOW),
+        PROT_READ,
+        MAP_SHARED | MAP_FIXED,
+        this.#fd,
+        BigInt(w * WINDOW),
+      );
+      if (!ptr || Deno.UnsafePointer.value(ptr) !== Deno.UnsafePointer.value(at)) return;
+      win = { slot, views: 0 };
+      this.#windows.set(w, win);
+    }
+    win.views++;
+    if (this.#idle === w) this.#idle = undefined;
+    const held = win;
+    let released = false;
+    return {
+      bytes: new Uint8Array(this.#arena!.buffer, held.slot * WINDOW + offset - w * WINDOW, length),
+      release: () => {
+        if (released) return;
+        released = true;
+        if (--held.views > 0) return;
+        if (this.#idle !== undefined) this.#unmap(this.#idle);
+        this.#idle = w;
+      },
+    };
+  }
+
+  /** Reserved address space for SLOTS windows (PROT_NONE until a window is mapped in). */
+  #arena: { ptr: Deno.PointerObject; buffer: ArrayBuffer; used: boolean[] } | null | undefined;
+  #windows = new Map<number, { slot: number; views: number }>();
+  /** A window kept mapped without views. */
+  #idle: number | undefined;
+
+  #freeSlot(): number | undefined {
+    if (this.#arena === undefined) {
+      const ptr = this.#lib.symbols.mmap(
+        null,
+        BigInt(SLOTS * WINDOW),
+        PROT_NONE,
+        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+        -1,
+        0n,
+      );
+      this.#arena = !ptr || Deno.UnsafePointer.value(ptr) === 0xffffffffffffffffn ? null : {
+        ptr,
+        buffer: Deno.UnsafePointerView.getArrayBuffer(ptr, SLOTS * WINDOW),
+        used: new Array(SLOTS).fill(false),
+      };
+    }
+    if (!this.#arena) return;
+    const slot = this.#arena.used.indexOf(false);
+    if (slot < 0) return;
+    this.#arena.used[slot] = true;
+    return slot;
+  }
+
+  #unmap(w: number): void {
+    const win = this.#windows.get(w);
+    if (!win || win.views > 0) return;
+    // Back to reserved, inaccessible pages (never munmap: the range must stay ours).
+    const at = Deno.UnsafePointer.offset(this.#arena!.ptr, win.slot * WINDOW);
+    this.#lib.symbols.mmap(
+      at,
+      BigInt(WINDOW),
+      PROT_NONE,
+      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+      -1,
+      0n,
+    );
+    this.#arena!.used[win.slot] = false;
+    this.#windows.delete(w);
+  }
+
+  /** A mapping of its own for a view that crosses windows. */
+  #mapOnce(offset: number, length: number): FileView | undefined {
     const s = this.#lib.symbols;
     const lead = offset % PAGE;
     const size = BigInt(length + lead);
@@ -451,6 +569,10 @@ class HoleFinder {
   }
 
   close(): void {
+    // Views must not outlive their file: every window goes.
+    if (this.#arena) this.#lib.symbols.munmap(this.#arena.ptr, BigInt(SLOTS * WINDOW));
+    this.#arena = null;
+    this.#windows.clear();
     this.#lib.symbols.close(this.#fd);
     closeLibc();
   }

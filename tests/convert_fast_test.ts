@@ -63,14 +63,17 @@ Deno.test({
 });
 
 Deno.test({
-  name: "DenoFile.write() of large buffers (pwrite on another thread) lands at every offset",
+  name: "DenoFile.writeConcurrent() (pwrite on another thread) lands at every offset",
   ignore: !ffi,
   async fn() {
     await using dir = await tempDir();
     const f = await DenoFile.open(`${dir.path}/f`, { create: true, write: true });
     try {
       const big = new Uint8Array(3 * MIB + 5).map((_, i) => (i * 7) & 0xff);
-      await Promise.all([f.write(513, big), f.write(16 * MIB, big.subarray(0, MIB))]);
+      await Promise.all([
+        f.writeConcurrent(513, big),
+        f.writeConcurrent(16 * MIB, big.subarray(0, MIB)),
+      ]);
       const back = new Uint8Array(big.length);
       assertEquals(await f.read(513, back), big.length);
       assertTrue(back.every((b, i) => b === big[i]), "bytes as written");
