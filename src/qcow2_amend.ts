@@ -447,8 +447,8 @@ export async function amendQcow2(
     throw notYet("changing the compat level of qcow2 images with bitmaps");
   }
   if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw notYet("amend of dirty qcow2 images");
-  // qemu rewrites the bitmap directory of a writable image as it closes it.
-  if (h.bitmaps && !h.bitmapsInconsistent) throw notYet("amend of qcow2 images with bitmaps");
+  // Bitmaps survive amend: the header keeps their extension, a size change
+  // resizes them (Qcow2Image.resize) and refcount changes keep their clusters.
   if (newSize && newSize < h.size) throw notYet("amend -o size (shrinking)");
   if (newVersion < oldVersion && h.compressionType === "zstd") {
     throw notYet("downgrading qcow2 images with zstd compression");

@@ -7,7 +7,7 @@
  */
 
 import { assertEquals, assertTrue } from "./_assert.ts";
-import { qemuImg, qimg, sh, tempDir } from "./_util.ts";
+import { CLI, qemuImg, qimg, sh, tempDir } from "./_util.ts";
 import { bitmapsIn, infoOf } from "./_bitmap_util.ts";
 
 /** Sets the in-use flag of the first bitmap directory entry (an image qemu did not close). */
@@ -118,4 +118,91 @@ Deno.test("resize of qcow2 images with bitmaps resizes them, refuses inconsisten
     r.stderr,
     "qimg: Bitmap 'a' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk\n",
   );
+});
+
+Deno.test("amend of qcow2 images with bitmaps keeps and resizes them as qemu-img 7.2", async () => {
+  for (
+    const o of [
+      "lazy_refcounts=on",
+      "refcount_bits=8",
+      "size=8M",
+      "size=1M",
+      "refcount_bits=1,size=5M",
+      "backing_file=x.qcow2",
+    ]
+  ) {
+    await using dir = await inputs(IMAGE);
+    await same(dir.path, ["amend", "-o", o, "t.qcow2"], ["t.qcow2"]);
+  }
+});
+
+Deno.test("snapshot -c and -d keep bitmaps, -a refuses them as qemu-img 7.2", async () => {
+  await using dir = await inputs(`${IMAGE} && qemu-img snapshot -c s1 t.qcow2`);
+  await same(dir.path, ["snapshot", "-a", "s1", "t.qcow2"], ["t.qcow2"]);
+  await same(dir.path, ["snapshot", "-d", "s1", "t.qcow2"], ["t.qcow2"]);
+  const args = ["snapshot", "-c", "s2", "t.qcow2"];
+  assertEquals(await qimg(args, `${dir.path}/m`), await qemuImg(args, `${dir.path}/q`));
+  assertEquals(await bitmapsIn(`${dir.path}/m/t.qcow2`), await bitmapsIn(`${dir.path}/q/t.qcow2`));
+  await sh("qemu-img check -q m/t.qcow2", dir.path);
+});
+
+Deno.test("bench -w marks the enabled bitmaps as qemu-img 7.2", async () => {
+  for (
+    const args of [
+      ["-c", "20", "-s", "4k", "-S", "192k"],
+      ["-c", "10", "-s", "64k", "-o", "100k", "--pattern=5"],
+    ]
+  ) {
+    await using dir = await inputs(IMAGE);
+    const all = ["bench", "-w", "-q", ...args, "t.qcow2"];
+    const theirs = await qemuImg(all, `${dir.path}/q`);
+    const ours = await qimg(all, `${dir.path}/m`);
+    const time = /Run completed in [0-9.]+ seconds/;
+    assertEquals(ours.stdout.replace(time, ""), theirs.stdout.replace(time, ""));
+    assertEquals([ours.stderr, ours.code], [theirs.stderr, theirs.code]);
+    await sh("qemu-img check -q m/t.qcow2 && qemu-img compare -q q/t.qcow2 m/t.qcow2", dir.path);
+    assertEquals(
+      await bitmapsIn(`${dir.path}/m/t.qcow2`),
+      await bitmapsIn(`${dir.path}/q/t.qcow2`),
+    );
+  }
+});
+
+Deno.test("convert -n into a qcow2 image with bitmaps killed at any point leaves them in use or stored, never corrupt", async () => {
+  await using dir = await inputs(
+    "qemu-img create -q -f qcow2 t0.qcow2 8M && qemu-img bitmap --add t0.qcow2 a && " +
+      "qemu-img bitmap --add -g 4k --disable t0.qcow2 d && qemu-img create -q -f raw s.raw 8M && " +
+      "qemu-io -f raw -c 'write -P 2 1M 1M' -c 'write -P 3 5M 100k' s.raw >/dev/null && " +
+      "cp t0.qcow2 t.qcow2 && qemu-img convert -n -O qcow2 s.raw t.qcow2",
+  );
+  const m = `${dir.path}/m`;
+  const expected = await bitmapsIn(`${dir.path}/q/t.qcow2`);
+  const original = await bitmapsIn(`${m}/t0.qcow2`);
+  let points = 0;
+  for (let n = 1;; n++) {
+    const out = await new Deno.Command("sh", {
+      args: [
+        "-c",
+        `cp t0.qcow2 t.qcow2 && QIMG_CRASH_AFTER_WRITES=${n} "${Deno.execPath()}" run -A ${CLI} ` +
+        "convert -n -O qcow2 s.raw t.qcow2",
+      ],
+      cwd: m,
+      stderr: "null",
+    }).output();
+    const check = await qemuImg(["check", "t.qcow2"], m);
+    assertTrue(check.code === 0 || check.code === 3, `kill ${n}: ${check.stdout}${check.stderr}`);
+    const bits = await bitmapsIn(`${m}/t.qcow2`);
+    if (out.code === 0) {
+      assertEquals(bits, expected);
+      break;
+    }
+    // Killed: the bitmaps as they were, marked in use (qemu's inconsistent), or stored.
+    const same = (x: string[]) => x.join() === bits.join();
+    assertTrue(
+      same(original) || same(expected) || bits[0].includes("flags=3"),
+      `kill ${n}: ${bits}`,
+    );
+    points++;
+  }
+  assertTrue(points > 5, `${points} kill points`);
 });
