@@ -121,6 +121,11 @@ function latin1(b: Uint8Array): string {
   return s;
 }
 
+/** Descriptor text as qemu sees its bytes: UTF-8 file names stay the names on disk (a BOM is kept). */
+function utf8(b: Uint8Array): string {
+  return new TextDecoder("utf-8", { ignoreBOM: true }).decode(b);
+}
+
 function fromLatin1(s: string): Uint8Array {
   const b = new Uint8Array(s.length);
   for (let i = 0; i < s.length; i++) b[i] = s.charCodeAt(i) & 0xff;
@@ -286,7 +291,7 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
     const at = sectorsToBytes(descOffset);
     if (at < 0) throw new QimgError("Could not read from file: Invalid argument");
     const buf = await readDescText(file, at);
-    await openDescriptor(st, cString(latin1(buf)), depth + 1);
+    await openDescriptor(st, cString(utf8(buf)), depth + 1);
     return;
   }
   st.createType ??= "monolithicSparse";
@@ -1409,11 +1414,11 @@ export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Prom
       await openSparse(st, file, 0);
       descOffset = 0x200;
     } else {
-      await openDescriptor(st, cString(latin1(buf)), 0);
+      await openDescriptor(st, cString(utf8(buf)), 0);
     }
     // parentFileNameHint and the CIDs come from the descriptor area at descOffset.
     const area = await readAt(file, descOffset, DESC_SIZE);
-    const hintText = cString(latin1(area));
+    const hintText = cString(utf8(area));
     const hint = parentFileNameHint(hintText);
     const invalid = () => new QimgError(`Could not open '${file.name}': Invalid argument`);
     if (hint === null) throw invalid();
