@@ -206,3 +206,17 @@ Deno.test("convert -n into a qcow2 image with bitmaps killed at any point leaves
   }
   assertTrue(points > 5, `${points} kill points`);
 });
+
+Deno.test("convert -n --target-is-zero marks only the granules it writes, with 512 B, 2 MiB clusters and extended L2", async () => {
+  for (const o of ["cluster_size=512", "cluster_size=2M", "extended_l2=on"]) {
+    await using dir = await inputs(
+      `qemu-img create -q -f qcow2 -o ${o} t.qcow2 64M && qemu-img bitmap --add -g 512 t.qcow2 fine && ` +
+        "qemu-img bitmap --add t.qcow2 dflt && qemu-img bitmap --add -g 1M --disable t.qcow2 off && " +
+        "qemu-io -c 'write -P 1 0 3M' -c 'write 40M 7k' t.qcow2 >/dev/null && " +
+        "qemu-img create -q -f raw s.raw 64M && qemu-io -f raw -c 'write -P 2 1M 4k' " +
+        "-c 'write -P 3 33M 100k' -c 'write -P 4 63M 1536' s.raw >/dev/null",
+    );
+    const args = ["convert", "-n", "--target-is-zero", "-O", "qcow2", "s.raw", "t.qcow2"];
+    await same(dir.path, args, ["t.qcow2"]);
+  }
+});
