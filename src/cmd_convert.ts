@@ -145,11 +145,11 @@ async function copyBitmaps(
     copied.unshift(b);
   }
   if (copied.length === 0) return;
-  const top = target.chain[0].image;
-  // The target's own tables reach the file before the bitmaps allocate after them.
-  await top.flush();
-  const { storeBitmaps } = await import("./qcow2_bitmap.ts");
-  await storeBitmaps(top.file, copied);
+  // Stored as the target closes, with any bitmaps it has (qcow2.ts).
+  const top = target.chain[0].image as unknown as {
+    addBitmaps(list: BitmapContent[]): Promise<void>;
+  };
+  await top.addBitmaps(copied);
 }
 
 /** Creates an image file for `dd`: a new image of `size` bytes, errors without the file name. */

@@ -56,7 +56,7 @@ import { loadSnapshotL1, type Qcow2Snapshot, readSnapshotTable } from "./qcow2_s
 // use (`import()` below): read-only commands start faster without them.
 import type { Qcow2Writer } from "./qcow2_write.ts";
 import type { ResizeOptions } from "./qcow2_resize.ts";
-import type { Qcow2Bitmaps } from "./qcow2_bitmap.ts";
+import type { BitmapContent, Qcow2Bitmaps } from "./qcow2_bitmap.ts";
 import { QCOW2_CREATE_OPTIONS } from "./options.ts";
 
 /** qcow2_write.ts, once loaded: Qcow2Image's sync write paths (prepareCompressed) need it at hand. */
@@ -399,6 +399,7 @@ export class Qcow2Image implements FormatImage {
    * before the first write, as qemu does when it opens an image read-write.
    */
   #tracking(): Promise<Qcow2Bitmaps | undefined> {
+    if (this.#bitmaps) return this.#bitmaps;
     const h = this.header;
     if (!h.bitmaps || h.bitmapsInconsistent || !this.file.writable || this.#snapshotView) {
       return Promise.resolve(undefined);
@@ -409,6 +410,28 @@ export class Qcow2Image implements FormatImage {
       const { Qcow2Bitmaps } = await import("./qcow2_bitmap.ts");
       return await Qcow2Bitmaps.open(this.file);
     })();
+  }
+
+  /**
+   * Adds persistent bitmaps (convert --bitmaps), stored on close. qemu adds
+   * them newest first (last in `list`, which is in directory order, first)
+   * and stops at a name the image has; those added before it are kept.
+   */
+  async addBitmaps(list: readonly BitmapContent[]): Promise<void> {
+    if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
+    let bitmaps = await this.#tracking();
+    if (!bitmaps) {
+      await this.#writer?.flush();
+      const { Qcow2Bitmaps } = await import("./qcow2_bitmap.ts");
+      bitmaps = await Qcow2Bitmaps.open(this.file);
+      this.#bitmaps = Promise.resolve(bitmaps);
+    }
+    for (const b of [...list].reverse()) {
+      if (bitmaps.get(b.name)) {
+        throw new QimgError(`Failed to create bitmap ${b.name}: Bitmap already exists: ${b.name}`);
+      }
+      bitmaps.add({ ...b, inUse: false, bits: b.bits.slice() });
+    }
   }
 
   /** Stores the bitmaps guest writes marked (new clusters, in use cleared), as qemu on close. */

@@ -368,24 +368,3 @@ export class Qcow2Bitmaps {
     await this.#refs.changeRange(d.tableOffset, d.tableSize * 8, -1);
   }
 }
-
-/**
- * Stores `bitmaps` (in directory order, none in use, each with bits for the
- * image's size) into the qcow2 image in `file`, as qemu does when it closes
- * an image it added them to. The image's own tables must be on disk
- * already (its writer flushed): this allocates through a refcount view of
- * its own.
- */
-export async function storeBitmaps(
-  file: BlockFile,
-  bitmaps: readonly BitmapContent[],
-): Promise<void> {
-  if (bitmaps.length === 0) return;
-  const image = await Qcow2Bitmaps.open(file);
-  if (image.bitmaps.length > 0) {
-    throw new QimgError("adding bitmaps to a qcow2 image that has some: not supported yet");
-  }
-  // Added last to first, so that the newest first list is in directory order.
-  for (const b of [...bitmaps].reverse()) image.add(b);
-  await image.close();
-}

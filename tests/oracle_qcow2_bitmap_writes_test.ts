@@ -220,3 +220,16 @@ Deno.test("convert -n --target-is-zero marks only the granules it writes, with 5
     await same(dir.path, args, ["t.qcow2"]);
   }
 });
+
+Deno.test("convert -n --bitmaps adds to a target's bitmaps, stops at a name it has, as qemu-img 7.2", async () => {
+  const setup = "qemu-img create -q -f qcow2 s.qcow2 4M && qemu-img bitmap --add s.qcow2 sa && " +
+    "qemu-img bitmap --add -g 4k --disable s.qcow2 both && qemu-io -c 'write 1M 64k' s.qcow2 >/dev/null && " +
+    "qemu-img bitmap --enable s.qcow2 both && qemu-img create -q -f qcow2 t.qcow2 4M && " +
+    "qemu-img bitmap --add t.qcow2 ta && qemu-io -c 'write 2M 64k' t.qcow2 >/dev/null";
+  for (const more of ["", " && qemu-img bitmap --add t.qcow2 sa"]) {
+    await using dir = await inputs(setup + more);
+    await same(dir.path, ["convert", "-n", "--bitmaps", "-O", "qcow2", "s.qcow2", "t.qcow2"], [
+      "t.qcow2",
+    ]);
+  }
+});
