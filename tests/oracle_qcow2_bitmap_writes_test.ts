@@ -107,7 +107,8 @@ Deno.test("rebase marks the overlay's enabled bitmaps for what it copies, as qem
 
 Deno.test("resize of qcow2 images with bitmaps resizes them, refuses inconsistent ones as qemu-img 7.2", async () => {
   for (const inUse of [false, true]) {
-    for (const size of ["8M", "1M", "+1k", "4100k"]) {
+    // Inconsistent bitmaps: one size is enough, qemu refuses them all.
+    for (const size of inUse ? ["1M"] : ["8M", "1M", "+1k", "4100k"]) {
       await using dir = await inputs(inUse ? `${IMAGE} && ${IN_USE} t.qcow2` : IMAGE);
       await same(dir.path, ["resize", "--shrink", "t.qcow2", size], ["t.qcow2"]);
     }
