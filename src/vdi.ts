@@ -154,6 +154,9 @@ export class VdiImage implements FormatImage {
   }
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
+    // Blocks past the end of the file read as zeroes without a read: a hostile
+    // map's offsets reach beyond what the host may even seek to (EINVAL).
+    const end = await this.file.size();
     for (let done = 0; done < buf.length;) {
       const guest = offset + done;
       let n = Math.min(buf.length - done, BLOCK_SIZE - guest % BLOCK_SIZE);
@@ -163,7 +166,7 @@ export class VdiImage implements FormatImage {
         n = Math.min(buf.length - done, n + BLOCK_SIZE);
       }
       const dst = buf.subarray(done, done + n);
-      if (host < 0) dst.fill(0);
+      if (host < 0 || host >= end) dst.fill(0);
       else await readZeroFilled(this.file, host, dst);
       done += n;
     }
