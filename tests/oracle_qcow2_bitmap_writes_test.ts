@@ -237,3 +237,20 @@ Deno.test("convert -n --bitmaps adds to a target's bitmaps, stops at a name it h
     ]);
   }
 });
+
+Deno.test("convert -n into a qcow2 image with bitmaps and an external data file marks them as qemu-img 7.2", async () => {
+  await using dir = await inputs(
+    "qemu-img create -q -f qcow2 -o data_file=t.data t.qcow2 4M && qemu-img bitmap --add t.qcow2 a && " +
+      "qemu-io -c 'write -P 1 0 64k' t.qcow2 >/dev/null && qemu-img create -q -f raw s.raw 4M && " +
+      "qemu-io -f raw -c 'write -P 2 1M 300k' s.raw >/dev/null",
+  );
+  const args = ["convert", "-n", "--target-is-zero", "-O", "qcow2", "s.raw", "t.qcow2"];
+  assertEquals(await qimg(args, `${dir.path}/m`), await qemuImg(args, `${dir.path}/q`));
+  // qemu opens the data file by its name relative to the working directory.
+  await sh(
+    "qemu-img check -q t.qcow2 && qemu-io -c 'read -P 1 0 64k' -c 'read -P 2 1M 300k' " +
+      "-c 'read -P 0 1324k 2772k' t.qcow2 | grep -c '^read' | grep -qx 3",
+    `${dir.path}/m`,
+  );
+  assertEquals(await bitmapsIn(`${dir.path}/m/t.qcow2`), await bitmapsIn(`${dir.path}/q/t.qcow2`));
+});
