@@ -160,7 +160,7 @@ export interface SourceStatus {
 }
 
 /** Formats whose host offsets (block status) point at the guest bytes as they are. */
-const PLAIN_FORMATS = new Set(["raw", "qcow2"]);
+const PLAIN_FORMATS = new Set(["raw", "qcow2", "vdi", "vpc", "vmdk"]);
 
 /**
  * The host file whose bytes at a status run's host offset are the guest's
@@ -242,7 +242,9 @@ function pow2floor(n: number): number {
 /** Whether sector `i` of a buffer (viewed as 32-bit words) holds only zeroes. */
 function sectorIsZero(words: Int32Array, i: number): boolean {
   // Eight words OR-ed per step: about twice as fast as a test per word on zeroed sectors.
-  for (let j = i * (SECTOR / 4), end = j + SECTOR / 4; j < end; j += 8) {
+  const first = i * (SECTOR / 4);
+  if (words[first] !== 0) return false; // data nearly always shows in its first word
+  for (let j = first, end = j + SECTOR / 4; j < end; j += 8) {
     if (
       (words[j] | words[j + 1] | words[j + 2] | words[j + 3] | words[j + 4] | words[j + 5] |
         words[j + 6] | words[j + 7]) !== 0
@@ -339,17 +341,22 @@ export function imageTarget(image: Image): CopyTarget {
     prepareCompressed: top.prepareCompressed
       ? (offset, data) => top.prepareCompressed!(offset, data)
       : undefined,
-    writeConcurrent: concurrentWriter(image),
+    writeConcurrent: concurrentWriter(image, backingRead),
   };
 }
 
 /**
- * Concurrent writes straight to a raw target's file, whose offsets are the
- * guest's (a qcow2 target allocates clusters in call order, so it keeps
- * one write at a time). Past the image's end the driver's write keeps its size.
+ * Concurrent writes: the driver's (qcow2: clusters allocated in call
+ * order, data transfers overlapping), or straight to a raw target's file,
+ * whose offsets are the guest's (past the image's end the driver's write
+ * keeps its size).
  */
-function concurrentWriter(image: Image): CopyTarget["writeConcurrent"] {
+function concurrentWriter(
+  image: Image,
+  backingRead?: (offset: number, buf: Uint8Array) => Promise<void>,
+): CopyTarget["writeConcurrent"] {
   const top = image.chain[0].image;
+  if (top.writeConcurrent) return (offset, data) => top.writeConcurrent!(offset, data, backingRead);
   const file = top.file;
   if (image.chain[0].driver.name !== "raw" || !file.writeConcurrent) return;
   return (offset, data) =>
@@ -405,6 +412,8 @@ class Converter {
   #error: unknown = undefined;
   /** One promise per request that started writing (the latest last): done and its error recorded. */
   #recentWrites: Promise<void>[] = [];
+  /** A concurrent write has finished (see the pipelined writes in #worker). */
+  #targetWarm = false;
   #lock = new Lock();
 
   constructor(sources: SourceImage[], target: CopyTarget, options: ConvertOptions) {
@@ -660,7 +669,9 @@ class Converter {
           // Errors are recorded in offset order.
           const recent = this.#recentWrites;
           const previous = recent[recent.length - 1];
-          const gate = recent[recent.length - (WRITES_IN_FLIGHT - 1)];
+          // Until one write has finished, requests write alone: a target's first call
+          // may take longer to reach it (loading its write side) and must not be overtaken.
+          const gate = this.#targetWarm ? recent[recent.length - (WRITES_IN_FLIGHT - 1)] : writing;
           let done = () => {};
           recent.push(new Promise<void>((resolve) => (done = resolve)));
           if (recent.length > WRITES_IN_FLIGHT) recent.shift();
@@ -774,7 +785,9 @@ class Converter {
     }
     if (pending) {
       // All settle before the buffer may go; the first failure in offset order is the error.
-      const failed = (await Promise.allSettled(pending)).find((r) => r.status === "rejected");
+      const settled = await Promise.allSettled(pending);
+      if (pending.length) this.#targetWarm = true;
+      const failed = settled.find((r) => r.status === "rejected");
       if (failed) throw (failed as PromiseRejectedResult).reason;
     }
   }

@@ -150,6 +150,12 @@ export interface FormatImage {
   /** Writes guest bytes. */
   write?(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void>;
   /**
+   * As `write`, but the data may go to the file on another thread after the
+   * metadata work, beside later calls' transfers (allocation stays in call
+   * order): convert's bulk copy. May be absent.
+   */
+  writeConcurrent?(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void>;
+  /**
    * Makes a range read as zeroes; `mayUnmap` lets it deallocate (qemu's
    * BDRV_REQ_MAY_UNMAP); `backingRead` fills the rest of a partly zeroed
    * cluster that this layer does not hold yet.

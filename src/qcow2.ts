@@ -457,6 +457,18 @@ export class Qcow2Image implements FormatImage {
     bitmaps?.mark(offset, data.length);
   }
 
+  /** Writes guest bytes, the data transfer beside later writes' (qcow2_write.ts). */
+  async writeConcurrent(
+    offset: number,
+    data: Uint8Array,
+    backingRead?: BackingReader,
+  ): Promise<void> {
+    await loadWriteSide();
+    const bitmaps = await this.#tracking();
+    await this.#w().writeConcurrent(offset, data, backingRead);
+    bitmaps?.mark(offset, data.length);
+  }
+
   /** Makes a range read as zeroes (qcow2_write.ts). */
   async writeZeroes(
     offset: number,
@@ -513,11 +525,11 @@ export class Qcow2Image implements FormatImage {
     (await this.#bitmaps)?.resize(size);
   }
 
-  /** Rewrites the backing file reference in the header (qcow2_amend.ts). */
+  /** Rewrites the backing file reference in the header (qcow2_header_write.ts). */
   async setBacking(name: string | undefined, format: string | undefined): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     await this.#writer?.flush();
-    const { changeBacking } = await import("./qcow2_amend.ts");
+    const { changeBacking } = await import("./qcow2_header_write.ts");
     await changeBacking(this.file, this.header, name, format);
     this.backing = this.header.backingFile
       ? { name: this.header.backingFile, format: this.header.backingFormat }

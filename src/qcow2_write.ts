@@ -18,7 +18,7 @@ import type { BlockFile } from "./file.ts";
 import { IoError, QimgError } from "./errors.ts";
 import { MetadataCache } from "./cache.ts";
 import { decompressCluster } from "./codec.ts";
-import { type BatchResult, CompressPool } from "./compress_pool.ts";
+import type { BatchResult, CompressPool } from "./compress_pool.ts";
 import { alignUp, isZero, putBe32, putBe64 } from "./bytes.ts";
 import { CRYPT_NONE, INCOMPAT_DIRTY, type Qcow2Header, readPadded } from "./qcow2_header.ts";
 import {
@@ -458,8 +458,52 @@ export class Qcow2Writer {
   }
 
   /** Runs `op` after every earlier write (qemu's s->lock). */
-  #serial<T>(op: () => Promise<T>): Promise<T> {
-    return this.#lock.run(op).finally(() => this.#options.onChange?.());
+  #serial<T>(op: () => Promise<T>, concurrent = false): Promise<T> {
+    // Anything but another concurrent write first lets writeConcurrent's transfers finish.
+    const run = concurrent ? op : async () => {
+      await this.#drain();
+      return await op();
+    };
+    return this.#lock.run(run).finally(() => this.#options.onChange?.());
+  }
+
+  /** Data transfers of writeConcurrent still running, by host cluster index. */
+  #inflight = new Map<number, Promise<void>>();
+
+  async #drain(): Promise<void> {
+    if (this.#inflight.size) await Promise.allSettled(new Set(this.#inflight.values()));
+  }
+
+  /** Waits for transfers still running into the host cluster at `hostOffset`. */
+  async #settle(hostOffset: number): Promise<void> {
+    await this.#inflight.get(Math.floor(hostOffset / this.#header.clusterSize))?.catch(() => {});
+  }
+
+  /**
+   * Writes data to freshly allocated host clusters: at once, or (for
+   * writeConcurrent, `started` given) on another thread after any transfer
+   * still running into the same clusters, its promise added to `started`.
+   */
+  async #put(host: number, bytes: Uint8Array, started?: Promise<void>[]): Promise<void> {
+    const file = this.#data;
+    if (!started || !file.writeConcurrent) return await file.write(host, bytes);
+    const cs = this.#header.clusterSize;
+    const first = Math.floor(host / cs);
+    const last = Math.floor((host + bytes.length - 1) / cs);
+    const before: Promise<void>[] = [];
+    for (let c = first; c <= last; c++) {
+      const p = this.#inflight.get(c);
+      if (p) before.push(p);
+    }
+    const p = (before.length ? Promise.allSettled(before) : Promise.resolve()).then(() =>
+      file.writeConcurrent!(host, bytes)
+    );
+    for (let c = first; c <= last; c++) this.#inflight.set(c, p);
+    const forget = () => {
+      for (let c = first; c <= last; c++) if (this.#inflight.get(c) === p) this.#inflight.delete(c);
+    };
+    p.then(forget, forget);
+    started.push(p);
   }
 
   #setL1(index: number, value: number): void {
@@ -556,7 +600,31 @@ export class Qcow2Writer {
     return await this.#serial(() => this.#write(offset, data, backingRead));
   }
 
-  async #write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
+  /**
+   * As write, but the data of newly allocated clusters goes to the file on
+   * another thread after the metadata work, beside later calls' transfers
+   * (convert): clusters are still allocated in call order. Settles when this
+   * call's data is written.
+   */
+  async writeConcurrent(
+    offset: number,
+    data: Uint8Array,
+    backingRead?: BackingReader,
+  ): Promise<void> {
+    this.#assertWritable();
+    if (backingRead) this.#backingRead = backingRead;
+    const started: Promise<void>[] = [];
+    await this.#serial(() => this.#write(offset, data, backingRead, started), true);
+    const failed = (await Promise.allSettled(started)).find((r) => r.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+  }
+
+  async #write(
+    offset: number,
+    data: Uint8Array,
+    backingRead?: BackingReader,
+    started?: Promise<void>[],
+  ): Promise<void> {
     // The block layer refuses requests past the end (qemu: EIO).
     if (offset < 0 || offset + data.length > this.#header.size) {
       throw new IoError("Input/output error");
@@ -567,7 +635,8 @@ export class Qcow2Writer {
     while (pos < end) {
       const l1Index = Math.floor(pos / span);
       const chunkEnd = Math.min(end, (l1Index + 1) * span);
-      await this.#writeInL2(l1Index, pos, chunkEnd, data.subarray(pos - offset), backingRead);
+      const chunk = data.subarray(pos - offset);
+      await this.#writeInL2(l1Index, pos, chunkEnd, chunk, backingRead, started);
       pos = chunkEnd;
     }
   }
@@ -579,6 +648,7 @@ export class Qcow2Writer {
     end: number,
     data: Uint8Array,
     backingRead?: BackingReader,
+    started?: Promise<void>[],
   ): Promise<void> {
     const cs = this.#header.clusterSize;
     const span = this.#mapper.l2Span;
@@ -593,6 +663,8 @@ export class Qcow2Writer {
       const e = readEntry(view, i, ext, this.#dataMode);
       const cStart = base + i * cs;
       if (e.host && e.copied) {
+        // Written in place, maybe read first: after any transfer still running into it.
+        if (this.#inflight.size) await this.#settle(e.offset);
         // Ours alone: in place; what the cluster read as before (zeroes, backing
         // data for unallocated subclusters) is filled in around a partial write.
         const from = Math.max(pos, cStart);
@@ -662,14 +734,15 @@ export class Qcow2Writer {
       const host = await this.#allocData(runStart, count);
       const wholeFrom = head ? runStart + cs : runStart;
       const wholeTo = tail ? lastStart : runEnd;
-      if (head) await this.#data.write(host, head);
+      if (head) await this.#put(host, head, started);
       if (wholeTo > wholeFrom) {
-        await this.#data.write(
+        await this.#put(
           host + (wholeFrom - runStart),
           data.subarray(wholeFrom - pos, wholeTo - pos),
+          started,
         );
       }
-      if (tail) await this.#data.write(host + (lastStart - runStart), tail);
+      if (tail) await this.#put(host + (lastStart - runStart), tail, started);
       for (let k = 0; k < count; k++) {
         const old = readEntry(view, i + k, ext, this.#dataMode);
         setEntry(view, i + k, ext, COPIED | BigInt(host + k * cs), BITMAP_DATA);
@@ -947,6 +1020,7 @@ export class Qcow2Writer {
     // Compressed ahead (prepareCompressed): wait outside the lock.
     let out = prepared ? await prepared : undefined;
     if (data.length === 0) {
+      await this.#poolLoad?.catch(() => {});
       this.#pool?.close();
       return await this.#serial(() => this.#endCompressed());
     }
@@ -969,6 +1043,8 @@ export class Qcow2Writer {
 
   /** Worker threads compressing clusters ahead of writeCompressed (compress_pool.ts). */
   #pool?: CompressPool;
+  /** compress_pool.ts is imported on first use (start-up time of other writes). */
+  #poolLoad?: Promise<CompressPool>;
   #prepared = new Map<number, Promise<BatchResult>>();
 
   /**
@@ -986,8 +1062,10 @@ export class Qcow2Writer {
       clusters = new Uint8Array(alignUp(data.length, cs));
       clusters.set(data);
     }
-    this.#pool ??= new CompressPool(this.#header.compressionType);
-    const p = this.#pool.compressBatch(clusters, cs);
+    this.#poolLoad ??= import("./compress_pool.ts").then((m) =>
+      this.#pool = new m.CompressPool(this.#header.compressionType)
+    );
+    const p = this.#poolLoad.then((pool) => pool.compressBatch(clusters, cs));
     p.catch(() => {}); // awaited (and thrown) by writeCompressed
     this.#prepared.set(offset, p);
   }
