@@ -26,7 +26,7 @@ import {
   OFLAG_COMPRESSED_HI,
   OFLAG_COPIED_HI,
 } from "./qcow2_cluster.ts";
-import { Qcow2Refcounts } from "./qcow2_write.ts";
+import { getRefcount, Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
 import {
   MAX_SNAPSHOTS,
   type Qcow2Snapshot,
@@ -80,6 +80,38 @@ class SnapshotWriter {
     }
     if (!this.file.writable) throw new QimgError("Permission denied: image opened read-only");
     this.refs = await Qcow2Refcounts.open(this.file, this.h);
+    await this.#skipUsed();
+  }
+
+  /**
+   * Moves the free index past the clusters in use, a refcount block at a
+   * time with indexOf, where findFree would test them one by one (slow
+   * while its code is cold at start-up); it then starts at the same cluster.
+   */
+  async #skipUsed(): Promise<void> {
+    const refs = this.refs;
+    const order = this.h.refcountOrder;
+    if (order < 3 || order > 5) return;
+    const per = this.cs * 8 / 2 ** order;
+    for (;;) {
+      const t = Math.floor(refs.freeIndex / per);
+      const offset = refs.table[t] ?? 0;
+      if (!offset) return;
+      const b = await refs.cache.get(offset);
+      const width = 2 ** (order - 3);
+      if (b.byteOffset % width) return;
+      const entries = order === 3
+        ? b
+        : order === 4
+        ? new Uint16Array(b.buffer, b.byteOffset, per)
+        : new Uint32Array(b.buffer, b.byteOffset, per);
+      const k = entries.indexOf(0, refs.freeIndex - t * per);
+      if (k >= 0) {
+        refs.freeIndex = t * per + k;
+        return;
+      }
+      refs.freeIndex = (t + 1) * per;
+    }
   }
 
   /** The table with each entry's unknown extra data, re-read raw. */
@@ -108,12 +140,14 @@ class SnapshotWriter {
    * Adds `addend` references to the tree under an L1 table (0: only
    * recompute) and sets OFLAG_COPIED where a refcount is 1, as qemu's
    * qcow2_update_snapshot_refcount. Changed L2 tables are written back;
-   * the caller writes the L1 (`l1` is updated in place).
+   * the caller writes the L1 (`l1` is updated in place). Entries are
+   * handled in table order, but a refcount block is looked up once for a
+   * run of entries it covers (no await per cluster: start-up time).
    */
   async updateTree(l1: Uint8Array, addend: number): Promise<void> {
-    const refs = this.refs;
     const cs = this.cs;
     const esize = this.h.l2EntrySize;
+    const rc = new BlockCursor(this.refs, this.h);
     const v1 = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     for (let i = 0; i < l1.length / 8; i++) {
       const l1e = v1.getBigUint64(i * 8);
@@ -122,11 +156,18 @@ class SnapshotWriter {
       const l2 = await readPadded(this.file, l2Offset, cs);
       const v2 = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
       let modified = false;
-      for (let j = 0; j < cs / esize; j++) {
+      const entries = cs / esize;
+      for (let j = 0; j < entries; j++) {
+        // Runs of entries in the held block go without a call per entry.
+        const run = rc.run(v2, esize, j, entries, addend, this.#freed);
+        if (run.modified) modified = true;
+        j = run.stop;
+        if (j >= entries) break;
         const hi = v2.getUint32(j * esize);
         const lo = v2.getUint32(j * esize + 4);
         if (hi & OFLAG_COMPRESSED_HI) {
           if (addend) {
+            await rc.release();
             const d = compressedDescriptor(hi, lo, this.h.clusterBits);
             await this.changeRange(d.hostOffset & ~511, d.size + (d.hostOffset & 511), addend);
           }
@@ -134,25 +175,44 @@ class SnapshotWriter {
         }
         const offset = entryOffset(hi, lo);
         if (!offset) continue;
-        const index = offset / cs;
-        if (addend) await this.change(index, addend);
-        const rc = await refs.get(index);
-        const want = rc === 1 ? (hi | OFLAG_COPIED_HI) >>> 0 : (hi & ~OFLAG_COPIED_HI) >>> 0;
+        let rcount = this.#changeAndGet(rc, offset / cs, addend);
+        if (typeof rcount !== "number") rcount = await rcount;
+        const want = rcount === 1 ? (hi | OFLAG_COPIED_HI) >>> 0 : (hi & ~OFLAG_COPIED_HI) >>> 0;
         if (want !== hi) {
           v2.setUint32(j * esize, want);
           modified = true;
         }
       }
+      await rc.release();
       if (modified) {
         // A lowered refcount is on disk before COPIED is set on its strength.
-        if (addend < 0) await refs.cache.flush();
+        if (addend < 0) await this.refs.cache.flush();
         await this.file.write(l2Offset, l2);
       }
-      if (addend) await this.change(l2Offset / cs, addend);
-      const rc = await refs.get(l2Offset / cs);
+      const n = await this.#changeAndGet(rc, l2Offset / cs, addend);
       const hi = v1.getUint32(i * 8);
-      v1.setUint32(i * 8, rc === 1 ? (hi | OFLAG_COPIED_HI) >>> 0 : (hi & ~OFLAG_COPIED_HI) >>> 0);
+      v1.setUint32(i * 8, n === 1 ? (hi | OFLAG_COPIED_HI) >>> 0 : (hi & ~OFLAG_COPIED_HI) >>> 0);
     }
+    await rc.release();
+  }
+
+  /**
+   * change(index, addend) then the new refcount, in the block `rc` holds
+   * when it covers `index` (awaiting only to switch blocks); clusters
+   * without a block take the general path, which may allocate one.
+   */
+  #changeAndGet(rc: BlockCursor, index: number, addend: number): number | Promise<number> {
+    const done = rc.change(index, addend);
+    if (done === undefined) return this.#changeSlow(rc, index, addend);
+    if (typeof done !== "number") return done.then(() => this.#changeAndGet(rc, index, addend));
+    if (done === 0 && addend < 0) this.#freed.push(index);
+    return done;
+  }
+
+  async #changeSlow(rc: BlockCursor, index: number, addend: number): Promise<number> {
+    await rc.release();
+    if (addend) await this.change(index, addend);
+    return await this.refs.get(index);
   }
 
   async readActiveL1(): Promise<Uint8Array> {
@@ -258,6 +318,142 @@ class SnapshotWriter {
     await this.refs.cache.flush();
     await this.#discard();
     await this.file.flush();
+  }
+}
+
+/**
+ * One refcount block held for a run of changes (Qcow2Refcounts.change's
+ * rules, without an await per cluster). Held changes reach the cache by
+ * release(), which must come before anything else touches the refcounts.
+ */
+class BlockCursor {
+  readonly #refs: Qcow2Refcounts;
+  readonly #cs: number;
+  readonly #order: number;
+  readonly #perBlock: number;
+  #t = -1;
+  #offset = 0;
+  #block: Uint8Array | undefined;
+  #dirty = false;
+
+  constructor(refs: Qcow2Refcounts, h: Qcow2Header) {
+    this.#refs = refs;
+    this.#cs = h.clusterSize;
+    this.#order = h.refcountOrder;
+    this.#perBlock = h.clusterSize * 8 / 2 ** h.refcountOrder;
+  }
+
+  /**
+   * Adds `delta` to cluster `index`'s refcount and returns the new value;
+   * a promise when the block must be loaded first (then call again);
+   * undefined when no block covers the cluster.
+   */
+  change(index: number, delta: number): number | Promise<void> | undefined {
+    const t = Math.floor(index / this.#perBlock);
+    if (t !== this.#t) {
+      const offset = this.#refs.table[t] ?? 0;
+      if (!offset) return undefined;
+      return this.#load(t, offset);
+    }
+    const b = this.#block!;
+    const i = index % this.#perBlock;
+    const old = getRefcount(b, i, this.#order);
+    if (!delta) return old;
+    const value = old + delta;
+    if (value < 0 || value > this.#refs.max) {
+      return this.release().then(() => {
+        throw new QimgError(
+          value < 0
+            ? "qcow2: refcount underflow"
+            : "qcow2: refcount overflow (Numerical result out of range)",
+        );
+      });
+    }
+    setRefcount(b, i, this.#order, value);
+    this.#dirty = true;
+    if (value === 0) {
+      const refs = this.#refs;
+      if (index < refs.freeIndex) refs.freeIndex = index;
+      if (refs.freeByte && Math.floor(refs.freeByte / this.#cs) === index) refs.freeByte = 0;
+    }
+    return value;
+  }
+
+  /**
+   * Handles entries `from`.. of an L2 table (`v2`) as updateTree does while
+   * they are plain, aligned and in the held block; returns where it stopped
+   * (the entry that needs the general path) and whether it changed a flag.
+   */
+  run(
+    v2: DataView,
+    esize: number,
+    from: number,
+    n: number,
+    delta: number,
+    freed: number[],
+  ): { stop: number; modified: boolean } {
+    const b = this.#block;
+    let modified = false;
+    if (!b) return { stop: from, modified };
+    const cs = this.#cs;
+    const per = this.#perBlock;
+    const order = this.#order;
+    const max = this.#refs.max;
+    const first = this.#t * per;
+    let j = from;
+    for (; j < n; j++) {
+      const hi = v2.getUint32(j * esize);
+      if (hi & OFLAG_COMPRESSED_HI) {
+        if (delta) break;
+        continue;
+      }
+      const lo = v2.getUint32(j * esize + 4);
+      const offset = (hi & 0x00ffffff) * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
+      if (!offset) continue;
+      const i = offset / cs - first;
+      if (!(i >= 0 && i < per && Number.isInteger(i))) break;
+      let value = order === 4 ? (b[2 * i] << 8) | b[2 * i + 1] : getRefcount(b, i, order);
+      if (delta) {
+        value += delta;
+        if (value < 0 || value > max) break;
+        if (order === 4) {
+          b[2 * i] = value >> 8;
+          b[2 * i + 1] = value & 0xff;
+        } else setRefcount(b, i, order, value);
+        this.#dirty = true;
+        if (value === 0) {
+          const index = first + i;
+          if (delta < 0) freed.push(index);
+          const refs = this.#refs;
+          if (index < refs.freeIndex) refs.freeIndex = index;
+          if (refs.freeByte && Math.floor(refs.freeByte / cs) === index) refs.freeByte = 0;
+        }
+      }
+      const want = value === 1 ? (hi | OFLAG_COPIED_HI) >>> 0 : (hi & ~OFLAG_COPIED_HI) >>> 0;
+      if (want !== hi) {
+        v2.setUint32(j * esize, want);
+        modified = true;
+      }
+    }
+    return { stop: j, modified };
+  }
+
+  async #load(t: number, offset: number): Promise<void> {
+    await this.release();
+    this.#block = await this.#refs.cache.get(offset);
+    this.#t = t;
+    this.#offset = offset;
+  }
+
+  /** Hands the held block's changes to the cache and lets it go. */
+  async release(): Promise<void> {
+    const b = this.#block;
+    const offset = this.#offset;
+    const dirty = this.#dirty;
+    this.#t = -1;
+    this.#block = undefined;
+    this.#dirty = false;
+    if (b && dirty) await this.#refs.cache.put(offset, b, { dirty: true });
   }
 }
 
