@@ -72,7 +72,9 @@ export class Progress {
     if (current > 100) current = 100;
     this.#current = current;
     if (
-      current > Math.fround(this.#lastPrint + this.#minSkip) || current === 100 || current === 0
+      current > Math.fround(this.#lastPrint + this.#minSkip) ||
+      // A meter that goes back (amend adding a pass) prints too.
+      current < Math.fround(this.#lastPrint - this.#minSkip) || current === 100 || current === 0
     ) {
       this.#lastPrint = current;
       if (this.#enabled) this.#sink(`    (${formatPercent(current)}/100%)\r`);

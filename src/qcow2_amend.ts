@@ -32,6 +32,7 @@ import {
   OFLAG_ZERO,
 } from "./qcow2_cluster.ts";
 import type { OptionValues } from "./options.ts";
+import { amendProgress, changeRefcountOrder } from "./qcow2_refcount_rebuild.ts";
 
 /** qemu's backing file name buffer holds 1023 bytes. */
 const BACKING_NAME_MAX = 1023;
@@ -435,9 +436,6 @@ export async function amendQcow2(
   const backingRefused = (backingFile !== undefined || backingFormat !== undefined) &&
     (backingFile !== h.backingFile || backingFormat !== h.backingFormat);
   const lazyRefused = lazy && !wasLazy && newVersion < 3;
-  if (refcountBits !== 1 << h.refcountOrder && !backingRefused && !lazyRefused) {
-    if (newVersion >= 3 || refcountBits === 16) throw notYet("amend -o refcount_bits");
-  }
   // v3 needs each snapshot's 64-bit VM state size and disk size (16 bytes
   // of extra data); qemu then rewrites the snapshot table, qimg cannot yet.
   if (newVersion > oldVersion && (img.snapshots ?? []).some((sn) => sn.extraDataSize < 16)) {
@@ -449,18 +447,22 @@ export async function amendQcow2(
   if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw notYet("amend of dirty qcow2 images");
   // Bitmaps survive amend: the header keeps their extension, a size change
   // resizes them (Qcow2Image.resize) and refcount changes keep their clusters.
-  if (newSize && newSize < h.size) throw notYet("amend -o size (shrinking)");
   if (newVersion < oldVersion && h.compressionType === "zstd") {
     throw notYet("downgrading qcow2 images with zstd compression");
   }
 
+  // One meter over the operations that report progress (qemu's amend helper).
+  const operations = Number(newVersion !== oldVersion) +
+    Number(refcountBits !== 1 << h.refcountOrder);
+  const progress = amendProgress(status, operations);
   if (newVersion > oldVersion) {
     // qemu's qcow2_upgrade reports two steps.
-    status(0, 2);
-    status(1, 2);
+    const upgrade = progress("upgrade");
+    upgrade(0, 2);
+    upgrade(1, 2);
     h.version = 3;
     await writeHeader(img.file, h);
-    status(2, 2);
+    upgrade(2, 2);
   }
   if (backingRefused) {
     throw bad("Cannot amend the backing file\nYou can use 'qimg rebase' instead.");
@@ -477,8 +479,18 @@ export async function amendQcow2(
     await writeHeader(img.file, h);
   }
   if (refcountBits !== 1 << h.refcountOrder) {
-    throw bad(
-      "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+    if (newVersion < 3 && refcountBits !== 16) {
+      throw bad(
+        "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+      );
+    }
+    await img.flush();
+    await changeRefcountOrder(
+      img.file,
+      h,
+      Math.log2(refcountBits),
+      () => writeHeader(img.file, h),
+      progress("refcount"),
     );
   }
   h.autoclearFeatures = dataFileRaw
@@ -487,7 +499,7 @@ export async function amendQcow2(
   if (dataFile !== undefined) h.dataFile = dataFile || undefined;
   await writeHeader(img.file, h);
   if (newSize && newSize !== h.size) await img.resize(newSize);
-  if (newVersion < oldVersion) await downgrade(img, status);
+  if (newVersion < oldVersion) await downgrade(img, progress("downgrade"));
 }
 
 /** Rewrites the header cluster from `h`. */

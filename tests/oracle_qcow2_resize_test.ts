@@ -7,79 +7,9 @@
  * same `qemu-img info` (but disk size), and qemu-io pattern reads.
  */
 
-import { assertEquals, assertTrue } from "./_assert.ts";
-import { qemuImg, qimg, runProgram, sh, tempDir } from "./_util.ts";
-
-/** Two twin directories prepared by `setup`. */
-async function twins(setup: string) {
-  const ours = await tempDir();
-  const theirs = await tempDir();
-  await Promise.all([sh(setup, ours.path), sh(setup, theirs.path)]);
-  return {
-    ours: ours.path,
-    theirs: theirs.path,
-    async [Symbol.asyncDispose]() {
-      await ours[Symbol.asyncDispose]();
-      await theirs[Symbol.asyncDispose]();
-    },
-  };
-}
-
-/** `qemu-img info --output=json` without what may differ (disk use, paths). */
-async function info(path: string, cwd: string): Promise<unknown> {
-  const r = await runProgram("qemu-img", ["info", "--output=json", path], cwd);
-  assertEquals(r.code, 0, r.stderr);
-  const j = JSON.parse(r.stdout);
-  delete j["actual-size"];
-  delete j["disk-size"];
-  delete j["dirty-flag"];
-  for (const s of j.snapshots ?? []) {
-    delete s["date-sec"];
-    delete s["date-nsec"];
-  }
-  return j;
-}
-
-async function assertClean(path: string, cwd: string): Promise<void> {
-  const r = await runProgram("qemu-img", ["check", path], cwd);
-  assertEquals(r.code, 0, `qemu-img check ${path}: ${r.stdout}${r.stderr}`);
-  assertTrue(!/ERROR|[Ll]eaked/.test(r.stdout + r.stderr), r.stdout);
-}
-
-/** qemu-io `read -P` of each [pattern, offset, length] in `path`. */
-async function assertPatterns(path: string, cwd: string, reads: string[]): Promise<void> {
-  if (!reads.length) return;
-  const args = reads.flatMap((r) => ["-c", `read -P ${r}`]);
-  const r = await runProgram("qemu-io", [...args, path], cwd);
-  assertTrue(r.code === 0 && !/fail|error/i.test(r.stdout + r.stderr), `${path}: ${r.stdout}`);
-}
-
-interface Case {
-  setup: string;
-  args: string[];
-  /** The image the command changes. */
-  image: string;
-  /** qemu-io `read -P` arguments that hold afterwards. */
-  reads?: string[];
-  /** File size within this fraction of qemu-img's (default: equal). */
-  sizeSlack?: number;
-}
-
-async function resizeBoth(c: Case): Promise<void> {
-  await using d = await twins(c.setup);
-  const label = `resize ${c.args.join(" ")}`;
-  const a = await qimg(c.args, d.ours);
-  const b = await qemuImg(c.args, d.theirs);
-  assertEquals(a, b, label);
-  await assertClean(c.image, d.ours);
-  const cmp = await runProgram("qemu-img", ["compare", `${d.ours}/${c.image}`, c.image], d.theirs);
-  assertEquals(cmp.code, 0, `${label}: ${cmp.stdout}`);
-  assertEquals(await info(c.image, d.ours), await info(c.image, d.theirs), label);
-  await assertPatterns(c.image, d.ours, c.reads ?? []);
-  const so = (await Deno.stat(`${d.ours}/${c.image}`)).size;
-  const st = (await Deno.stat(`${d.theirs}/${c.image}`)).size;
-  assertTrue(Math.abs(so - st) <= st * (c.sizeSlack ?? 0), `${label}: file size ${so} vs ${st}`);
-}
+import { assertEquals } from "./_assert.ts";
+import { qemuImg, qimg, sh } from "./_util.ts";
+import { assertClean, assertPatterns, runBoth, twins } from "./_qcow2_oracle.ts";
 
 const TWO_RUNS = (o: string) =>
   `qemu-img create -q -f qcow2 -o ${o} a.qcow2 8M && ` +
@@ -97,7 +27,7 @@ Deno.test("resize --shrink frees clusters past the end as qemu-img (v2, v3, clus
       ["cluster_size=4k,refcount_bits=64", "6M", ["2 5M 1M"]],
     ] as [string, string, string[]][]
   ) {
-    await resizeBoth({
+    await runBoth({
       setup: TWO_RUNS(o),
       args: ["resize", "--shrink", "a.qcow2", size],
       image: "a.qcow2",
@@ -107,7 +37,7 @@ Deno.test("resize --shrink frees clusters past the end as qemu-img (v2, v3, clus
 });
 
 Deno.test("resize --shrink of compressed images and images with snapshots matches qemu-img", async () => {
-  await resizeBoth({
+  await runBoth({
     setup: `${TWO_RUNS("cluster_size=64k")} && qemu-img convert -c -O qcow2 a.qcow2 c.qcow2`,
     args: ["resize", "--shrink", "c.qcow2", "5200k"],
     image: "c.qcow2",
@@ -116,7 +46,7 @@ Deno.test("resize --shrink of compressed images and images with snapshots matche
   // An L2 table shared with the snapshot is copied, not changed.
   const setup = `${TWO_RUNS("cluster_size=4k")} && qemu-img snapshot -c s1 a.qcow2 && ` +
     "qemu-io -c 'write -P 3 1M 6M' a.qcow2 >/dev/null";
-  await resizeBoth({
+  await runBoth({
     setup,
     args: ["resize", "--shrink", "a.qcow2", "2050k"],
     image: "a.qcow2",
@@ -133,7 +63,7 @@ Deno.test("resize --shrink with an external data file truncates it as qemu-img",
   const setup = "qemu-img create -q -f qcow2 -o data_file=d.raw a.qcow2 4M && " +
     "qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 3M 1M' a.qcow2 >/dev/null";
   for (const args of [["resize", "--shrink", "a.qcow2", "1M"], ["resize", "a.qcow2", "5M"]]) {
-    await resizeBoth({ setup, args, image: "a.qcow2", reads: ["1 0 1M"] });
+    await runBoth({ setup, args, image: "a.qcow2", reads: ["1 0 1M"] });
     await using d = await twins(setup);
     await qimg(args, d.ours);
     await qemuImg(args, d.theirs);
@@ -153,7 +83,7 @@ Deno.test("resize --preallocation allocates the grown range as qemu-img", async 
         "cluster_size=512,refcount_bits=1",
       ]
     ) {
-      await resizeBoth({
+      await runBoth({
         setup: `qemu-img create -q -f qcow2 -o size=1000k,${o} a.qcow2 && ` +
           "qemu-io -c 'write -P 1 0 100k' a.qcow2 >/dev/null",
         args: ["resize", `--preallocation=${mode}`, "a.qcow2", "+3001k"],
@@ -167,7 +97,7 @@ Deno.test("resize --preallocation allocates the grown range as qemu-img", async 
 
 Deno.test("resize --preallocation with an external data file grows it as qemu-img", async () => {
   for (const mode of ["metadata", "falloc", "full"]) {
-    await resizeBoth({
+    await runBoth({
       setup: "qemu-img create -q -f qcow2 -o data_file=d.raw a.qcow2 4M && " +
         "qemu-io -c 'write -P 1 0 1M' a.qcow2 >/dev/null",
       args: ["resize", `--preallocation=${mode}`, "a.qcow2", "5M"],
@@ -190,7 +120,7 @@ Deno.test("resize over a longer backing file zeroes the grown range as qemu-img 
       ]
     ) {
       const v2Fails = o === "compat=0.10" && !/falloc|full/.test(args[1]);
-      await resizeBoth({
+      await runBoth({
         setup: base +
           `qemu-img create -q -f qcow2 -o ${o} -b base.qcow2 -F qcow2 ov.qcow2 1000k && ` +
           "qemu-io -c 'write -P 1 0 100k' ov.qcow2 >/dev/null",
