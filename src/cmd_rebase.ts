@@ -9,7 +9,7 @@ import { findFormat } from "./formats.ts";
 import { Image, openImageChain } from "./image.ts";
 import type { FormatImage } from "./driver.ts";
 import { Progress } from "./progress.ts";
-import { backingChangeError } from "./qcow2_amend.ts";
+import { backingChangeError } from "./qcow2_header_write.ts";
 import {
   checkCacheMode,
   expectOneImage,

@@ -18,7 +18,7 @@ import {
   readQcow2Header,
 } from "./qcow2_header.ts";
 import { Qcow2Refcounts } from "./qcow2_write.ts";
-import { headerCluster } from "./qcow2_amend.ts";
+import { headerCluster } from "./qcow2_header_write.ts";
 
 /** Directory entry flags. */
 const BME_FLAG_IN_USE = 1;

@@ -59,3 +59,23 @@ Deno.test("qcow2.ts loads its write side, check, create and amend only on first 
   const modules = await staticClosure("src/qcow2.ts");
   assertEquals(modules.filter((m) => HEAVY.some((re) => re.test(m)) || /refcount/.test(m)), []);
 });
+
+Deno.test("cmd_rebase.ts and the backing change of rebase -u load no write side, amend or driver statically", async () => {
+  const modules = [
+    ...await staticClosure("cli.ts"),
+    ...await staticClosure("src/cmd_rebase.ts"),
+    ...await staticClosure("src/qcow2_header_write.ts"),
+  ];
+  assertEquals(modules.filter((m) => HEAVY.some((re) => re.test(m))), []);
+});
+
+Deno.test("qcow2_snapshot_write.ts (snapshot -c/-d/-a) loads no compression, amend, check or other driver statically", async () => {
+  const modules = await staticClosure("src/qcow2_snapshot_write.ts");
+  const unwanted = [
+    /^src\/(raw|vdi|vpc|vhdx|vhdx_log|vmdk|vmdk_descriptor)\.ts$/,
+    /^src\/qcow2_(create|amend|repair|resize|refcount|refcount_rebuild|bitmap)\.ts$/,
+    /^src\/(convert|compress_pool|compress_worker|help|trace)\.ts$/,
+    /^(node|npm):/,
+  ];
+  assertEquals(modules.filter((m) => unwanted.some((re) => re.test(m))), []);
+});
