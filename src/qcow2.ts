@@ -325,7 +325,13 @@ export class Qcow2Image implements FormatImage {
   async applySnapshot(name: string): Promise<void> {
     await this.#beforeSnapshotOp();
     const { applySnapshot } = await import("./qcow2_snapshot_write.ts");
-    await applySnapshot(this.file, this.header, name);
+    // qemu first resizes the image to the snapshot's disk size.
+    await applySnapshot(this.file, this.header, name, {
+      resize: async (size) => {
+        await this.resize(size, {});
+        await this.#beforeSnapshotOp();
+      },
+    });
     this.mapper.setL1(await readL1Table(this.file, this.header));
   }
 

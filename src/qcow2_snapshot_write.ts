@@ -543,8 +543,9 @@ export async function applySnapshot(
   file: BlockFile,
   header: Qcow2Header,
   name: string,
+  options: { resize?: (size: number) => Promise<void> } = {},
 ): Promise<void> {
-  const w = new SnapshotWriter(file, header);
+  let w = new SnapshotWriter(file, header);
   await w.init("Failed to load snapshot: Operation not supported");
   const list = (await w.entries()).map((e) => e.sn);
   const i = findByIdOrName(list, name);
@@ -552,7 +553,14 @@ export async function applySnapshot(
   const sn = list[i];
   validateSnapshotL1(sn, header.clusterSize);
   if (sn.diskSize !== BigInt(header.size)) {
-    throw new QimgError("applying a snapshot of another disk size: not supported yet");
+    if (!options.resize) {
+      throw new QimgError("applying a snapshot of another disk size: not supported yet");
+    }
+    // The active layer takes the snapshot's size first (a shrink frees what
+    // lies past it), as qemu's snapshot_goto; refcounts are read anew after.
+    await options.resize(Number(sn.diskSize));
+    w = new SnapshotWriter(file, header);
+    await w.init("Failed to load snapshot: Operation not supported");
   }
   if (sn.l1Size > header.l1Size) {
     throw new QimgError("applying a snapshot with a larger L1 table: not supported yet");

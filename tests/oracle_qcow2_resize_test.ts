@@ -159,3 +159,29 @@ Deno.test("resize refuses what qemu-img refuses on qcow2 and leaves the image as
     }
   }
 });
+
+Deno.test("snapshot -a of a snapshot taken at another size restores its size as qemu-img", async () => {
+  const base = "qemu-img create -q -f qcow2 a.qcow2 4M && " +
+    "qemu-io -c 'write -P 1 0 4M' a.qcow2 >/dev/null && qemu-img snapshot -c s a.qcow2 && ";
+  for (
+    const [then, reads] of [
+      ["qemu-img resize -q a.qcow2 8M && qemu-io -c 'write -P 2 4M 4M' a.qcow2 >/dev/null", [
+        "1 0 4M",
+      ]],
+      ["qemu-img resize -q --shrink a.qcow2 1M", ["1 0 4M"]],
+      [
+        "qemu-img resize -q --shrink a.qcow2 1M && qemu-io -c 'write -P 3 0 64k' a.qcow2 >/dev/null",
+        [
+          "1 0 4M",
+        ],
+      ],
+    ] as [string, string[]][]
+  ) {
+    await runBoth({
+      setup: base + then,
+      args: ["snapshot", "-a", "s", "a.qcow2"],
+      image: "a.qcow2",
+      reads,
+    });
+  }
+});
