@@ -632,6 +632,14 @@ function encryptedError(): QimgError {
 export async function openQcow2(file: BlockFile, options: OpenOptions = {}): Promise<Qcow2Image> {
   const o = options;
   const header = await readQcow2Header(file, { write: o.write, warn: o.warn, check: o.check });
+  // qemu repairs an image left dirty (lazy refcounts) when it opens it for writing.
+  if (o.write && !o.check && !o.noIo && (header.incompatibleFeatures & INCOMPAT_DIRTY)) {
+    const { repairDirty } = await import("./qcow2_refcount_rebuild.ts");
+    await repairDirty(file, header, {
+      hasDataFile: (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n,
+      warn: o.warn,
+    });
+  }
   const l1 = await readL1Table(file, header).catch((e) => {
     throw new QimgError(`Could not read L1 table: ${strerror(e)}`);
   });

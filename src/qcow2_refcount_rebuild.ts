@@ -196,3 +196,27 @@ export async function changeRefcountOrder(
   await now.cache.flush();
   await file.flush();
 }
+
+/**
+ * Repairs an image left dirty (lazy refcounts) before it is opened for
+ * writing, as qemu does on a read-write open: a check that fixes leaks and
+ * refcount errors (its lines go to `warn`, as qemu prints them), then the
+ * dirty bit is cleared. Fails as qemu when errors are left.
+ */
+export async function repairDirty(
+  file: BlockFile,
+  h: Qcow2Header,
+  options: { hasDataFile: boolean; warn?: (message: string) => void },
+): Promise<void> {
+  const { repairQcow2 } = await import("./qcow2_repair.ts");
+  let result;
+  try {
+    result = await repairQcow2(file, h, { hasDataFile: options.hasDataFile, mode: "all" });
+  } catch (e) {
+    const lines = (e as { messages?: string[] }).messages ?? [];
+    for (const m of lines) options.warn?.(m);
+    throw new QimgError(`Could not repair dirty image: ${e instanceof Error ? e.message : e}`);
+  }
+  for (const m of result.messages) options.warn?.(m);
+  if (result.checkErrors) throw new QimgError("Could not repair dirty image");
+}
