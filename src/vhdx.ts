@@ -133,6 +133,11 @@ async function readAt(file: BlockFile, offset: number, buf: Uint8Array): Promise
   if (n < buf.length) buf.fill(0, n);
 }
 
+/** qemu's block layer fails reads that end past its limit (an offset above 2^63 included) with EIO. */
+function beyondBlockLayer(offset: bigint, length: number): void {
+  if (offset + BigInt(length) > BigInt(MAX_OFFSET)) throw new IoError("beyond the block layer");
+}
+
 /** One header copy. */
 interface Header {
   raw: Uint8Array;
@@ -619,11 +624,12 @@ async function readLayout(
   if (!checksumValid(rt, 4) || ascii(rt, 0, 4) !== "regi") throw einval();
   const count = le32(rt, 8);
   if (count > 2047) throw einval();
-  let bat: { offset: number; length: number } | undefined;
-  let meta: { offset: number; length: number } | undefined;
+  let bat: { offset: number; length: number; exact: bigint } | undefined;
+  let meta: { offset: number; length: number; exact: bigint } | undefined;
   for (let i = 0; i < count; i++) {
     const e = rt.subarray(16 + i * 32, 48 + i * 32);
     const offset = le64(e, 16);
+    const exact = new DataView(e.buffer, e.byteOffset + 16, 8).getBigUint64(0, true);
     const length = le32(e, 24);
     const r = overlapping(regions, offset, length);
     if (r) {
@@ -634,15 +640,16 @@ async function readLayout(
     const id = e.subarray(0, 16);
     if (equal(id, BAT_GUID)) {
       if (bat) throw einval();
-      bat = { offset, length };
+      bat = { offset, length, exact };
     } else if (equal(id, METADATA_GUID)) {
       if (meta) throw einval();
-      meta = { offset, length };
+      meta = { offset, length, exact };
     } else if (le32(e, 28) & 1) throw enotsup();
   }
   if (!bat || !meta) throw einval();
 
   const table = new Uint8Array(METADATA_TABLE);
+  beyondBlockLayer(meta.exact, METADATA_TABLE);
   await readAt(file, meta.offset, table);
   if (ascii(table, 0, 8) !== "metadata") throw einval();
   const items = le16(table, 10);
@@ -659,6 +666,7 @@ async function readLayout(
   for (let k = 0; k < REQUIRED_ITEMS; k++) if (!found[k]) throw enotsup();
   const item = async (k: number, n: number) => {
     const b = new Uint8Array(n);
+    beyondBlockLayer(meta!.exact + BigInt(found[k]!.offset), n);
     await readAt(file, meta!.offset + found[k]!.offset, b);
     return b;
   };
@@ -683,6 +691,7 @@ async function readLayout(
   const batEntries = (dataBlocks + Math.floor(((dataBlocks - 1) >>> 0) / chunkRatio)) % 2 ** 32;
   if (batEntries > Math.floor(bat.length / 8)) throw einval();
   if (!(sectorsSize <= MAX_OFFSET)) throw einval();
+  beyondBlockLayer(bat.exact, bat.length); // qemu reads the whole BAT region next
   return {
     ...hs,
     regions,

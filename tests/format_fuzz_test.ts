@@ -866,6 +866,23 @@ Deno.test("vmdk and vhdx handle what the fuzzer found as qemu-img does", async (
   );
   await assertSameAsQemu(["info", "--backing-chain", "ребёнок.vmdk"], dir.path);
 
+  // Metadata and BAT regions ending just within and just past qemu's block layer limit (EINVAL / EIO).
+  const plain = await Deno.readFile(path("d.vhdx"));
+  for (const [guid, length] of [[0x8b7ca206, 65536], [0x2dc27766, MiB]]) {
+    for (const over of [0n, 1n]) {
+      const b = plain.slice();
+      const r = 192 * 1024;
+      for (let i = 0; i < dv(b).getUint32(r + 8, true); i++) {
+        const e = r + 16 + 32 * i;
+        if (dv(b).getUint32(e, true) !== guid) continue;
+        dv(b).setBigUint64(e + 16, (1n << 63n) - (1n << 30n) - BigInt(length) + over, true);
+      }
+      vhdxSeal(r, 65536)!(b);
+      await Deno.writeFile(path("x.vhdx"), b);
+      await assertSameAsQemu(["info", "x.vhdx"], dir.path);
+    }
+  }
+
   const clean = addVhdxLog(await Deno.readFile(path("d.vhdx")));
   const log = Number(dv(clean).getBigUint64(128 * 1024 + 72, true));
   const cases: [string, (b: Uint8Array) => Uint8Array][] = [
