@@ -160,7 +160,7 @@ export interface SourceStatus {
 }
 
 /** Formats whose host offsets (block status) point at the guest bytes as they are. */
-const PLAIN_FORMATS = new Set(["raw", "qcow2", "vdi", "vpc", "vmdk"]);
+const PLAIN_FORMATS = new Set(["raw", "qcow2", "vdi", "vpc"]);
 
 /**
  * The host file whose bytes at a status run's host offset are the guest's

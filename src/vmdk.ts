@@ -722,7 +722,8 @@ export class VmdkImage implements FormatImage {
         throw new QimgError("Input/output error");
       }
       window.fileSize = await e.file.size();
-      const want = cb * 2 + Math.min(ahead, 1 << 20);
+      // Stream grains take about half their guest size (random data all of it): refills are cheap.
+      const want = cb * 2 + Math.min(ahead >> 1, 1 << 20);
       const length = Math.max(0, Math.min(want, window.fileSize - hostOffset));
       if (!window.store || window.store.length < length) {
         if (window.store) this.#giveWindow(window.store);
@@ -749,10 +750,13 @@ export class VmdkImage implements FormatImage {
     }
     let out: Uint8Array;
     try {
-      out = zlibSync().inflateSync(input, { maxOutputLength: cb });
+      // One output chunk a little larger than a grain: no concatenation of 16 KiB pieces.
+      const chunk = Math.min(cb + 1024, 4 << 20);
+      out = zlibSync().inflateSync(input, { maxOutputLength: cb + 1024, chunkSize: chunk });
     } catch {
       throw new QimgError("Invalid argument");
     }
+    if (out.length > cb) throw new QimgError("Invalid argument");
     this.#grain = { extent: e, offset: hostOffset, data: out };
     return out;
   }
