@@ -528,6 +528,7 @@ class Checker {
     const esize = h.l2EntrySize;
     const dataFile = this.opts.hasDataFile;
     const res = this.res;
+    const fileLength = this.fileLength;
     // Host offsets are multiples of 512 below 2^56: exact as numbers.
     let next = 0;
     const tv = dataView(table);
@@ -546,7 +547,13 @@ class Checker {
             if (next && offset !== next) res.fragmentedClusters!++;
             next = offset + cs;
           }
-          if (!dataFile) this.incCluster(offset);
+          if (!dataFile) {
+            // incCluster inline (no call per entry while the code is cold).
+            const k = offset / cs;
+            const t = this.imrt;
+            if (offset + cs - fileLength < cs && k < t.length && t.counts[k] < t.max) t.counts[k]++;
+            else this.incCluster(offset);
+          }
           continue;
         }
       }
@@ -806,7 +813,12 @@ class Checker {
           this.res.checkErrors++;
           continue;
         }
-        const stored = block ? refcountAt(block, i - start, order) : 0;
+        const k = i - start;
+        const stored = !block
+          ? 0
+          : order === 4
+          ? (block[2 * k] << 8) | block[2 * k + 1]
+          : refcountAt(block, k, order);
         const computed = t.counts[i];
         if (stored === 0 && computed === 0) continue;
         highest = i;
@@ -892,7 +904,10 @@ class Checker {
         if (!this.opts.hasDataFile) {
           const cluster = Math.floor(hostOffset / ncs);
           if (!refblocks.holds(cluster)) await refblocks.load(cluster);
-          const rb = refblocks.at(cluster);
+          // 16-bit refcounts (the default) read inline: no calls per entry while cold.
+          const b16 = refblocks.block16;
+          const k = cluster - refblocks.first;
+          const rb = b16 ? (b16[2 * k] << 8) | b16[2 * k + 1] : refblocks.at(cluster);
           if (rb === undefined) continue;
           rc = rb;
         }
@@ -930,6 +945,11 @@ class BlockWalk {
     this.#refs = refs;
   }
 
+  /** The first cluster the kept block describes. */
+  first = 0;
+  /** The kept block when it holds 16-bit refcounts and was read (entry k: bytes 2k, 2k+1). */
+  block16: Uint8Array | undefined;
+
   /** Whether the block holding `cluster` is the one kept (`at` may be asked). */
   holds(cluster: number): boolean {
     return Math.floor(cluster / this.#refs.blockEntries) === this.#index;
@@ -938,9 +958,12 @@ class BlockWalk {
   /** Keeps the block holding `cluster`. */
   async load(cluster: number): Promise<void> {
     this.#index = Math.floor(cluster / this.#refs.blockEntries);
+    this.first = this.#index * this.#refs.blockEntries;
+    this.block16 = undefined;
     try {
       this.#block = await this.#refs.block(this.#index);
       this.#failed = false;
+      if (this.#block && this.#refs.header.refcountOrder === 4) this.block16 = this.#block;
     } catch {
       this.#failed = true;
     }
