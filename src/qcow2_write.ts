@@ -397,6 +397,12 @@ export class Qcow2Writer {
   #refs?: Qcow2Refcounts;
   /** The L1 entries changed since the last flush (first, end). */
   #l1Dirty: [number, number] | undefined;
+  /**
+   * Refcount decrements waiting for the tables that dropped their references
+   * to reach the disk: a lower refcount written first would leave a table on
+   * disk pointing at a cluster with refcount 0 (corruption) after a crash.
+   */
+  #releases: (() => Promise<void>)[] = [];
   #lock = new Lock();
   #backingRead?: BackingReader;
 
@@ -529,7 +535,7 @@ export class Qcow2Writer {
     const table = old ? old.slice() : new Uint8Array(cs);
     await this.#mapper.l2Cache.put(offset, table, { dirty: true });
     this.#setL1(index, offset);
-    if (current) await refs.change(current / cs, -1);
+    if (current) await this.#releaseLater(() => refs.change(current / cs, -1));
     return { offset, table };
   }
 
@@ -540,8 +546,21 @@ export class Qcow2Writer {
     return await (await this.#refcounts()).allocClusters(count);
   }
 
-  /** Drops this layer's reference to the cluster an L2 entry held. */
-  async #release(e: L2Entry, discard = false): Promise<void> {
+  /**
+   * Queues a refcount decrement until the tables are next written; past a
+   * bound, writes them now, so memory stays bounded.
+   */
+  async #releaseLater(release: () => Promise<void>): Promise<void> {
+    this.#releases.push(release);
+    if (this.#releases.length >= 4096) await this.#flushTables();
+  }
+
+  /** Drops this layer's reference to the cluster an L2 entry held, once the tables are written. */
+  #release(e: L2Entry, discard = false): Promise<void> {
+    return this.#releaseLater(() => this.#releaseNow(e, discard));
+  }
+
+  async #releaseNow(e: L2Entry, discard: boolean): Promise<void> {
     const refs = await this.#refcounts();
     const cs = this.#header.clusterSize;
     if (e.compressed) {
@@ -1151,6 +1170,13 @@ export class Qcow2Writer {
         l1.subarray(d[0] * 8, d[1] * 8),
       );
       this.#l1Dirty = undefined;
+    }
+    // No table on disk points at these clusters any more: now they may lose references.
+    const releases = this.#releases;
+    if (releases.length) {
+      this.#releases = [];
+      for (const release of releases) await release();
+      await this.#refs?.cache.flush();
     }
   }
 
