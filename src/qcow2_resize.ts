@@ -356,12 +356,21 @@ async function linkClusters(
 }
 
 /** Whether guest cluster `g` has no host cluster of its own (unallocated or a plain zero cluster). */
-async function needsCluster(t: ResizeTarget, g: number): Promise<boolean> {
+async function needsCluster(
+  t: ResizeTarget,
+  g: number,
+  memo: { offset?: number; view?: DataView } = {},
+): Promise<boolean> {
   const h = t.header;
   const l2 = t.mapper.l2Offset(Math.floor(g / h.l2Size));
   if (!l2) return true;
-  const table = await readPadded(t.file, l2, h.clusterSize);
-  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+  // One read per L2 table while a caller walks its entries.
+  if (memo.offset !== l2 || !memo.view) {
+    const table = await readPadded(t.file, l2, h.clusterSize);
+    memo.offset = l2;
+    memo.view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+  }
+  const view = memo.view;
   const at = (g % h.l2Size) * h.l2EntrySize;
   const hi = view.getUint32(at);
   const lo = view.getUint32(at + 4);
@@ -414,8 +423,9 @@ async function preallocateMetadata(
       hostEnd = Math.max(hostEnd, host + run.length * cs);
       run = [];
     };
+    const memo = {};
     for (let c = l2Start; c < l2End; c++) {
-      if (await needsCluster(t, c)) run.push(c);
+      if (await needsCluster(t, c, memo)) run.push(c);
       else await flushRun();
     }
     await flushRun();
