@@ -11,6 +11,7 @@ import {
   COMPAT_LAZY_REFCOUNTS,
   CRYPT_LUKS,
   CRYPT_NONE,
+  INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
   type Qcow2Header,
@@ -326,9 +327,6 @@ export async function amendQcow2(
   if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw notYet("amend of dirty qcow2 images");
   // Bitmaps survive amend: the header keeps their extension, a size change
   // resizes them (Qcow2Image.resize) and refcount changes keep their clusters.
-  if (newVersion < oldVersion && h.compressionType === "zstd") {
-    throw notYet("downgrading qcow2 images with zstd compression");
-  }
 
   // One meter over the operations that report progress (qemu's amend helper).
   const operations = Number(newVersion !== oldVersion) +
@@ -405,7 +403,8 @@ async function downgrade(img: AmendTarget, status: AmendStatus): Promise<void> {
       throw bad("Internal snapshots prevent downgrade of image");
     }
   }
-  if (h.incompatibleFeatures) {
+  // zstd compression is dropped below, when no cluster uses it.
+  if (h.incompatibleFeatures & ~INCOMPAT_COMPRESSION) {
     throw bad(
       `Cannot downgrade an image with incompatible features 0x${
         h.incompatibleFeatures.toString(16)
@@ -416,8 +415,48 @@ async function downgrade(img: AmendTarget, status: AmendStatus): Promise<void> {
   h.autoclearFeatures = 0n;
   await img.flush();
   await expandZeroClusters(img, status);
+  if (h.incompatibleFeatures & INCOMPAT_COMPRESSION) {
+    if (await hasCompressedClusters(img)) {
+      throw bad(
+        "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+      );
+    }
+    h.compressionType = "zlib";
+    h.incompatibleFeatures &= ~INCOMPAT_COMPRESSION;
+  }
   h.version = 2;
   await writeHeader(img.file, h);
+}
+
+/**
+ * Whether any L2 table of the active or a snapshot's L1 table holds a
+ * compressed cluster. qemu 7.2 looks at the active table only, and then
+ * leaves snapshots whose zstd clusters read as zlib: qimg refuses those too.
+ */
+async function hasCompressedClusters(img: AmendTarget): Promise<boolean> {
+  const h = img.header;
+  const file = img.file;
+  const tables = new Set<number>();
+  for (let i = 0; i < h.l1Size; i++) {
+    const l2 = img.mapper.l2Offset(i);
+    if (l2) tables.add(l2);
+  }
+  for (const sn of img.snapshots ?? []) {
+    const t = await readPadded(file, Number(sn.l1TableOffset), sn.l1Size * 8);
+    const v = new DataView(t.buffer, t.byteOffset, t.byteLength);
+    for (let i = 0; i < sn.l1Size; i++) {
+      const l2 = entryOffset(v.getUint32(i * 8), v.getUint32(i * 8 + 4));
+      if (l2) tables.add(l2);
+    }
+  }
+  for (const l2 of tables) {
+    const table = await readPadded(file, l2, h.clusterSize);
+    const v = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    for (let j = 0; j < h.l2Size; j++) {
+      if (v.getUint32(j * h.l2EntrySize) & OFLAG_COMPRESSED_HI) return true;
+    }
+  }
+  return false;
 }
 
 /**

@@ -109,3 +109,22 @@ Deno.test("amend -o size shrinks and grows qcow2 images as qemu-img", async () =
     await runBoth({ setup, args: ["amend", "-o", o, "a.qcow2"], image: "a.qcow2", reads: READS });
   }
 });
+
+Deno.test("amend -o compat=0.10 of a zstd image without compressed clusters switches to zlib, as qemu-img", async () => {
+  const zstd = "qemu-img create -q -f qcow2 -o compression_type=zstd a.qcow2 1M && ";
+  await runBoth({
+    setup: zstd + "qemu-io -c 'write -P 1 0 64k' -c 'write -z 128k 64k' a.qcow2 >/dev/null",
+    args: ["amend", "-p", "-o", "compat=0.10", "a.qcow2"],
+    image: "a.qcow2",
+    reads: ["1 0 64k", "0 64k 960k"],
+    identical: true,
+  });
+  // Compressed clusters refuse, after zero clusters were expanded (as qemu-img).
+  await runBoth({
+    setup: zstd + "qemu-io -c 'write -c -P 1 0 64k' -c 'write -z 128k 64k' a.qcow2 >/dev/null",
+    args: ["amend", "-o", "compat=0.10", "a.qcow2"],
+    image: "a.qcow2",
+    reads: ["1 0 64k", "0 64k 960k"],
+    identical: true,
+  });
+});

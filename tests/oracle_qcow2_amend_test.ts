@@ -96,7 +96,7 @@ Deno.test("amend of qcow2 options qimg cannot change yet says so and changes not
   await sh(SETUP, dir.path);
   for (
     const [o, what, image = "v3.qcow2"] of [
-      ["compat=0.10", "downgrading qcow2 images with zstd compression", "zstd.qcow2"],
+      ["compat=0.10", "changing the compat level of qcow2 images with bitmaps", "bitmap.qcow2"],
     ]
   ) {
     await sh(`cp ${image} m.qcow2`, dir.path);
