@@ -9,7 +9,7 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { Image } from "./image.ts";
-import { findFormat } from "./format_drivers.ts";
+import { loadFormat } from "./formats.ts";
 import type { FormatDriver } from "./driver.ts";
 import {
   accumulateOptions,
@@ -333,7 +333,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   const outName = operands.length >= 2 ? operands[operands.length - 1] : undefined;
   if (createOptions !== undefined && isHelpOption(createOptions)) {
     if (outFmt === undefined) throw new QimgError("Option help requires a format be specified");
-    io.stdout(createOptionsHelp(outFmt, outName));
+    io.stdout(await createOptionsHelp(outFmt, outName));
     return 0;
   }
   if (srcNames.length < 1 || outName === undefined) {
@@ -371,9 +371,9 @@ export async function run(args: string[], io: Io): Promise<number> {
     let given: Record<string, string> = {};
     let driver: FormatDriver | undefined;
     if (!skipCreate) {
-      driver = findFormat(outFmt!);
       // Unknown formats, formats qemu cannot create, and those qimg cannot yet.
-      createOptionsHelp(outFmt!);
+      await createOptionsHelp(outFmt!);
+      driver = await loadFormat(outFmt!);
       const descs = mergeOptionTables(
         driver?.createOptions ?? CREATE_OPTION_TABLES[outFmt!] ?? [],
         PROTOCOL_CREATE_OPTIONS,

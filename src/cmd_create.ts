@@ -55,7 +55,7 @@ export async function run(args: string[], io: Io): Promise<number> {
   const filename = operands[0] as string | undefined;
   // `-o help` wins over everything after the options, even a missing file name.
   if (optionText !== undefined && isHelpOption(optionText)) {
-    io.stdout(createOptionsHelp(format, filename));
+    io.stdout(await createOptionsHelp(format, filename));
     return 0;
   }
   if (filename === undefined) throw usageError("Expecting image file name");

@@ -9,7 +9,7 @@ import type { FormatDriver } from "./driver.ts";
 import type { BlockFile, OpenFileOptions } from "./file.ts";
 import { DenoFile } from "./file.ts";
 import { QimgError, strerror } from "./errors.ts";
-import { findFormat } from "./format_drivers.ts";
+import { findFormat, loadFormat } from "./formats.ts";
 import {
   CREATE_OPTION_TABLES,
   emptyOptions,
@@ -87,8 +87,10 @@ export interface CreateImageOptions {
 export type CreateFileOpener = (path: string, options: OpenFileOptions) => Promise<BlockFile>;
 
 /** A format's create table, and whether qimg can create it. */
-function createTable(format: string): { table: OptionDesc[]; driver?: FormatDriver } {
-  const driver = findFormat(format);
+function createTable(
+  format: string,
+  driver: FormatDriver | undefined,
+): { table: OptionDesc[]; driver?: FormatDriver } {
   if (format === "file") return { table: PROTOCOL_CREATE_OPTIONS, driver };
   const table = driver?.createOptions ?? CREATE_OPTION_TABLES[format];
   if (table) return { table, driver };
@@ -104,10 +106,12 @@ function createTable(format: string): { table: OptionDesc[]; driver?: FormatDriv
  * with a file name also its protocol's. Throws qemu's errors for unknown
  * formats and protocols.
  */
-export function createOptionsHelp(format: string, filename?: string): string {
-  const driver = findFormat(format);
-  if (!driver && !QEMU_FORMATS.has(format)) throw new QimgError(`Unknown file format '${format}'`);
-  const { table } = createTable(format);
+export async function createOptionsHelp(format: string, filename?: string): Promise<string> {
+  if (!findFormat(format) && !QEMU_FORMATS.has(format)) {
+    throw new QimgError(`Unknown file format '${format}'`);
+  }
+  // Only the driver asked for loads (start-up time).
+  const { table } = createTable(format, await loadFormat(format));
   if (filename === undefined) {
     return `Supported ${format} options:\n${formatOptionHelp(table)}\n` +
       "The protocol level may support further options.\n" +
@@ -154,7 +158,7 @@ async function prepareCreate(
     throw new QimgError(`Unknown file format '${format}'`);
   }
   const { protocol, path } = findProtocol(filename);
-  const { table, driver } = createTable(format);
+  const { table, driver } = createTable(format, await loadFormat(format));
   if (!protocol.createOptions) {
     throw new QimgError(`Protocol driver '${protocol.name}' does not support image creation`);
   }
@@ -270,7 +274,7 @@ export async function createImageWith(
   removeFile?: (path: string) => Promise<void>,
 ): Promise<void> {
   const plan = await prepareCreate(filename, options, openFile);
-  const create = plan.format === "file" ? findFormat("raw")?.create : plan.driver?.create;
+  const create = plan.format === "file" ? (await loadFormat("raw"))?.create : plan.driver?.create;
   if (!create) throw new QimgError(`create -f ${plan.format}: not supported yet`);
   options.onFormatting?.(formattingLine(filename, plan.format, plan.descs, plan.parsed));
   // qemu hands the options to the protocol as text again (in QDict order),

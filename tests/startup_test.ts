@@ -79,3 +79,14 @@ Deno.test("qcow2_snapshot_write.ts (snapshot -c/-d/-a) loads no compression, ame
   ];
   assertEquals(modules.filter((m) => unwanted.some((re) => re.test(m))), []);
 });
+
+Deno.test("cmd_convert.ts loads no driver, no qcow2 write side and no compression statically (the formats of a convert load on use)", async () => {
+  const modules = [...await staticClosure("cli.ts"), ...await staticClosure("src/cmd_convert.ts")];
+  const unwanted = [
+    /^src\/(raw|vdi|vpc|vhdx|vhdx_log|vmdk|vmdk_descriptor|qcow2|format_drivers)\.ts$/,
+    /^src\/qcow2_(write|create|amend|snapshot_write|repair|resize|refcount)\.ts$/,
+    /^src\/(compress_pool|compress_worker|codec|zlib_loader|help|trace)\.ts$/,
+    /^(node|npm):/,
+  ];
+  assertEquals(modules.filter((m) => unwanted.some((re) => re.test(m))), []);
+});
