@@ -239,7 +239,14 @@ class SnapshotWriter {
   /** Punches the freed clusters, adjacent ones as one range (small clusters fill whole blocks). */
   async #discard(): Promise<void> {
     const free: number[] = [];
-    for (const c of new Set(this.#freed)) if (await this.refs.get(c) === 0) free.push(c);
+    // A refcount block at a time (BlockCursor), not an await per cluster.
+    const rc = new BlockCursor(this.refs, this.h);
+    for (const c of new Set(this.#freed)) {
+      let n = Number.isInteger(c) ? rc.change(c, 0) : undefined;
+      if (n !== undefined && typeof n !== "number") n = (await n, rc.change(c, 0));
+      if (typeof n !== "number") n = await this.refs.get(c);
+      if (n === 0) free.push(c);
+    }
     this.#freed = [];
     free.sort((a, b) => a - b);
     for (let i = 0; i < free.length;) {
