@@ -37,6 +37,9 @@ import {
 } from "./vmdk_descriptor.ts";
 
 const SECTOR = 512;
+/** qemu's largest image (BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB). */
+const BDRV_MAX_LENGTH = 2 ** 63 - 2 ** 30;
+const BDRV_MAX_BIG = (1n << 63n) - (1n << 30n);
 const VMDK3_MAGIC = 0x434f5744; // "COWD"
 const VMDK4_MAGIC = 0x4b444d56; // "KDMV"
 const FLAG_NL_DETECT = 1 << 0;
@@ -173,6 +176,8 @@ interface OpenState {
   options: OpenOptions;
   extents: Extent[];
   createType?: string;
+  /** The extents end past qemu's block layer limit: the open fails once all is read (EFBIG). */
+  tooLarge?: boolean;
   /** Files opened for extents (closed with the image, or on failure). */
   opened: BlockFile[];
 }
@@ -203,7 +208,10 @@ function addExtent(
     l1: new Uint32Array(0),
     l2Cache: new Map(),
   };
-  if (!Number.isSafeInteger(extent.endSector * SECTOR)) {
+  if (extent.endSector * SECTOR > BDRV_MAX_LENGTH) {
+    // qemu opens it, then its block layer refuses the size: the error comes last.
+    st.tooLarge = true;
+  } else if (!Number.isSafeInteger(extent.endSector * SECTOR)) {
     throw new QimgError("Image size too large");
   }
   st.extents.push(extent);
@@ -337,8 +345,9 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
     throw new QimgError("Invalid granularity, image may be corrupt");
   }
   if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
-  // qemu's int64 sector counts wrap past here; qimg refuses such sizes.
-  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) {
+  // qemu's int64 sector counts wrap past here; qimg refuses such sizes
+  // unless qemu's block layer refuses them too (at the end of the open).
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n && capacity * 512n <= BDRV_MAX_BIG) {
     throw new QimgError("Image size too large");
   }
   const e = addExtent(st, {
@@ -399,7 +408,7 @@ async function openSeSparse(st: OpenState, file: BlockFile): Promise<void> {
   const capacity = f(2);
   const l1Size = Number(BigInt.asUintN(32, f(17) * 512n / 8n));
   if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
-  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n) {
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n && capacity * 512n <= BDRV_MAX_BIG) {
     throw new QimgError("Image size too large");
   }
   const e = addExtent(st, {
@@ -1431,6 +1440,7 @@ export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Prom
     const cid = readCid(cidText, false);
     const parentCid = readCid(cidText, true);
     if (cid === undefined || parentCid === undefined) throw invalid();
+    if (st.tooLarge) throw new QimgError("Could not refresh total sector count: File too large");
     return new VmdkImage(file, st, { descOffset, cid, parentCid, backing: hint || undefined });
   } catch (e) {
     for (const f of st.opened) await f.close().catch(() => {});

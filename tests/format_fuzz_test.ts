@@ -858,6 +858,14 @@ Deno.test("vmdk and vhdx handle what the fuzzer found as qemu-img does", async (
       .replace("# The Disk Data Base", "0 The Disk Data Base"),
   );
   await assertSameAsQemu(["info", "split.vmdk"], dir.path);
+  // Capacities past qemu's block layer limit: opened, then refused for their size.
+  await sh("qemu-img create -q -f vmdk s.vmdk 1M", dir.path);
+  const sparse = await Deno.readFile(path("s.vmdk"));
+  for (const capacity of [1n << 54n, (1n << 64n) - 1n]) {
+    dv(sparse).setBigUint64(12, capacity, true);
+    await Deno.writeFile(path("x.vmdk"), sparse);
+    await assertSameAsQemu(["info", "x.vmdk"], dir.path);
+  }
   // Descriptor text is UTF-8 to qemu: extent and parent names with other letters open.
   await sh(
     "qemu-img create -q -f vmdk -o subformat=monolithicFlat 'диск.vmdk' 1M && " +
