@@ -577,7 +577,13 @@ export async function applySnapshot(
   // The snapshot's own L1 keeps its entries; only refcounts change through it.
   await w.updateTree(snL1.slice(0, sn.l1Size * 8), 1);
   const old = await w.readActiveL1();
-  await w.writeActiveL1(snL1);
+  // Without COPIED flags until the refcounts settle: a kill in between then
+  // leaves leaks and flags that lag (harmless), never a COPIED entry whose
+  // cluster a snapshot shares (the snapshot's table may carry the flags).
+  const unflagged = snL1.slice();
+  const v = new DataView(unflagged.buffer);
+  for (let i = 0; i < unflagged.length; i += 8) v.setUint32(i, v.getUint32(i) & 0x7fffffff);
+  await w.writeActiveL1(unflagged);
   await w.updateTree(old, -1);
   await w.updateTree(snL1, 0);
   await w.writeActiveL1(snL1);
