@@ -468,7 +468,11 @@ export class Qcow2Writer {
     // Anything but another concurrent write first lets writeConcurrent's transfers finish.
     const run = concurrent ? op : async () => {
       await this.#drain();
-      return await op();
+      const result = await op();
+      // References this operation dropped are released now, so that the
+      // next allocation may reuse the clusters, as qemu's does.
+      if (this.#releases.length) await this.#flushTables();
+      return result;
     };
     return this.#lock.run(run).finally(() => this.#options.onChange?.());
   }
@@ -501,6 +505,9 @@ export class Qcow2Writer {
       const p = this.#inflight.get(c);
       if (p) before.push(p);
     }
+    // Fresh clusters: their blocks reserved first make the page-cache writes
+    // cheaper (see convert.ts reserveThenWrite); all of them are written.
+    await file.allocate?.(host, bytes.length).catch(() => {});
     const p = (before.length ? Promise.allSettled(before) : Promise.resolve()).then(() =>
       file.writeConcurrent!(host, bytes)
     );
@@ -547,12 +554,15 @@ export class Qcow2Writer {
   }
 
   /**
-   * Queues a refcount decrement until the tables are next written; past a
-   * bound, writes them now, so memory stays bounded.
+   * Queues a refcount decrement until the tables are next written (at the
+   * end of the operation, see #serial); past a bound, writes them now.
    */
   async #releaseLater(release: () => Promise<void>): Promise<void> {
     this.#releases.push(release);
-    if (this.#releases.length >= 4096) await this.#flushTables();
+    if (this.#releases.length >= 4096) {
+      await this.#drain(); // data before the tables that point at it
+      await this.#flushTables();
+    }
   }
 
   /** Drops this layer's reference to the cluster an L2 entry held, once the tables are written. */
@@ -967,7 +977,8 @@ export class Qcow2Writer {
     while (pos < end) {
       const l1Index = Math.floor(pos / span);
       const chunkEnd = Math.min(end, (l1Index + 1) * span);
-      if (!this.#mapper.l2Offset(l1Index) && !this.#options.hasBacking) {
+      // v3 marks even unallocated clusters zero, as qemu (a table is allocated for it).
+      if (!v3 && !this.#mapper.l2Offset(l1Index) && !this.#options.hasBacking) {
         pos = chunkEnd; // reads as zeroes already
         continue;
       }
@@ -994,7 +1005,6 @@ export class Qcow2Writer {
       for (let i = (pos - base) / cs; base + i * cs < chunkEnd; i++) {
         const e = readEntry(view, i, ext, this.#dataMode);
         if (e.zero && !e.offset) continue;
-        if (!e.offset && !e.compressed && !this.#options.hasBacking && !e.ext?.alloc) continue;
         const unmap = e.compressed || (mayUnmap && e.offset !== 0);
         // Extended L2 says zero in the bitmap, standard entries in bit 0.
         const flag = ext ? 0n : BigInt(OFLAG_ZERO);
