@@ -464,10 +464,15 @@ async function preallocateData(
   const cs = h.clusterSize;
   const last = await lastUsedCluster(file, h);
   const oldEnd = last >= 0 ? last + 1 : Math.ceil(await file.size() / cs);
-  // A cluster the old end cuts through keeps its host cluster, or over a
-  // backing file stays unallocated (its head would need copy-on-write).
+  // A cluster the old end cuts through moves to the new area with its head
+  // copied, as qemu's, when it is a plain data cluster;
+  // otherwise it keeps its host cluster, or over a backing file stays
+  // unallocated (its head would need the backing file's bytes).
   let first = Math.floor(old / cs);
-  if (old % cs && (t.hasBacking || !(await needsCluster(t, first)))) first++;
+  const moved = old % cs ? await plainCluster(t, first) : undefined;
+  if (old % cs && moved === undefined && (t.hasBacking || !(await needsCluster(t, first)))) {
+    first++;
+  }
   const count = Math.ceil(size / cs) - first;
   if (count <= 0) return;
   const l2Tables = Math.ceil(count / h.l2Size) + 1;
@@ -477,11 +482,40 @@ async function preallocateData(
   await refs.cache.flush();
   await file.flush();
   await truncateFile(file, (start + count) * cs, prealloc);
+  if (moved !== undefined) {
+    const head = new Uint8Array(old % cs);
+    await file.read(moved, head);
+    await file.write(start * cs, head);
+  }
   const links: Link[] = [];
   for (let k = 0; k < count; k++) links.push({ guest: first + k, host: (start + k) * cs });
   // Extended L2: the subclusters count as written only where the backing
   // file must not show through (qemu then allocates them explicitly).
   await linkClusters(t, refs, links, () => zeroNew ? 0xffffffffn : 0n);
+  if (moved !== undefined) {
+    await refs.change(moved / cs, -1);
+    await refs.cache.flush();
+    await file.flush();
+  }
+}
+
+/**
+ * The host offset of guest cluster `g` when it is a plain data cluster
+ * (not zero, not compressed, no subclusters, no external data file; maybe
+ * shared with a snapshot, which keeps it); undefined otherwise.
+ */
+async function plainCluster(t: ResizeTarget, g: number): Promise<number | undefined> {
+  const h = t.header;
+  if (h.extendedL2 || t.dataFile) return undefined;
+  const l2 = t.mapper.l2Offset(Math.floor(g / h.l2Size));
+  if (!l2) return undefined;
+  const table = await readPadded(t.file, l2, h.clusterSize);
+  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+  const at = (g % h.l2Size) * 8;
+  const hi = view.getUint32(at);
+  const lo = view.getUint32(at + 4);
+  if ((hi & OFLAG_COMPRESSED_HI) || (lo & 1)) return undefined;
+  return entryOffset(hi, lo) || undefined;
 }
 
 /**

@@ -185,3 +185,24 @@ Deno.test("snapshot -a of a snapshot taken at another size restores its size as 
     });
   }
 });
+
+Deno.test("resize --preallocation moves the cluster the old end cuts through, as qemu-img", async () => {
+  for (const [o, mode] of [["compat=1.1", "falloc"], ["compat=0.10", "full"]]) {
+    await runBoth({
+      setup: `qemu-img create -q -f qcow2 -o ${o} a.qcow2 1000k && ` +
+        "qemu-io -c 'write -P 1 0 1000k' a.qcow2 >/dev/null",
+      args: ["resize", `--preallocation=${mode}`, "a.qcow2", "3M"],
+      image: "a.qcow2",
+      reads: ["1 0 1000k", "0 1000k 2072k"],
+      identical: true,
+    });
+  }
+  // Shared with a snapshot: the snapshot keeps the old cluster.
+  await runBoth({
+    setup: "qemu-img create -q -f qcow2 -o cluster_size=4k a.qcow2 1001k && " +
+      "qemu-io -c 'write -P 1 0 1001k' a.qcow2 >/dev/null && qemu-img snapshot -c s a.qcow2",
+    args: ["resize", "--preallocation=full", "a.qcow2", "3M"],
+    image: "a.qcow2",
+    reads: ["1 0 1001k", "0 1001k 2071k"],
+  });
+});
