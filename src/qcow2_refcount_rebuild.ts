@@ -97,7 +97,8 @@ export async function changeRefcountOrder(
       while (count > 0) {
         if (n === newPer) {
           await finish(next++, block, empty);
-          block = new Uint8Array(cs);
+          // An empty block is all zeroes still: only a filled one is replaced.
+          if (!empty && fill) block = new Uint8Array(cs);
           n = 0;
           empty = true;
         }
