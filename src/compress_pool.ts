@@ -45,8 +45,8 @@ import { WORKER_SOURCE } from "./compress_worker.ts";
 
 /**
  * qcow2's compression types, and vmdk's grains ("zlib-stream": a zlib
- * stream at zlib's default level, byte for byte qemu's compress(); every
- * cluster gets its bytes, also those that do not shrink).
+ * stream at zlib's default level, as the in-thread deflateSync; null, as
+ * for zlib, for clusters that do not shrink, which the caller stores).
  */
 export type ClusterCodec = "zlib" | "zstd" | "zlib-stream";
 
@@ -108,10 +108,10 @@ export function compressBatchInThread(
   const results: BatchResult = [];
   for (let pos = 0; pos < data.length; pos += cs) {
     const cluster = data.subarray(pos, pos + cs);
-    const out = codec === "zlib" && incompressible(cluster)
+    const out = codec !== "zstd" && incompressible(cluster)
       ? null
       : compressClusterFast(codec, cluster);
-    results.push(out && (out.length <= cs - 1 || codec === "zlib-stream") ? out : null);
+    results.push(out && out.length <= cs - 1 ? out : null);
   }
   return results;
 }

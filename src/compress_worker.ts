@@ -22,10 +22,8 @@ const PROBE = zlib.zstdCompressSync && zlib.constants.ZSTD_c_compressionLevel !=
 function compress(codec, data) {
   const cs = data.length;
   if (codec === "zstd") return zlib.zstdCompressSync(data, { pledgedSrcSize: cs });
-  const random = PROBE && zlib.zstdCompressSync(data, PROBE).length >= cs - (cs >> 8);
-  // zlib-stream: stored blocks (level 0) where deflating would not shrink the data.
-  if (codec === "zlib-stream") return zlib.deflateSync(data, random ? { level: 0 } : {});
-  if (random) return undefined;
+  if (PROBE && zlib.zstdCompressSync(data, PROBE).length >= cs - (cs >> 8)) return undefined;
+  if (codec === "zlib-stream") return zlib.deflateSync(data);
   return zlib.deflateRawSync(data, { windowBits: 12, memLevel: 9, level: 9 });
 }
 self.onmessage = (e) => {
@@ -34,22 +32,6 @@ self.onmessage = (e) => {
     const all = new Uint8Array(data);
     const count = all.length / cs;
     const lens = [];
-    if (codec === "zlib-stream") {
-      // Outputs may outgrow their cluster: all made first, they go back in
-      // the batch's buffer where they fit (for the pool to reuse), else in a new one.
-      const outs = [];
-      for (let i = 0; i < count; i++) outs.push(compress(codec, all.subarray(i * cs, (i + 1) * cs)));
-      const total = outs.reduce((n, o) => n + o.length, 0);
-      const packed = total <= all.length ? all : new Uint8Array(total);
-      let at = 0;
-      for (const o of outs) {
-        packed.set(o, at);
-        at += o.length;
-        lens.push(o.length);
-      }
-      self.postMessage({ id, data: packed.buffer, lens }, [packed.buffer]);
-      return;
-    }
     // Each result goes back into the batch's own buffer, packed: cluster i's
     // output starts at or before i * cs (every output is shorter than a
     // cluster), so it never overwrites a cluster not yet compressed.

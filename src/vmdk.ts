@@ -94,6 +94,44 @@ interface Extent {
   se?: { l1: BigUint64Array; l2TablesOffset: bigint; clustersOffset: bigint };
 }
 
+/** Adler-32 of `d` (zlib's trailer), in blocks small enough for V8's small integers. */
+function adler32(d: Uint8Array): number {
+  let a = 1;
+  let b = 0;
+  for (let i = 0; i < d.length;) {
+    const end = Math.min(i + 2048, d.length);
+    for (; i < end; i++) {
+      a += d[i];
+      b += a;
+    }
+    a %= 65521;
+    b %= 65521;
+  }
+  return ((b << 16) | a) >>> 0;
+}
+
+/** Length of `n` bytes as raw deflate stored blocks (at most 65535 bytes each). */
+function storedLength(n: number): number {
+  return n + 5 * Math.max(1, Math.ceil(n / 65535));
+}
+
+/** Writes `data` as raw deflate stored blocks at `at`; returns the end offset. */
+function putStored(out: Uint8Array, at: number, data: Uint8Array): number {
+  let pos = 0;
+  do {
+    const len = Math.min(65535, data.length - pos);
+    out[at] = pos + len >= data.length ? 1 : 0;
+    out[at + 1] = len & 0xff;
+    out[at + 2] = len >> 8;
+    out[at + 3] = ~len & 0xff;
+    out[at + 4] = (~len >> 8) & 0xff;
+    out.set(data.subarray(pos, pos + len), at + 5);
+    at += 5 + len;
+    pos += len;
+  } while (pos < data.length);
+  return at;
+}
+
 /** streamOptimized writes that may be outstanding (writeBehind): enough to keep both Workers busy. */
 const BEHIND = 2;
 
@@ -1203,7 +1241,9 @@ export class VmdkImage implements FormatImage {
         grains = i;
         break;
       }
-      const size = deflated[i]!.length;
+      const raw = deflated[i];
+      // Grains that do not shrink: a zlib stream of stored blocks (as zlib makes of them).
+      const size = raw ? raw.length : 2 + storedLength(cb) + 4;
       sectors.push(next);
       sizes.push(size);
       next = Math.ceil((next * SECTOR + 12 + size) / SECTOR);
@@ -1223,7 +1263,16 @@ export class VmdkImage implements FormatImage {
       const at = (sectors[i] - start) * SECTOR;
       view.setBigUint64(at, BigInt(Math.floor((guest + i * cb) / SECTOR)), true);
       view.setUint32(at + 8, sizes[i], true);
-      out.set(deflated[i]!, at + 12);
+      const raw = deflated[i];
+      if (raw) {
+        out.set(raw, at + 12);
+        continue;
+      }
+      const grain = data.subarray(i * cb, (i + 1) * cb);
+      // zlib header: deflate, 32 KiB window, fastest level (stored blocks).
+      out[at + 12] = 0x78;
+      out[at + 13] = 0x01;
+      view.setUint32(putStored(out, at + 14, grain), adler32(grain), false);
     }
     await e.file.write(start * SECTOR, out);
     e.nextClusterSector = next;
