@@ -19,7 +19,7 @@ import type {
 } from "./driver.ts";
 import { type BlockFile, readZeroFilled } from "./file.ts";
 import { QimgError } from "./errors.ts";
-import { be16, be32, be64, putBe16, putBe32, putBe64 } from "./bytes.ts";
+import { be16, be32, be64, be64n, putBe16, putBe32, putBe64 } from "./bytes.ts";
 import { ProtocolError, truncateFile } from "./protocol.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
 import { probeVpc } from "./format_probes.ts";
@@ -41,7 +41,7 @@ const UNALLOCATED = 0xffffffff;
 /** qemu's block size for the dynamic disks it creates. */
 const CREATE_BLOCK_SIZE = 0x200000;
 /** Reads at or past this offset fail in qemu's block layer (beyond BDRV_MAX_LENGTH). */
-const MAX_READ_OFFSET = 2 ** 63 - 2 ** 30;
+const MAX_READ_BIG = (1n << 63n) - (1n << 30n);
 
 /** Creator applications whose images are sized by the footer's current_size, not CHS. */
 const CURRENT_SIZE_CREATORS = ["win ", "qem2", "d2v ", "CTXS", "tap\0"];
@@ -356,9 +356,13 @@ export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Prom
   const size = sectors * SECTOR;
   if (!dynamic) return new VpcImage(file, footer, size);
 
-  if (footer.dataOffset >= MAX_READ_OFFSET) throw new QimgError("Error reading dynamic VHD header");
+  // Exact 64-bit offsets: qemu's block layer fails requests ending past its limit (EIO).
+  if (be64n(footer.bytes, 16) + 1024n > MAX_READ_BIG) {
+    throw new QimgError("Error reading dynamic VHD header");
+  }
   const hdr = new Uint8Array(1024);
-  await readZeroFilled(file, footer.dataOffset, hdr);
+  // Past the end of the file it reads as zeroes (the host may not even seek there).
+  if (footer.dataOffset < fileSize) await readZeroFilled(file, footer.dataOffset, hdr);
   if (ascii(hdr, 0, 8) !== "cxsparse") throw new QimgError("Invalid header magic");
   const blockSize = be32(hdr, 32);
   if (blockSize < SECTOR || (blockSize & (blockSize - 1)) !== 0) {
@@ -374,7 +378,9 @@ export async function openVpc(file: BlockFile, _options: OpenOptions = {}): Prom
   }
   const batOffset = be64(hdr, 16);
   const batBytes = entries * 4;
-  if (batOffset + batBytes >= MAX_READ_OFFSET) throw new QimgError("Error reading pagetable");
+  if (be64n(hdr, 16) + BigInt(batBytes) > MAX_READ_BIG) {
+    throw new QimgError("Error reading pagetable");
+  }
   // The table cannot lie past the end of the file (qemu refuses that below),
   // so its size is bounded by the file's before anything is allocated.
   const tableEnd = Math.ceil((batOffset + batBytes) / SECTOR) * SECTOR;
