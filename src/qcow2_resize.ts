@@ -487,11 +487,17 @@ async function preallocateData(
     await file.read(moved, head);
     await file.write(start * cs, head);
   }
-  const links: Link[] = [];
-  for (let k = 0; k < count; k++) links.push({ guest: first + k, host: (start + k) * cs });
-  // Extended L2: the subclusters count as written only where the backing
-  // file must not show through (qemu then allocates them explicitly).
-  await linkClusters(t, refs, links, () => zeroNew ? 0xffffffffn : 0n);
+  // One L2 table's worth of entries at a time (bounded memory).
+  for (let k = 0; k < count;) {
+    const g = first + k;
+    const n = Math.min(count - k, h.l2Size - (g % h.l2Size));
+    const links: Link[] = [];
+    for (let j = 0; j < n; j++) links.push({ guest: g + j, host: (start + k + j) * cs });
+    // Extended L2: the subclusters count as written only where the backing
+    // file must not show through (qemu then allocates them explicitly).
+    await linkClusters(t, refs, links, () => zeroNew ? 0xffffffffn : 0n);
+    k += n;
+  }
   if (moved !== undefined) {
     await refs.change(moved / cs, -1);
     await refs.cache.flush();
