@@ -578,7 +578,9 @@ export class VmdkImage implements FormatImage {
   #streamOut?: Uint8Array;
   #copies: Uint8Array[] = [];
   /** streamOptimized writes returned early, still compressing or being stored. */
-  #behind: Promise<void>[] = [];
+  #behind: { done: Promise<void>; offset: number }[] = [];
+  /** A write behind failed and its caller (a later write) was told. */
+  #behindReported = false;
   /** Buffers of finished reads' grain windows, for the next ones (less to zero and collect). */
   #windows: Uint8Array[] = [];
   /** The last grain inflated (sequential reads take it piece by piece). */
@@ -865,7 +867,8 @@ export class VmdkImage implements FormatImage {
   async #flatStatus(e: Extent, hostOffset: number, n: number): Promise<BlockStatus> {
     const where = { hostOffset, file: e.file.name };
     const end = await e.file.size();
-    if (hostOffset >= end) return { length: n, data: true, zero: true, ...where };
+    // Past the end, or before the start (a flat offset that wrapped), reads as zeroes.
+    if (hostOffset >= end || hostOffset < 0) return { length: n, data: true, zero: true, ...where };
     const h = await e.file.extent(hostOffset, n);
     if (h.data) return { length: Math.min(n, h.length), data: true, zero: false, ...where };
     // A hole running to the end of the file answers for the rest (qemu's EOF rule).
@@ -1024,13 +1027,23 @@ export class VmdkImage implements FormatImage {
       }
     });
     done.catch(() => {});
-    this.#behind.push(done);
-    return this.#behind.length > BEHIND ? this.#behind.shift()! : Promise.resolve();
+    this.#behind.push({ done, offset });
+    if (this.#behind.length <= BEHIND) return Promise.resolve();
+    return this.#behind.shift()!.done.catch((err) => {
+      this.#behindReported = true;
+      throw err;
+    });
   }
 
   /** Waits for the writes still going on behind; throws the first error. */
   async #drain(): Promise<void> {
-    while (this.#behind.length) await this.#behind.shift();
+    while (this.#behind.length) {
+      const { done, offset } = this.#behind.shift()!;
+      // No caller saw this one fail: as the copy would have said it.
+      await done.catch((err) => {
+        throw new QimgError(`error while writing at byte ${offset}: ${strerror(err)}`);
+      });
+    }
   }
 
   async #write(offset: number, data: Uint8Array, backingRead?: BackingReader): Promise<void> {
@@ -1450,10 +1463,13 @@ export class VmdkImage implements FormatImage {
 
   async close(): Promise<void> {
     try {
-      await this.#drain();
+      // A failure a caller was told of already is not told again.
+      await this.#drain().catch((err) => {
+        if (!this.#behindReported) throw err;
+      });
       await this.#locked(() => this.#flushPending());
     } finally {
-      await Promise.allSettled(this.#behind.splice(0));
+      await Promise.allSettled(this.#behind.splice(0).map((b) => b.done));
       this.#pool?.close();
       for (const f of this.#opened) await f.close();
       await this.#top.close();
