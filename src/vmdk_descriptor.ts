@@ -185,7 +185,8 @@ export function* extentLines(desc: string): Generator<ExtentLine> {
         sectors: Number(r.sectors),
         type: r.type!,
         fileName: r.fname!,
-        flatOffset: Number(flatOffset),
+        // qemu multiplies by 512 in int64: huge offsets wrap (INT64_MAX sectors is byte -512).
+        flatOffset: Number(BigInt.asIntN(64, flatOffset * 512n)) / 512,
       };
     }
     p = next;

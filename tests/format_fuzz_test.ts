@@ -873,6 +873,18 @@ Deno.test("vmdk and vhdx handle what the fuzzer found as qemu-img does", async (
       .replace("# The Disk Data Base", "0 The Disk Data Base"),
   );
   await assertSameAsQemu(["info", "split.vmdk"], dir.path);
+  // Flat extent offsets whose byte offsets wrap in qemu's int64 arithmetic (INT64_MAX sectors: -512).
+  await sh("qemu-img create -q -f vmdk -o subformat=monolithicFlat f.vmdk 1M", dir.path);
+  const flat = await Deno.readTextFile(path("f.vmdk"));
+  await Deno.writeTextFile(
+    path("f.vmdk"),
+    flat.replace(
+      /^RW 2048 FLAT "f-flat.vmdk" 0$/m,
+      'RW 2048 FLAT "f-flat.vmdk" 0\nRW 2048 FLAT "f-flat.vmdk" 18446744073709551615\n' +
+        'RW 2048 FLAT "f-flat.vmdk" 36028797018963968',
+    ),
+  );
+  await assertSameAsQemu(["map", "--output=json", "f.vmdk"], dir.path);
   // Capacities past qemu's block layer limit: opened, then refused for their size.
   await sh("qemu-img create -q -f vmdk s.vmdk 1M", dir.path);
   const sparse = await Deno.readFile(path("s.vmdk"));
