@@ -298,6 +298,11 @@ export async function createImageWith(
     throw new QimgError(`Could not create '${plan.path}': ${strerror(e)}`);
   }
   try {
+    // Formats that pass preallocation to the host file (vmdk, vpc, vhdx,
+    // vdi, ...) meet file-posix's refusal first: it has no metadata mode.
+    if (protocolPrealloc === "metadata") {
+      throw new ProtocolError("Unsupported preallocation mode: metadata", "ENOTSUP");
+    }
     if (protocolPrealloc === undefined) await createFile(file, 0n);
     await create(file, {
       size: Number(plan.size),
