@@ -9,7 +9,7 @@
  * bound and without a huge allocation. A sample also runs through the CLI
  * under a V8 heap limit, and a sample is compared with qemu-img itself.
  *
- * QIMG_FUZZ_CASES: cases per image (default 80); QIMG_FUZZ_SEED: first
+ * QIMG_FUZZ_CASES: cases per image (default 60); QIMG_FUZZ_SEED: first
  * seed; QIMG_FUZZ_ONLY=name:seed runs one case (QIMG_FUZZ_DUMP=dir saves
  * its files); QIMG_FUZZ_VERBOSE=1 prints each run. QIMG_FUZZ_ORACLE=1 runs
  * the qemu-img comparison on QIMG_FUZZ_ORACLE_CASES cases per image
@@ -25,7 +25,7 @@ import { reportError } from "../src/report.ts";
 import { crc32c } from "../src/vhdx_log.ts";
 
 const env = (name: string) => Deno.env.get(name);
-const CASES = Number(env("QIMG_FUZZ_CASES") ?? "80");
+const CASES = Number(env("QIMG_FUZZ_CASES") ?? "60");
 const FIRST_SEED = Number(env("QIMG_FUZZ_SEED") ?? "1");
 const ONLY = env("QIMG_FUZZ_ONLY");
 const DUMP = env("QIMG_FUZZ_DUMP");
