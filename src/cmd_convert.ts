@@ -453,7 +453,7 @@ export async function run(args: string[], io: Io): Promise<number> {
           // qemu's bdrv_create does not open the backing file (opening the target does).
           unsafeBacking: true,
           warn,
-        }, (p, o) => io.openFile(p, o));
+        }, (p, o) => io.openFile(p, o), io.remove?.bind(io));
       } catch (e) {
         throw new QimgError(`${outName}: error while converting ${outFmt}: ${strerror(e)}`);
       }

@@ -4,10 +4,10 @@ import type { Io } from "./command.ts";
 import { optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { usageError } from "./errors.ts";
-import { type Image, type ImageInfo, openImageChain } from "./image.ts";
+import type { Image, ImageInfo } from "./image.ts";
 import { dumpHuman, type JsonValue, toJsonPretty } from "./output.ts";
 import { sizeToStr } from "./size.ts";
-import { parseOutputFormat } from "./cmd_util.ts";
+import { openForCommand, parseOutputFormat, processObject } from "./cmd_util.ts";
 import { renderSnapshotList, snapshotsFromJson, snapshotsToJson } from "./qcow2_snapshot.ts";
 
 const LONG = [
@@ -26,6 +26,8 @@ export async function run(args: string[], io: Io): Promise<number> {
   let format: string | undefined;
   let output = "human";
   let chain = false;
+  let imageOpts = false;
+  let forceShare = false;
   for (const o of options) {
     switch (o.opt) {
       case "f":
@@ -40,8 +42,13 @@ export async function run(args: string[], io: Io): Promise<number> {
       case "h":
         return (await import("./cmd_util.ts")).printHelp(io);
       case "U":
+        forceShare = true;
+        break;
       case "object":
+        if (processObject(o.arg!, io)) return 0;
+        break;
       case "image-opts":
+        imageOpts = true;
         break;
       default:
         throw optionError(o);
@@ -49,12 +56,13 @@ export async function run(args: string[], io: Io): Promise<number> {
   }
   if (operands.length !== 1) throw usageError("Expecting one image file name");
   const human = parseOutputFormat(output) === "human";
-  const image = await openImageChain(operands[0], {
+  const image = await openForCommand(operands[0], io, {
     format,
+    imageOpts,
+    forceShare,
     noIo: true, // as qemu-img info: metadata only (encrypted images, missing data files)
     backing: chain, // without --backing-chain qemu-img info never opens the backing file
-    warn: (m) => io.stderr(m + "\n"),
-    openFile: (p, w) => io.openFile(p, { write: w }),
+    nestBackingErrors: false, // info --backing-chain opens each layer on its own
   });
   try {
     const infos: ImageInfo[] = [];

@@ -142,6 +142,10 @@ export interface CommandOpenOptions {
   forceShare?: boolean;
   /** Opening for `check` (qemu's BDRV_O_CHECK). */
   check?: boolean;
+  /** Metadata only, as `info` (qemu's BDRV_O_NO_IO). */
+  noIo?: boolean;
+  /** Backing errors nest under the top image's name (default); `info --backing-chain` names the layer. */
+  nestBackingErrors?: boolean;
 }
 
 /** Block-layer options every image accepts, which qimg has no use for. */
@@ -214,9 +218,10 @@ export async function openForCommand(
       write: options.write,
       backing: options.backing,
       check: options.check,
+      noIo: options.noIo,
       warn: (message) => io.stderr(message + "\n"),
       openFile: (p, w) => io.openFile(p, { write: w }),
-      nestBackingErrors: true,
+      nestBackingErrors: options.nestBackingErrors ?? true,
     });
   } catch (e) {
     // qemu names the image as given: with --image-opts, the option string.

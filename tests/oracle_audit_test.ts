@@ -1,0 +1,63 @@
+/**
+ * Gaps found by auditing convert, dd and the qcow2 read commands option by
+ * option against Debian's qemu-img 7.2: each test covers one that differed.
+ */
+
+import { assertSameRun, makePair } from "./_convert_util.ts";
+import { assertSameAsQemu, sh, tempDir } from "./_util.ts";
+
+const CHAIN = [
+  "qemu-img create -q -f raw b0.raw 8M",
+  "qemu-io -f raw -c 'write -P 5 0 3M' b0.raw",
+  "qemu-img create -q -f qcow2 -b b0.raw -F raw b1.qcow2 8M",
+  "qemu-io -c 'write -P 6 1M 1M' b1.qcow2",
+  "qemu-img create -q -f qcow2 -b b1.qcow2 -F qcow2 b2.qcow2 12M",
+  "qemu-io -c 'write -P 7 2560k 1M' -c 'write -z 0 512k' b2.qcow2",
+].join(" >/dev/null && ") + " >/dev/null";
+
+Deno.test("info --image-opts, -U and --object open and answer as qemu-img 7.2", async () => {
+  await using dir = await tempDir();
+  await sh(CHAIN, dir.path);
+  const spec = "driver=qcow2,file.filename=b2.qcow2";
+  for (
+    const args of [
+      ["--image-opts", spec],
+      ["--image-opts", "--backing-chain", spec],
+      ["--image-opts", "--output=json", "--backing-chain", spec],
+      ["--image-opts", "file.filename=b2.qcow2"],
+      ["--image-opts", "driver=raw,file.filename=b2.qcow2"],
+      ["--image-opts", `driver=qcow2,file.filename=${dir.path}/b2.qcow2,read-only=on`],
+      ["--image-opts", "-f", "qcow2", spec],
+      ["--image-opts", "b2.qcow2"],
+      ["--image-opts", "driver=qcow2,file.filename=nonexistent"],
+      ["-U", "--backing-chain", "b2.qcow2"],
+      ["--force-share", "--output=json", "b1.qcow2"],
+      ["--object", "help"],
+      ["--object", "secret,help"],
+      ["--object", "foo,id=x", "b2.qcow2"],
+      ["--object", "secret,id=s0", "b2.qcow2"],
+      ["--object", "secret,id=s0,data=x", "b2.qcow2"],
+    ]
+  ) await assertSameAsQemu(["info", ...args], dir.path);
+});
+
+Deno.test("convert leaves no target when qcow2 creation refuses its options, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f raw a.raw 1M", dir.path);
+  const pair = await makePair(dir.path);
+  for (
+    const o of [
+      "cluster_size=3k",
+      "compat=0.10,extended_l2=on",
+      "compat=0.10,lazy_refcounts=on",
+      "refcount_bits=3",
+      "encrypt.format=luks",
+      "extended_l2=on,cluster_size=4k",
+      "data_file_raw=on",
+    ]
+  ) {
+    await assertSameRun(pair, ["convert", "-O", "qcow2", "-o", o, "../a.raw", "o.qcow2"], {
+      outputs: ["o.qcow2"],
+    });
+  }
+});
