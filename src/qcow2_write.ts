@@ -507,8 +507,8 @@ export class Qcow2Writer {
     }
     // Fresh clusters: their blocks reserved first make the page-cache writes
     // cheaper (see convert.ts reserveThenWrite); all of them are written.
-    await file.allocate?.(host, bytes.length).catch(() => {});
-    const p = (before.length ? Promise.allSettled(before) : Promise.resolve()).then(() =>
+    const reserved = file.allocate?.(host, bytes.length).catch(() => {});
+    const p = Promise.all([...before.map((b) => b.catch(() => {})), reserved]).then(() =>
       file.writeConcurrent!(host, bytes)
     );
     for (let c = first; c <= last; c++) this.#inflight.set(c, p);
