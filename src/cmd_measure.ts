@@ -3,9 +3,9 @@
  * size or for converting an existing image.
  */
 
-import type { Io } from "./command.ts";
 import { getopt, type LongOption, type ParsedOption } from "./getopt.ts";
 import { QimgError } from "./errors.ts";
+import { type Io, notSupportedYet } from "./command.ts";
 import type { FormatDriver, MeasureResult, MeasureSource, PersistentBitmap } from "./driver.ts";
 import { Image } from "./image.ts";
 import { findFormat } from "./format_drivers.ts";
@@ -14,6 +14,8 @@ import { cvtnum } from "./size.ts";
 import {
   accumulateOptions,
   CREATE_OPTION_TABLES,
+  isQemuCreatable,
+  isQemuFormat,
   mergeOptionTables,
   type OptionDesc,
   parseOptionList,
@@ -136,7 +138,7 @@ function targetDriver(name: string): MeasureTarget {
   if (name === "qcow2" && options) {
     return { createOptions: options, measure: driver?.measure ?? measureQcow2 };
   }
-  if (!driver) throw new QimgError(`Unknown file format '${name}'`);
+  if (!driver) return otherQemuFormat(name);
   if (!driver.create || !options) {
     throw new QimgError(`Format driver '${name}' does not support image creation`);
   }
@@ -144,6 +146,22 @@ function targetDriver(name: string): MeasureTarget {
     throw new QimgError(`Block driver '${name}' does not support size measurement`);
   }
   return { createOptions: options, measure: driver.measure };
+}
+
+/** Formats qemu knows and qimg does not drive: qemu's refusals, after `-o` is parsed as qemu does. */
+function otherQemuFormat(name: string): MeasureTarget {
+  if (!isQemuFormat(name)) throw new QimgError(`Unknown file format '${name}'`);
+  if (!isQemuCreatable(name)) {
+    throw new QimgError(`Format driver '${name}' does not support image creation`);
+  }
+  return {
+    createOptions: CREATE_OPTION_TABLES[name] ?? [],
+    measure: () => {
+      // luks measures (its header); qimg does not create luks images yet.
+      if (name === "luks") throw notSupportedYet("measure -O luks");
+      throw new QimgError(`Block driver '${name}' does not support size measurement`);
+    },
+  };
 }
 
 /** Parses `-o` for the target; a bad option gets qemu's second line naming the format. */

@@ -15,6 +15,8 @@ import {
   emptyOptions,
   formatOptionHelp,
   formattingLine,
+  isQemuCreatable,
+  isQemuFormat,
   mergeOptionTables,
   type OptionDesc,
   type ParsedOptions,
@@ -34,20 +36,6 @@ import { qdictEntries } from "./output.ts";
 import { hexSuffixWarning, strtosz } from "./size.ts";
 
 const U64_MAX = (1n << 64n) - 1n;
-
-/** Every format name Debian's qemu-img 7.2 knows (its `Supported formats`). */
-const QEMU_FORMATS = new Set(
-  ("blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg " +
-    "file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs null-aio " +
-    "null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication " +
-    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat").split(" "),
-);
-
-/** The formats qemu-img 7.2 can create (the others say "does not support image creation"). */
-const QEMU_CREATABLE = new Set(
-  ("file gluster host_cdrom host_device iscsi iser luks nbd nfs nvme parallels qcow qcow2 qed " +
-    "raw rbd ssh vdi vhdx vmdk vpc").split(" "),
-);
 
 /**
  * How to create an image: `qemu-img create`'s arguments as an object.
@@ -94,8 +82,8 @@ function createTable(
   if (format === "file") return { table: PROTOCOL_CREATE_OPTIONS, driver };
   const table = driver?.createOptions ?? CREATE_OPTION_TABLES[format];
   if (table) return { table, driver };
-  if (!driver && !QEMU_FORMATS.has(format)) throw new QimgError(`Unknown file format '${format}'`);
-  if (!QEMU_CREATABLE.has(format)) {
+  if (!driver && !isQemuFormat(format)) throw new QimgError(`Unknown file format '${format}'`);
+  if (!isQemuCreatable(format)) {
     throw new QimgError(`Format driver '${format}' does not support image creation`);
   }
   throw new QimgError(`create -f ${format}: not supported yet`);
@@ -107,7 +95,7 @@ function createTable(
  * formats and protocols.
  */
 export async function createOptionsHelp(format: string, filename?: string): Promise<string> {
-  if (!findFormat(format) && !QEMU_FORMATS.has(format)) {
+  if (!findFormat(format) && !isQemuFormat(format)) {
     throw new QimgError(`Unknown file format '${format}'`);
   }
   // Only the driver asked for loads (start-up time).
@@ -154,7 +142,7 @@ async function prepareCreate(
   openFile: CreateFileOpener,
 ): Promise<CreatePlan> {
   const format = o.format ?? "raw";
-  if (!findFormat(format) && !QEMU_FORMATS.has(format)) {
+  if (!findFormat(format) && !isQemuFormat(format)) {
     throw new QimgError(`Unknown file format '${format}'`);
   }
   const { protocol, path } = findProtocol(filename);

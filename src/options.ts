@@ -329,4 +329,75 @@ export const QCOW2_CREATE_OPTIONS: OptionDesc[] = [
 export const CREATE_OPTION_TABLES: Record<string, OptionDesc[]> = {
   raw: RAW_CREATE_OPTIONS,
   qcow2: QCOW2_CREATE_OPTIONS,
+  // Formats qimg cannot create: their tables answer `-o help` and bad `-o` as qemu does.
+  qcow: [
+    { name: "backing_file", type: "string", help: "File name of a base image" },
+    { name: "backing_fmt", type: "string", help: "Format of the backing image" },
+    { name: "encrypt.format", type: "string", help: "Encrypt the image, format choices: 'aes'" },
+    {
+      name: "encrypt.key-secret",
+      type: "string",
+      help: "ID of the secret that provides the AES encryption key",
+    },
+    {
+      name: "encryption",
+      type: "bool",
+      help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    },
+    SIZE_OPTION,
+  ],
+  qed: [
+    { name: "backing_file", type: "string", help: "File name of a base image" },
+    { name: "backing_fmt", type: "string", help: "Image format of the base image" },
+    { name: "cluster_size", type: "size", help: "Cluster size (in bytes)", default: "65536" },
+    SIZE_OPTION,
+    { name: "table_size", type: "size", help: "L1/L2 table size (in clusters)" },
+  ],
+  luks: [
+    { name: "cipher-alg", type: "string", help: "Name of encryption cipher algorithm" },
+    { name: "cipher-mode", type: "string", help: "Name of encryption cipher mode" },
+    { name: "hash-alg", type: "string", help: "Name of encryption hash algorithm" },
+    { name: "iter-time", type: "number", help: "Time to spend in PBKDF in milliseconds" },
+    { name: "ivgen-alg", type: "string", help: "Name of IV generator algorithm" },
+    { name: "ivgen-hash-alg", type: "string", help: "Name of IV generator hash algorithm" },
+    {
+      name: "key-secret",
+      type: "string",
+      help: "ID of the secret that provides the keyslot passphrase",
+    },
+    SIZE_OPTION,
+  ],
+  parallels: [
+    {
+      name: "cluster_size",
+      type: "size",
+      help: "Parallels image cluster size",
+      default: "1048576",
+    },
+    SIZE_OPTION,
+  ],
 };
+
+/** Every format name Debian's qemu-img 7.2 knows (its `Supported formats`). */
+const QEMU_FORMATS = new Set(
+  ("blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg " +
+    "file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs null-aio " +
+    "null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication " +
+    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat").split(" "),
+);
+
+/** The formats qemu-img 7.2 can create (the others say "does not support image creation"). */
+const QEMU_CREATABLE = new Set(
+  ("file gluster host_cdrom host_device iscsi iser luks nbd nfs nvme parallels qcow qcow2 qed " +
+    "raw rbd ssh vdi vhdx vmdk vpc").split(" "),
+);
+
+/** Whether Debian's qemu-img 7.2 knows the format `name`. */
+export function isQemuFormat(name: string): boolean {
+  return QEMU_FORMATS.has(name);
+}
+
+/** Whether Debian's qemu-img 7.2 can create images of the format `name`. */
+export function isQemuCreatable(name: string): boolean {
+  return QEMU_CREATABLE.has(name);
+}

@@ -61,3 +61,20 @@ Deno.test("convert leaves no target when qcow2 creation refuses its options, as 
     });
   }
 });
+
+Deno.test("measure -O and -o help of formats qimg does not drive answer as qemu-img 7.2", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f qcow2 s.qcow2 1M", dir.path);
+  for (const f of ["qed", "qcow", "parallels", "cloop", "nbd", "file", "host_device", "nosuch"]) {
+    await assertSameAsQemu(["measure", "-O", f, "--size", "1M"], dir.path);
+    await assertSameAsQemu(["measure", "-O", f, "s.qcow2"], dir.path);
+    await assertSameAsQemu(["measure", "-O", f, "-o", "foo=1", "--size", "1M"], dir.path);
+  }
+  await assertSameAsQemu(["measure", "-O", "luks", "-o", "foo=1", "--size", "1M"], dir.path);
+  await assertSameAsQemu(["measure", "-O", "qed", "-o", "cluster_size=1M", "s.qcow2"], dir.path);
+  for (const f of ["qcow", "qed", "luks", "parallels"]) {
+    await assertSameAsQemu(["create", "-f", f, "-o", "help"], dir.path);
+    await assertSameAsQemu(["create", "-f", f, "-o", "foo=1", "x.img", "1M"], dir.path);
+    await assertSameAsQemu(["convert", "-O", f, "-o", "help", "s.qcow2", "x.img"], dir.path);
+  }
+});
