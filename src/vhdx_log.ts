@@ -97,18 +97,24 @@ function crcUpdate(c: number, b: Uint8Array, skip = -1): number {
   return c;
 }
 
-/** The CRC register's change over one zero sector, a linear map: the image of each bit. */
-const ZERO_SECTOR = (() => {
-  const cols = new Uint32Array(32);
-  const zeros = new Uint8Array(SECTOR);
-  for (let bit = 0; bit < 32; bit++) cols[bit] = crcUpdate((1 << bit) >>> 0, zeros) >>> 0;
-  return cols;
-})();
+/**
+ * The CRC register's change over one zero sector, a linear map: the image
+ * of each bit. Built on first use: 128 Ki table steps are too many for the
+ * start of every command that loads this module.
+ */
+let zeroSectorCols: Uint32Array | undefined;
 
 /** `crcUpdate(c, 4096 zero bytes)`, fast: the entry lengths of a hostile log may run far past the file. */
 function zeroSector(c: number): number {
+  if (!zeroSectorCols) {
+    zeroSectorCols = new Uint32Array(32);
+    const zeros = new Uint8Array(SECTOR);
+    for (let bit = 0; bit < 32; bit++) {
+      zeroSectorCols[bit] = crcUpdate((1 << bit) >>> 0, zeros) >>> 0;
+    }
+  }
   let out = 0;
-  for (let bit = 0; bit < 32; bit++) if ((c >>> bit) & 1) out ^= ZERO_SECTOR[bit];
+  for (let bit = 0; bit < 32; bit++) if ((c >>> bit) & 1) out ^= zeroSectorCols[bit];
   return out;
 }
 
