@@ -1629,20 +1629,25 @@ function basename(path: string): string {
 /** Creates a vmdk image: qemu's vmdk_co_create_opts and its descriptor. */
 async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void> {
   const o = options.options;
+  // qemu checks these options before it creates the file: a refusal leaves none.
+  const refuse = async (message: string): Promise<never> => {
+    await options.removeFile?.(file.name).catch(() => {});
+    throw new QimgError(message);
+  };
   const backingFmt = o.backing_fmt as string | undefined;
   if (backingFmt !== undefined && backingFmt !== "vmdk") {
-    throw new QimgError("backing_file must be a vmdk image");
+    await refuse("backing_file must be a vmdk image");
   }
   if (file.name === "") throw new QimgError("No filename provided");
   const { path, prefix, postfix } = decompose(file.name);
   const size = alignUp(options.size, SECTOR);
   const adapter = (o.adapter_type as string | undefined) ?? "ide";
   if (!ADAPTER_TYPES.includes(adapter)) {
-    throw new QimgError(`invalid parameter value: ${adapter}`);
+    await refuse(`invalid parameter value: ${adapter}`);
   }
   const subformat = (o.subformat as string | undefined) ?? "monolithicSparse";
   if (!SUBFORMATS.includes(subformat)) {
-    throw new QimgError(`invalid parameter value: ${subformat}`);
+    await refuse(`invalid parameter value: ${subformat}`);
   }
   let hwVersion = o.hwversion as string | undefined;
   if (hwVersion === "undefined") hwVersion = undefined;
@@ -1650,7 +1655,7 @@ async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void
   const zeroedGrain = o.zeroed_grain === true;
   if (o.compat6 === true) {
     if (hwVersion !== undefined) {
-      throw new QimgError("compat6 cannot be enabled with hwversion set");
+      await refuse("compat6 cannot be enabled with hwversion set");
     }
     hwVersion = "6";
   }
@@ -1660,8 +1665,8 @@ async function createVmdk(file: BlockFile, options: CreateOptions): Promise<void
   const split = subformat.startsWith("twoGbMaxExtent");
   const flat = subformat === "monolithicFlat" || subformat === "twoGbMaxExtentFlat";
   const compress = subformat === "streamOptimized";
-  if (flat && backing !== undefined) throw new QimgError("Flat image can't have backing file");
-  if (flat && zeroedGrain) throw new QimgError("Flat image can't enable zeroed grain");
+  if (flat && backing !== undefined) await refuse("Flat image can't have backing file");
+  if (flat && zeroedGrain) await refuse("Flat image can't enable zeroed grain");
 
   const lineFor = (sectors: number, name: string) =>
     flat

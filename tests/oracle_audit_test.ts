@@ -78,3 +78,26 @@ Deno.test("measure -O and -o help of formats qimg does not drive answer as qemu-
     await assertSameAsQemu(["convert", "-O", f, "-o", "help", "s.qcow2", "x.img"], dir.path);
   }
 });
+
+Deno.test("create and convert -O vmdk leave no file when vmdk refuses its options, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh("qemu-img create -q -f raw a.raw 1M", dir.path);
+  const pair = await makePair(dir.path);
+  for (
+    const o of [
+      "subformat=foo",
+      "adapter_type=foo",
+      "backing_fmt=raw,backing_file=../a.raw",
+      "compat6=on,hwversion=7",
+      "subformat=monolithicFlat,zeroed_grain=on",
+      "subformat=twoGbMaxExtentFlat,zeroed_grain=on",
+    ]
+  ) {
+    await assertSameRun(pair, ["create", "-f", "vmdk", "-o", o, "o.vmdk", "1M"], {
+      outputs: ["o.vmdk"],
+    });
+    await assertSameRun(pair, ["convert", "-O", "vmdk", "-o", o, "../a.raw", "o.vmdk"], {
+      outputs: ["o.vmdk"],
+    });
+  }
+});
