@@ -180,11 +180,35 @@ async function shrink(t: ResizeTarget, size: number): Promise<void> {
   const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   const newL1 = Math.ceil(size / span);
   const from = alignUp(size, cs);
-  const releases: Release[] = [];
+  let releases: Release[] = [];
+  /** Freed cluster ranges [start, end), coalesced: punched once the file is cut. */
+  const freed: [number, number][] = [];
   let l1First = -1, l1End = -1;
   const l1Changed = (i: number) => {
     l1First = l1First < 0 ? i : Math.min(l1First, i);
     l1End = Math.max(l1End, i + 1);
+  };
+  // In batches: the tables that no longer point at clusters reach the disk,
+  // then the clusters lose their references (memory stays bounded).
+  const commit = async () => {
+    await file.flush();
+    if (l1First >= 0) {
+      await file.write(h.l1TableOffset + l1First * 8, l1.subarray(l1First * 8, l1End * 8));
+      await file.flush();
+      l1First = l1End = -1;
+    }
+    for (const r of releases) {
+      await refs.changeRange(r.offset, r.length, -1);
+      const c1 = Math.floor((r.offset + r.length - 1) / cs);
+      for (let c = Math.floor(r.offset / cs); c <= c1; c++) {
+        if (await refs.get(c) !== 0) continue;
+        const last = freed[freed.length - 1];
+        if (last && last[1] === c) last[1]++;
+        else freed.push([c, c + 1]);
+      }
+    }
+    await refs.cache.flush();
+    releases = [];
   };
   for (let i = Math.floor(from / span); i < h.l1Size; i++) {
     const l2 = t.mapper.l2Offset(i);
@@ -204,41 +228,29 @@ async function shrink(t: ResizeTarget, size: number): Promise<void> {
       l1View.setBigUint64(i * 8, 0n);
       l1Changed(i);
       releases.push({ offset: l2, length: cs });
-      continue;
-    }
-    if (!changed) continue;
-    if (l1View.getUint32(i * 8) & OFLAG_COPIED_HI) {
+    } else if (changed && (l1View.getUint32(i * 8) & OFLAG_COPIED_HI)) {
       await file.write(l2, table);
-      continue;
+    } else if (changed) {
+      // Shared with a snapshot: this layer gets its own copy.
+      const copy = await refs.allocClusters(1);
+      await refs.cache.flush();
+      await file.write(copy, table);
+      l1View.setBigUint64(i * 8, COPIED | BigInt(copy));
+      l1Changed(i);
+      releases.push({ offset: l2, length: cs });
     }
-    // Shared with a snapshot: this layer gets its own copy.
-    const copy = await refs.allocClusters(1);
-    await refs.cache.flush();
-    await file.write(copy, table);
-    l1View.setBigUint64(i * 8, COPIED | BigInt(copy));
-    l1Changed(i);
-    releases.push({ offset: l2, length: cs });
+    if (releases.length >= 65536) await commit();
   }
-  await file.flush();
-  if (l1First >= 0) {
-    await file.write(h.l1TableOffset + l1First * 8, l1.subarray(l1First * 8, l1End * 8));
-    await file.flush();
-  }
-  for (const r of releases) {
-    await refs.changeRange(r.offset, r.length, -1);
-  }
-  await refs.cache.flush();
-  // Freed clusters leave the file (qemu discards them).
-  for (const r of releases) {
-    const c0 = Math.floor(r.offset / cs), c1 = Math.floor((r.offset + r.length - 1) / cs);
-    for (let c = c0; c <= c1; c++) {
-      if (await refs.get(c) === 0) await file.discard?.(c * cs, cs);
-    }
-  }
+  await commit();
   await shrinkRefcountTable(file, h);
   const last = await lastUsedCluster(file, h);
   const fileSize = await file.size();
   if (last >= 0 && (last + 1) * cs < fileSize) await file.truncate((last + 1) * cs);
+  // Freed clusters still inside the file are punched (qemu discards them).
+  const end = Math.ceil(await file.size() / cs);
+  for (const [c0, c1] of freed) {
+    if (c0 < end) await file.discard?.(c0 * cs, (Math.min(c1, end) - c0) * cs);
+  }
   if (t.dataFile) await t.dataFile.truncate(size);
   await writeSize(file, h, size);
 }
