@@ -17,6 +17,7 @@ import {
 } from "./options.ts";
 import { Progress } from "./progress.ts";
 import { checkCacheMode, openForCommand, printHelp, processObject } from "./cmd_util.ts";
+import { Image } from "./image.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -122,8 +123,12 @@ async function amend(
     if (!top.amend) throw notSupportedYet("amend");
     try {
       // qemu's amend_status_cb: the percentage in single precision.
+      const below = image.chain.length > 1 ? new Image(image.chain.slice(1)) : undefined;
       await top.amend(values, (done, total) => {
         o.progress.print(Math.fround(Math.fround(100 * done) / total), 0);
+      }, {
+        backingSize: below?.size,
+        backingRead: below ? (offset, buf) => below.read(offset, buf) : undefined,
       });
     } finally {
       // qemu completes the meter whether or not the driver succeeded.

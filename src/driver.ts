@@ -208,7 +208,12 @@ export interface FormatImage {
    * Changes format options (`amend -o`, values parsed against the driver's
    * amend table); `status` reports progress of long operations.
    */
-  amend?(options: OptionValues, status?: (done: number, total: number) => void): Promise<void>;
+  amend?(
+    options: OptionValues,
+    status?: (done: number, total: number) => void,
+    /** The layers below, for a size change (as resize's options). */
+    below?: { backingSize?: number; backingRead?: BackingReader },
+  ): Promise<void>;
   /** Changes the virtual size. */
   resize?(
     size: number,

@@ -565,6 +565,7 @@ export class Qcow2Image implements FormatImage {
   async amend(
     options: OptionValues,
     status: (done: number, total: number) => void = () => {},
+    below: { backingSize?: number; backingRead?: BackingReader } = {},
   ): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     await this.#writer?.flush();
@@ -578,7 +579,8 @@ export class Qcow2Image implements FormatImage {
         snapshotCount: this.header.nbSnapshots,
         snapshots: this.snapshotList,
         flush: () => this.flush(),
-        resize: (size) => this.resize(size, {}),
+        // A longer backing file must not show through a grown range.
+        resize: (size) => this.resize(size, below),
       },
       options,
       status,

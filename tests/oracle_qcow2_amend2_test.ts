@@ -128,3 +128,16 @@ Deno.test("amend -o compat=0.10 of a zstd image without compressed clusters swit
     identical: true,
   });
 });
+
+Deno.test("amend -o size over a longer backing file zeroes the grown range as qemu-img", async () => {
+  await runBoth({
+    setup: "qemu-img create -q -f qcow2 base.qcow2 4M && " +
+      "qemu-io -c 'write -P 7 0 4M' base.qcow2 >/dev/null && " +
+      "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 a.qcow2 1000k && " +
+      "qemu-io -c 'write -P 1 0 100k' a.qcow2 >/dev/null",
+    args: ["amend", "-o", "size=4M", "a.qcow2"],
+    image: "a.qcow2",
+    reads: ["1 0 100k", "7 100k 900k", "0 1000k 3096k"],
+    identical: true,
+  });
+});
