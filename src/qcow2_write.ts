@@ -949,14 +949,13 @@ export class Qcow2Writer {
     const s0 = (start - cStart) / sc;
     const s1 = Math.ceil((end - cStart) / sc);
     const mask = (2 ** s1 - 2 ** s0) >>> 0;
-    if (!this.#mapper.l2Offset(l1Index) && !this.#options.hasBacking) return;
+    // qemu sets the zero bits even where the subclusters read as zeroes already.
     const { offset: l2Offset, table } = await this.#l2ForWrite(l1Index);
     const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
     const i = (cStart % span) / cs;
     const e = readEntry(view, i, true, this.#dataMode);
     if (e.compressed) return await this.#write(start, new Uint8Array(end - start), backingRead);
     const bits = e.ext!;
-    if (!this.#options.hasBacking && !(bits.alloc & mask)) return; // reads as zeroes already
     const alloc = (bits.alloc & ~mask) >>> 0;
     const zero = (bits.zero | mask) >>> 0;
     const value = (e.copied ? COPIED : 0n) | BigInt(e.offset);

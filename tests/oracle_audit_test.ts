@@ -101,3 +101,30 @@ Deno.test("create and convert -O vmdk leave no file when vmdk refuses its option
     });
   }
 });
+
+Deno.test("convert -n into an extended L2 qcow2 marks zeroed subclusters zero, as qemu-img", async () => {
+  await using dir = await tempDir();
+  await sh(
+    [
+      "qemu-img create -q -f qcow2 base.qcow2 16M",
+      "qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 4M 64k' base.qcow2",
+      "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
+      "qemu-io -c 'write -P 3 512k 64k' -c 'write -z 4M 32k' -c 'write -P 4 12M 100k' top.qcow2",
+    ].join(" >/dev/null && ") + " >/dev/null",
+    dir.path,
+  );
+  const pair = await makePair(
+    dir.path,
+    "qemu-img create -q -f qcow2 -o extended_l2=on t.qcow2 16M",
+  );
+  for (const extra of [[], ["-S", "0"]]) {
+    await assertSameRun(
+      pair,
+      ["convert", "-n", ...extra, "-O", "qcow2", "../top.qcow2", "t.qcow2"],
+      {
+        outputs: ["t.qcow2"],
+        exact: true,
+      },
+    );
+  }
+});
