@@ -104,7 +104,7 @@ export async function resizeQcow2(
   if (prealloc !== "off" && size > old) {
     await t.settle();
     if (dataPrealloc) await preallocateData(t, old, size, prealloc, zeroNew);
-    else await preallocateMetadata(t, old, size, prealloc);
+    else await preallocateMetadata(t, old, size, prealloc, options.backingRead);
     await t.settle();
   } else if (t.dataFile && prealloc === "off") {
     // The data file follows the virtual size exactly.
@@ -403,14 +403,18 @@ async function preallocateMetadata(
   old: number,
   size: number,
   prealloc: PreallocMode,
+  backingRead?: BackingReader,
 ): Promise<void> {
   const h = t.header;
   const cs = h.clusterSize;
   const refs = await Qcow2Refcounts.open(t.file, h);
-  // A cluster the old end cuts through keeps what its head showed; over a
-  // backing file that would need copy-on-write, so it stays as it is.
+  // A cluster the old end cuts through keeps what its head showed: over a
+  // backing file its new cluster gets the head copied (as qemu's
+  // copy-on-write), or with subclusters reads through to it (no subcluster
+  // allocated); with nothing to copy from, it stays as it is.
   let g = Math.floor(old / cs);
-  if (old % cs && t.hasBacking && !t.dataFile) g++;
+  const cowHead = old % cs !== 0 && t.hasBacking && !t.dataFile && !h.extendedL2;
+  if (cowHead && !backingRead) g++;
   const end = Math.ceil(size / cs);
   let hostEnd = 0;
   for (let l2Start = g; l2Start < end;) {
@@ -441,6 +445,13 @@ async function preallocateMetadata(
       else await flushRun();
     }
     await flushRun();
+    const boundary = links.find((l) => l.guest * cs < old && old % cs);
+    if (boundary && cowHead && backingRead) {
+      const head = new Uint8Array(old - boundary.guest * cs);
+      await backingRead(boundary.guest * cs, head);
+      if (boundary.host + cs > await t.file.size()) await t.file.truncate(boundary.host + cs);
+      await t.file.write(boundary.host, head);
+    }
     if (links.length) {
       // Extended L2: no subcluster counts as written yet, as qemu leaves them.
       await linkClusters(t, refs, links, () => 0n);

@@ -206,3 +206,18 @@ Deno.test("resize --preallocation moves the cluster the old end cuts through, as
     reads: ["1 0 1001k", "0 1001k 2071k"],
   });
 });
+
+Deno.test("resize --preallocation=metadata over a backing file copies the cut cluster's head as qemu-img", async () => {
+  for (const o of ["compat=1.1", "extended_l2=on"]) {
+    await runBoth({
+      setup: "qemu-img create -q -f qcow2 base.qcow2 512k && " +
+        "qemu-io -c 'write -P 7 0 512k' base.qcow2 >/dev/null && " +
+        `qemu-img create -q -f qcow2 -o ${o} -b base.qcow2 -F qcow2 ov.qcow2 1000k && ` +
+        "qemu-io -c 'write -P 1 0 100k' ov.qcow2 >/dev/null",
+      args: ["resize", "--preallocation=metadata", "ov.qcow2", "3M"],
+      image: "ov.qcow2",
+      reads: ["1 0 100k", "7 100k 412k", "0 512k 2560k"],
+      identical: true,
+    });
+  }
+});
