@@ -3,7 +3,7 @@
 import type { Io } from "./command.ts";
 import { optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
-import { usageError } from "./errors.ts";
+import { QimgError, usageError } from "./errors.ts";
 import type { Image, ImageInfo } from "./image.ts";
 import { dumpHuman, type JsonValue, toJsonPretty } from "./output.ts";
 import { sizeToStr } from "./size.ts";
@@ -56,24 +56,37 @@ export async function run(args: string[], io: Io): Promise<number> {
   }
   if (operands.length !== 1) throw usageError("Expecting one image file name");
   const human = parseOutputFormat(output) === "human";
-  const image = await openForCommand(operands[0], io, {
-    format,
-    imageOpts,
-    forceShare,
-    noIo: true, // as qemu-img info: metadata only (encrypted images, missing data files)
-    backing: chain, // without --backing-chain qemu-img info never opens the backing file
-    nestBackingErrors: false, // info --backing-chain opens each layer on its own
-  });
-  try {
-    const infos: ImageInfo[] = [];
-    for (let depth = 0; depth < (chain ? image.chain.length : 1); depth++) {
-      infos.push(await imageInfo(image, depth));
+  // As qemu-img: each layer opened on its own (no backing), by the full
+  // backing name the layer above reports; a name seen twice is a loop.
+  const infos: ImageInfo[] = [];
+  const seen = new Set<string>();
+  let name: string | undefined = operands[0];
+  let fmt = format;
+  let opts = imageOpts;
+  while (name !== undefined) {
+    if (seen.has(name)) throw new QimgError(`Backing file '${name}' creates an infinite loop.`);
+    seen.add(name);
+    const image: Image = await openForCommand(name, io, {
+      format: fmt,
+      imageOpts: opts,
+      forceShare,
+      noIo: true, // as qemu-img info: metadata only (encrypted images, missing data files)
+      backing: false,
+    });
+    let info: ImageInfo;
+    try {
+      info = await imageInfo(image, 0);
+    } finally {
+      await image.close();
     }
-    if (human) io.stdout(infos.map(renderInfoHuman).join("\n"));
-    else io.stdout(toJsonPretty(chain ? infos : infos[0]) + "\n");
-  } finally {
-    await image.close();
+    infos.push(info);
+    if (!chain) break;
+    name = info["full-backing-filename"] as string | undefined;
+    fmt = info["backing-filename-format"] as string | undefined;
+    opts = false;
   }
+  if (human) io.stdout(infos.map(renderInfoHuman).join("\n"));
+  else io.stdout(toJsonPretty(chain ? infos : infos[0]) + "\n");
   return 0;
 }
 

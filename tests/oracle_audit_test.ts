@@ -128,3 +128,25 @@ Deno.test("convert -n into an extended L2 qcow2 marks zeroed subclusters zero, a
     );
   }
 });
+
+Deno.test("info --backing-chain opens each layer on its own and reports loops as qemu-img 7.2", async () => {
+  await using dir = await tempDir();
+  await sh(
+    CHAIN + " && qemu-img create -q -f qcow2 -u -b nosuch.qcow2 -F qcow2 miss.qcow2 1M" +
+      " && qemu-img create -q -f qcow2 -u -b miss.qcow2 -F qcow2 miss2.qcow2 1M" +
+      " && qemu-img create -q -f qcow2 -u -b loop2.qcow2 -F qcow2 loop1.qcow2 1M" +
+      " && qemu-img create -q -f qcow2 -u -b loop1.qcow2 -F qcow2 loop2.qcow2 1M" +
+      " && mkdir sub && qemu-img create -q -f qcow2 -b ../b2.qcow2 -F qcow2 sub/top.qcow2",
+    dir.path,
+  );
+  for (const img of ["miss.qcow2", "miss2.qcow2", "loop1.qcow2", "sub/top.qcow2"]) {
+    for (const extra of [[], ["--output=json"]]) {
+      await assertSameAsQemu(["info", "--backing-chain", ...extra, img], dir.path);
+      await assertSameAsQemu(
+        ["info", "--backing-chain", ...extra, "--image-opts", `driver=qcow2,file.filename=${img}`],
+        dir.path,
+      );
+    }
+    await assertSameAsQemu(["info", img], dir.path);
+  }
+});
