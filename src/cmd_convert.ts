@@ -444,16 +444,21 @@ export async function run(args: string[], io: Io): Promise<number> {
 
     if (!skipCreate) {
       try {
-        await createImageWith(outName, {
-          format: outFmt,
-          size: total,
-          options: given,
-          backingFile: values.backing_file as string | undefined,
-          backingFormat: values.backing_fmt as string | undefined,
-          // qemu's bdrv_create does not open the backing file (opening the target does).
-          unsafeBacking: true,
-          warn,
-        }, (p, o) => io.openFile(p, o), io.remove?.bind(io));
+        await createImageWith(
+          outName,
+          {
+            format: outFmt,
+            size: total,
+            options: given,
+            backingFile: values.backing_file as string | undefined,
+            backingFormat: values.backing_fmt as string | undefined,
+            // qemu's bdrv_create does not open the backing file (opening the target does).
+            unsafeBacking: true,
+            warn,
+          },
+          (p, o) => io.openFile(p, o),
+          io.remove?.bind(io),
+        );
       } catch (e) {
         throw new QimgError(`${outName}: error while converting ${outFmt}: ${strerror(e)}`);
       }
