@@ -375,33 +375,21 @@ class HoleFinder {
 
   /** pread until done; returns the bytes read (short at the end of the file or on an error). */
   pread(offset: number, buf: Uint8Array): number {
-    let done = 0;
-    while (done < buf.length) {
-      const n = Number(
-        this.#lib.symbols.pread(
-          this.#fd,
-          buf.subarray(done),
-          BigInt(buf.length - done),
-          BigInt(offset + done),
-        ),
-      );
-      if (n <= 0) break;
-      done += n;
-    }
-    return done;
+    return this.#whole("pread", offset, buf);
   }
 
   /** pwrite until done; returns the bytes written (short on an error). */
   pwrite(offset: number, data: Uint8Array): number {
+    return this.#whole("pwrite", offset, data);
+  }
+
+  /** Repeats pread or pwrite until all of `buf` moved, or it moves nothing more. */
+  #whole(call: "pread" | "pwrite", offset: number, buf: Uint8Array): number {
+    const fn = this.#lib.symbols[call];
     let done = 0;
-    while (done < data.length) {
+    while (done < buf.length) {
       const n = Number(
-        this.#lib.symbols.pwrite(
-          this.#fd,
-          data.subarray(done),
-          BigInt(data.length - done),
-          BigInt(offset + done),
-        ),
+        fn(this.#fd, buf.subarray(done), BigInt(buf.length - done), BigInt(offset + done)),
       );
       if (n <= 0) break;
       done += n;
