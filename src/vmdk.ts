@@ -383,11 +383,7 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
     throw new QimgError("Invalid granularity, image may be corrupt");
   }
   if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
-  // qemu's int64 sector counts wrap past here; qimg refuses such sizes
-  // unless qemu's block layer refuses them too (at the end of the open).
-  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n && capacity * 512n <= BDRV_MAX_BIG) {
-    throw new QimgError("Image size too large");
-  }
+  checkCapacity(capacity);
   const e = addExtent(st, {
     file,
     flat: false,
@@ -405,6 +401,17 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
   }, sectors);
   if (compressed) st.createType = "streamOptimized";
   await initTables(e);
+}
+
+/**
+ * Refuses a sparse extent's capacity (sectors) that qimg cannot count
+ * exactly: qemu's int64 sector counts wrap past it, and sizes qemu's block
+ * layer refuses anyway are left to its check at the end of the open.
+ */
+function checkCapacity(capacity: bigint): void {
+  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n && capacity * 512n <= BDRV_MAX_BIG) {
+    throw new QimgError("Image size too large");
+  }
 }
 
 const hex16 = (v: bigint) => "0x" + v.toString(16).padStart(16, "0");
@@ -446,9 +453,7 @@ async function openSeSparse(st: OpenState, file: BlockFile): Promise<void> {
   const capacity = f(2);
   const l1Size = Number(BigInt.asUintN(32, f(17) * 512n / 8n));
   if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
-  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n && capacity * 512n <= BDRV_MAX_BIG) {
-    throw new QimgError("Image size too large");
-  }
+  checkCapacity(capacity);
   const e = addExtent(st, {
     file,
     flat: false,

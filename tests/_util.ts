@@ -120,3 +120,67 @@ export function haveSharedImages(): boolean {
     return false;
   }
 }
+
+/** qemu-io writes that give a 10 MiB image data at four places, two of them unaligned. */
+export const GUEST_WRITES = "-c 'write -P 0x11 0 64k' -c 'write -P 0x22 3M 4k' " +
+  "-c 'write -P 0x33 5M 2M' -c 'write -P 0x44 9M 512'";
+
+/**
+ * Asserts info, map and check (human and JSON) print what qemu-img prints
+ * for `name`, and that `convert -O raw` gives qemu-img's bytes; `fmt` (e.g.
+ * `["-f", "vpc"]`) goes to every command.
+ */
+export async function assertReadsLikeQemu(
+  cwd: string,
+  name: string,
+  fmt: string[] = [],
+): Promise<void> {
+  for (const cmd of ["info", "map", "check"]) {
+    await assertSameAsQemu([cmd, ...fmt, name], cwd);
+    await assertSameAsQemu([cmd, ...fmt, "--output=json", name], cwd);
+  }
+  await sh(`qemu-img convert ${fmt.join(" ")} -O raw '${name}' '${name}.want'`, cwd);
+  const r = await qimg(["convert", ...fmt, "-O", "raw", name, `${name}.got`], cwd);
+  assertEquals(r.code, 0, r.stderr);
+  assertEquals(await hashFile(`${cwd}/${name}.got`), await hashFile(`${cwd}/${name}.want`));
+  await Deno.remove(`${cwd}/${name}.want`);
+  await Deno.remove(`${cwd}/${name}.got`);
+}
+
+/** The 4 bytes of `n` (an unsigned 32-bit number), little-endian. */
+export function le32(n: number): number[] {
+  return [n & 255, (n >>> 8) & 255, (n >>> 16) & 255, n >>> 24];
+}
+
+/** The 8 bytes of `n`, little-endian. */
+export function le64(n: bigint): number[] {
+  return [...le32(Number(n & 0xffffffffn)), ...le32(Number((n >> 32n) & 0xffffffffn))];
+}
+
+/** The 4 bytes of `n`, big-endian. */
+export function be32(n: number): number[] {
+  return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255];
+}
+
+/** The 8 bytes of `n`, big-endian. */
+export function be64(n: bigint): number[] {
+  return [...be32(Number((n >> 32n) & 0xffffffffn)), ...be32(Number(n & 0xffffffffn))];
+}
+
+/**
+ * Makes `c.qcow2` in `dir`: 1 MiB of text compressed by qemu-img, its first
+ * compressed cluster's deflate stream corrupted, so reading it fails (EIO).
+ */
+export async function brokenCompressedQcow2(dir: string): Promise<void> {
+  await sh(
+    "seq 1 100000 > s.raw && truncate -s 1M s.raw && qemu-img convert -c -O qcow2 s.raw c.qcow2",
+    dir,
+  );
+  const b = await Deno.readFile(`${dir}/c.qcow2`);
+  const view = new DataView(b.buffer);
+  const l2 = Number(view.getBigUint64(Number(view.getBigUint64(40))) & 0x00fffffffffffe00n);
+  // 64 KiB clusters: the compressed data's host offset is in bits 0-53.
+  const data = Number(view.getBigUint64(l2) & ((1n << 54n) - 1n));
+  for (let i = data + 10; i < data + 60; i++) b[i] ^= 0x5a;
+  await Deno.writeFile(`${dir}/c.qcow2`, b);
+}

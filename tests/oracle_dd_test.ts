@@ -1,6 +1,6 @@
 import { assertSameRun, CAN_TRACE, makePair } from "./_convert_util.ts";
 import { assertEquals, assertTrue } from "./_assert.ts";
-import { CLI, qemuImg, runProgram, sh, tempDir } from "./_util.ts";
+import { brokenCompressedQcow2, CLI, qemuImg, runProgram, sh, tempDir } from "./_util.ts";
 
 const INPUTS = [
   "qemu-img create -q -f raw a.raw 5M",
@@ -143,17 +143,7 @@ Deno.test({
 
 Deno.test("dd reports an unreadable input block as qemu-img", async () => {
   await using dir = await tempDir();
-  await sh(
-    "seq 1 100000 > s.raw && truncate -s 1M s.raw && qemu-img convert -c -O qcow2 s.raw c.qcow2",
-    dir.path,
-  );
-  // Corrupt the first compressed cluster's deflate stream: reading it fails with EIO.
-  const b = await Deno.readFile(`${dir.path}/c.qcow2`);
-  const view = new DataView(b.buffer);
-  const l2 = Number(view.getBigUint64(Number(view.getBigUint64(40))) & 0x00fffffffffffe00n);
-  const data = Number(view.getBigUint64(l2) & ((1n << 54n) - 1n));
-  for (let i = data + 10; i < data + 60; i++) b[i] ^= 0x5a;
-  await Deno.writeFile(`${dir.path}/c.qcow2`, b);
+  await brokenCompressedQcow2(dir.path);
   const pair = await makePair(dir.path);
   await assertSameRun(pair, ["dd", "if=../c.qcow2", "of=o1"], { outputs: ["o1"] });
   await assertSameRun(pair, ["dd", "bs=64k", "skip=1", "if=../c.qcow2", "of=o2"], {

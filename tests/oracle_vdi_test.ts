@@ -7,7 +7,16 @@
  */
 
 import { assertEquals } from "./_assert.ts";
-import { assertSameAsQemu, hashFile, qimg, sh, tempDir } from "./_util.ts";
+import {
+  assertReadsLikeQemu,
+  assertSameAsQemu,
+  GUEST_WRITES,
+  le32,
+  le64,
+  qimg,
+  sh,
+  tempDir,
+} from "./_util.ts";
 import { openVdi, parseVdiHeader } from "../src/vdi.ts";
 import { DenoFile } from "../src/file.ts";
 
@@ -26,42 +35,11 @@ async function poke(path: string, offset: number, bytes: number[]): Promise<void
   await Deno.writeFile(path, b);
 }
 
-function le32(n: number): number[] {
-  return [n & 255, (n >>> 8) & 255, (n >>> 16) & 255, n >>> 24];
-}
-
-function le64(n: bigint): number[] {
-  return [...le32(Number(n & 0xffffffffn)), ...le32(Number(n >> 32n))];
-}
-
-/** Asserts info, map, check (human and JSON) and the guest data are as qemu-img has them. */
-async function assertReadsLikeQemu(cwd: string, name: string): Promise<void> {
-  for (
-    const args of [
-      ["info", name],
-      ["info", "--output=json", name],
-      ["map", name],
-      ["map", "--output=json", name],
-      ["check", name],
-      ["check", "--output=json", name],
-    ]
-  ) await assertSameAsQemu(args, cwd);
-  await sh(`qemu-img convert -O raw '${name}' '${name}.want'`, cwd);
-  const r = await qimg(["convert", "-O", "raw", name, `${name}.got`], cwd);
-  assertEquals(r.code, 0, r.stderr);
-  assertEquals(await hashFile(`${cwd}/${name}.got`), await hashFile(`${cwd}/${name}.want`));
-  await Deno.remove(`${cwd}/${name}.want`);
-  await Deno.remove(`${cwd}/${name}.got`);
-}
-
-const WRITES = "-c 'write -P 0x11 0 64k' -c 'write -P 0x22 3M 4k' -c 'write -P 0x33 5M 2M' " +
-  "-c 'write -P 0x44 9M 512'";
-
 Deno.test("vdiDriver reads dynamic and static images written by qemu-img", async () => {
   await using dir = await tempDir();
   await sh(
-    `qemu-img create -q -f vdi dyn.vdi 10M && qemu-io -f vdi ${WRITES} dyn.vdi >/dev/null
-     qemu-img create -q -f vdi -o static=on static.vdi 10M && qemu-io -f vdi ${WRITES} static.vdi >/dev/null
+    `qemu-img create -q -f vdi dyn.vdi 10M && qemu-io -f vdi ${GUEST_WRITES} dyn.vdi >/dev/null
+     qemu-img create -q -f vdi -o static=on static.vdi 10M && qemu-io -f vdi ${GUEST_WRITES} static.vdi >/dev/null
      qemu-img create -q -f vdi empty.vdi 0
      qemu-img create -q -f vdi odd.vdi 1234567 && qemu-io -f vdi -c 'write -P 0x55 1M 1k' odd.vdi >/dev/null`,
     dir.path,

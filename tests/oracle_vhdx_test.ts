@@ -11,9 +11,12 @@
 
 import { assertEquals } from "./_assert.ts";
 import {
+  assertReadsLikeQemu,
   assertSameAsQemu,
-  hashFile,
+  GUEST_WRITES,
   haveSharedImages,
+  le32,
+  le64,
   qemuImg,
   qimg,
   sh,
@@ -49,14 +52,6 @@ function maskRandom(b: Uint8Array): Uint8Array {
   return out;
 }
 
-function le32(n: number): number[] {
-  return [n & 255, (n >>> 8) & 255, (n >>> 16) & 255, n >>> 24];
-}
-
-function le64(n: bigint): number[] {
-  return [...le32(Number(n & 0xffffffffn)), ...le32(Number(n >> 32n))];
-}
-
 /** Changes bytes of a file; `reseal` recomputes the CRC-32C of the structure at [start, start+size). */
 async function poke(
   path: string,
@@ -78,36 +73,13 @@ const HEADER1 = { start: 64 << 10, size: 4096 };
 const HEADER2 = { start: 128 << 10, size: 4096 };
 const REGION = { start: 192 << 10, size: 64 << 10 };
 
-/** Asserts info (human, JSON), map (human, JSON), check and the guest data are as qemu-img has them. */
-async function assertReadsLikeQemu(cwd: string, name: string): Promise<void> {
-  for (
-    const args of [
-      ["info", name],
-      ["info", "--output=json", name],
-      ["map", name],
-      ["map", "--output=json", name],
-      ["check", name],
-      ["check", "--output=json", name],
-    ]
-  ) await assertSameAsQemu(args, cwd);
-  await sh(`qemu-img convert -O raw '${name}' '${name}.want'`, cwd);
-  const r = await qimg(["convert", "-O", "raw", name, `${name}.got`], cwd);
-  assertEquals(r.code, 0, r.stderr);
-  assertEquals(await hashFile(`${cwd}/${name}.got`), await hashFile(`${cwd}/${name}.want`));
-  await Deno.remove(`${cwd}/${name}.want`);
-  await Deno.remove(`${cwd}/${name}.got`);
-}
-
-const WRITES = "-c 'write -P 0x11 0 64k' -c 'write -P 0x22 3M 4k' -c 'write -P 0x33 5M 2M' " +
-  "-c 'write -P 0x44 9M 512'";
-
 Deno.test("vhdxDriver reads dynamic, fixed and block-size variants written by qemu-img", async () => {
   await using dir = await tempDir();
   await sh(
-    `qemu-img create -q -f vhdx dyn.vhdx 10M && qemu-io -f vhdx ${WRITES} dyn.vhdx >/dev/null
-     qemu-img create -q -f vhdx -o subformat=fixed fixed.vhdx 10M && qemu-io -f vhdx ${WRITES} fixed.vhdx >/dev/null
-     qemu-img create -q -f vhdx -o subformat=fixed,block_state_zero=off fixed0.vhdx 10M && qemu-io -f vhdx ${WRITES} fixed0.vhdx >/dev/null
-     qemu-img create -q -f vhdx -o block_state_zero=off,block_size=1M np.vhdx 10M && qemu-io -f vhdx ${WRITES} np.vhdx >/dev/null
+    `qemu-img create -q -f vhdx dyn.vhdx 10M && qemu-io -f vhdx ${GUEST_WRITES} dyn.vhdx >/dev/null
+     qemu-img create -q -f vhdx -o subformat=fixed fixed.vhdx 10M && qemu-io -f vhdx ${GUEST_WRITES} fixed.vhdx >/dev/null
+     qemu-img create -q -f vhdx -o subformat=fixed,block_state_zero=off fixed0.vhdx 10M && qemu-io -f vhdx ${GUEST_WRITES} fixed0.vhdx >/dev/null
+     qemu-img create -q -f vhdx -o block_state_zero=off,block_size=1M np.vhdx 10M && qemu-io -f vhdx ${GUEST_WRITES} np.vhdx >/dev/null
      qemu-img create -q -f vhdx -o block_size=64M,log_size=2M big.vhdx 200M && qemu-io -f vhdx -c 'write -P 0x55 100M 1M' big.vhdx >/dev/null
      qemu-img create -q -f vhdx empty.vhdx 0
      qemu-img create -q -f vhdx odd.vhdx 1234567`,

@@ -11,6 +11,8 @@ import {
   assertSameAsQemu,
   hashFile,
   haveSharedImages,
+  le32,
+  le64,
   qemuImg,
   qimg,
   sh,
@@ -105,16 +107,6 @@ async function poke(path: string, offset: number, bytes: number[] | Uint8Array):
   } finally {
     f.close();
   }
-}
-
-function le32(v: number): number[] {
-  return [v & 0xff, (v >>> 8) & 0xff, (v >>> 16) & 0xff, (v >>> 24) & 0xff];
-}
-
-function le64(v: bigint): number[] {
-  const out: number[] = [];
-  for (let i = 0n; i < 8n; i++) out.push(Number((v >> (8n * i)) & 0xffn));
-  return out;
 }
 
 for (const sub of SUBFORMATS) {

@@ -7,7 +7,16 @@
  */
 
 import { assertEquals } from "./_assert.ts";
-import { assertSameAsQemu, hashFile, qimg, sh, tempDir } from "./_util.ts";
+import {
+  assertReadsLikeQemu,
+  assertSameAsQemu,
+  be32,
+  be64,
+  GUEST_WRITES,
+  qimg,
+  sh,
+  tempDir,
+} from "./_util.ts";
 import { chsGeometry, roundedImageSize } from "../src/vpc.ts";
 
 /** Footer bytes that hold the time, the random UUID and the checksum over both. */
@@ -43,37 +52,6 @@ async function poke(
   await Deno.writeFile(path, b);
 }
 
-function be32(n: number): number[] {
-  return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255];
-}
-
-function be64(n: bigint): number[] {
-  return [...be32(Number(n >> 32n)), ...be32(Number(n & 0xffffffffn))];
-}
-
-/** Asserts info (human, JSON), map (human, JSON), check and the guest data are as qemu-img has them. */
-async function assertReadsLikeQemu(cwd: string, name: string, fmt: string[] = []): Promise<void> {
-  for (
-    const args of [
-      ["info", ...fmt, name],
-      ["info", ...fmt, "--output=json", name],
-      ["map", ...fmt, name],
-      ["map", ...fmt, "--output=json", name],
-      ["check", ...fmt, name],
-      ["check", ...fmt, "--output=json", name],
-    ]
-  ) await assertSameAsQemu(args, cwd);
-  await sh(`qemu-img convert ${fmt.join(" ")} -O raw '${name}' '${name}.want'`, cwd);
-  const r = await qimg(["convert", ...fmt, "-O", "raw", name, `${name}.got`], cwd);
-  assertEquals(r.code, 0, r.stderr);
-  assertEquals(await hashFile(`${cwd}/${name}.got`), await hashFile(`${cwd}/${name}.want`));
-  await Deno.remove(`${cwd}/${name}.want`);
-  await Deno.remove(`${cwd}/${name}.got`);
-}
-
-const WRITES = "-c 'write -P 0x11 0 64k' -c 'write -P 0x22 3M 4k' -c 'write -P 0x33 5M 2M' " +
-  "-c 'write -P 0x44 9M 512'";
-
 Deno.test("chsGeometry() follows the VHD specification's table", () => {
   assertEquals(chsGeometry(20480), { cylinders: 301, heads: 4, sectorsPerTrack: 17 });
   assertEquals(chsGeometry(65535 * 16 * 255 + 1), {
@@ -88,9 +66,9 @@ Deno.test("chsGeometry() follows the VHD specification's table", () => {
 Deno.test("vpcDriver reads dynamic, fixed and force_size images written by qemu-img", async () => {
   await using dir = await tempDir();
   await sh(
-    `qemu-img create -q -f vpc dyn.vhd 10M && qemu-io -f vpc ${WRITES} dyn.vhd >/dev/null
-     qemu-img create -q -f vpc -o subformat=fixed fixed.vhd 10M && qemu-io -f vpc ${WRITES} fixed.vhd >/dev/null
-     qemu-img create -q -f vpc -o force_size=on forced.vhd 10000001 && qemu-io -f vpc ${WRITES} forced.vhd >/dev/null
+    `qemu-img create -q -f vpc dyn.vhd 10M && qemu-io -f vpc ${GUEST_WRITES} dyn.vhd >/dev/null
+     qemu-img create -q -f vpc -o subformat=fixed fixed.vhd 10M && qemu-io -f vpc ${GUEST_WRITES} fixed.vhd >/dev/null
+     qemu-img create -q -f vpc -o force_size=on forced.vhd 10000001 && qemu-io -f vpc ${GUEST_WRITES} forced.vhd >/dev/null
      qemu-img create -q -f vpc empty.vhd 0
      qemu-img create -q -f vpc odd.vhd 1234567`,
     dir.path,

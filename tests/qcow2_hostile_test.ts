@@ -5,7 +5,7 @@
  */
 
 import { assertEquals, assertTrue } from "./_assert.ts";
-import { assertSameAsQemu, qemuImg, qimg, sh, tempDir } from "./_util.ts";
+import { assertSameAsQemu, brokenCompressedQcow2, qemuImg, qimg, sh, tempDir } from "./_util.ts";
 
 /** One poke: big-endian `value` of `type` (B, H, I, Q) at `offset`. */
 type Poke = [offset: number, type: "B" | "I" | "Q", value: bigint | number];
@@ -278,17 +278,7 @@ Deno.test("qcow2Driver refuses to open a corrupt-flagged image for writing, as q
 
 Deno.test("qcow2Driver fails undecodable compressed clusters with EIO, as qemu-img convert", async () => {
   await using dir = await tempDir();
-  await sh(
-    "seq 1 100000 > s.raw && truncate -s 1M s.raw && qemu-img convert -c -O qcow2 s.raw c.qcow2",
-    dir.path,
-  );
-  const b = await Deno.readFile(`${dir.path}/c.qcow2`);
-  const view = new DataView(b.buffer);
-  const l2 = Number(view.getBigUint64(Number(view.getBigUint64(40))) & 0x00fffffffffffe00n);
-  // 64 KiB clusters: the compressed data's host offset is in bits 0-53.
-  const data = Number(view.getBigUint64(l2) & ((1n << 54n) - 1n));
-  for (let i = data + 10; i < data + 60; i++) b[i] ^= 0x5a;
-  await Deno.writeFile(`${dir.path}/c.qcow2`, b);
+  await brokenCompressedQcow2(dir.path);
   await assertSameAsQemu(["convert", "-O", "raw", "c.qcow2", "out.raw"], dir.path);
 });
 
