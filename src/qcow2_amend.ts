@@ -17,7 +17,7 @@ import {
   type Qcow2Header,
   readPadded,
 } from "./qcow2_header.ts";
-import { Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
+import { Qcow2Refcounts, setRefcount } from "./qcow2_refcounts.ts";
 import {
   compressedDescriptor,
   entryOffset,

@@ -17,7 +17,7 @@ import {
   readPadded,
   readQcow2Header,
 } from "./qcow2_header.ts";
-import { Qcow2Refcounts } from "./qcow2_write.ts";
+import { Qcow2Refcounts } from "./qcow2_refcounts.ts";
 import { headerCluster } from "./qcow2_header_write.ts";
 
 /** Directory entry flags. */

@@ -17,7 +17,7 @@ import type { BlockFile } from "./file.ts";
 import { QimgError } from "./errors.ts";
 import { putBe64 } from "./bytes.ts";
 import type { Qcow2Header } from "./qcow2_header.ts";
-import { getRefcount, Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
+import { getRefcount, Qcow2Refcounts, setRefcount } from "./qcow2_refcounts.ts";
 
 /** Progress of one operation: `done` of `total` units. */
 export type OperationStatus = (done: number, total: number) => void;

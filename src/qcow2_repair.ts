@@ -11,7 +11,7 @@ import type { CheckResult } from "./driver.ts";
 import { CheckFailedError, checkQcow2 } from "./qcow2_refcount.ts";
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, type Qcow2Header } from "./qcow2_header.ts";
 import { putBe32, putBe64 } from "./bytes.ts";
-import { Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
+import { Qcow2Refcounts, setRefcount } from "./qcow2_refcounts.ts";
 
 /** The in-memory refcounts the check computed (its IMRT). */
 export interface ComputedRefcounts {

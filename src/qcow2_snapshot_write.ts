@@ -26,7 +26,7 @@ import {
   OFLAG_COMPRESSED_HI,
   OFLAG_COPIED_HI,
 } from "./qcow2_cluster.ts";
-import { getRefcount, Qcow2Refcounts, setRefcount } from "./qcow2_write.ts";
+import { getRefcount, Qcow2Refcounts, setRefcount } from "./qcow2_refcounts.ts";
 import {
   MAX_SNAPSHOTS,
   type Qcow2Snapshot,

@@ -5,7 +5,8 @@
 
 import { assertEquals, assertRejects, assertTrue } from "./_assert.ts";
 import { sh, tempDir } from "./_util.ts";
-import { compressCluster, getRefcount, Qcow2Refcounts, setRefcount } from "../src/qcow2_write.ts";
+import { compressCluster } from "../src/qcow2_write.ts";
+import { getRefcount, Qcow2Refcounts, setRefcount } from "../src/qcow2_refcounts.ts";
 import { inflateRawCluster, zstdDecompressCluster } from "../src/codec.ts";
 import { DenoFile } from "../src/file.ts";
 import { readQcow2Header } from "../src/qcow2_header.ts";
