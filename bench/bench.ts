@@ -544,12 +544,12 @@ async function main(): Promise<number> {
       nodeQimg = ["node", await build({ outDir: `${dir}/node` })];
     }
 
-    await Deno.writeTextFile(`${dir}/empty.ts`, "");
     await Deno.writeTextFile(`${dir}/empty.mjs`, "");
-    const floor = await timed([Deno.execPath(), "run", "--no-prompt", "empty.ts"], dir, RUNS * 2);
+    // Started the same way as qimg: its flags, and a module of this project (same config).
+    const floor = await timed([...QIMG.slice(0, -1), `${ROOT}bench/empty.ts`], dir, RUNS * 2);
     const nodeFloor = nodeQimg.length ? await timed(["node", "empty.mjs"], dir, RUNS * 2) : NaN;
     console.log(
-      `# floor: an empty \`deno run\` takes ${floor.toFixed(3)} s` +
+      `# floor: an empty \`deno run\` (qimg's flags and config) takes ${floor.toFixed(3)} s` +
         (nodeQimg.length ? `, an empty \`node\` ${nodeFloor.toFixed(3)} s` : ""),
     );
     console.log("");
