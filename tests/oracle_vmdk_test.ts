@@ -57,12 +57,33 @@ async function assertReadsLikeQemu(dir: string, name: string): Promise<void> {
 /**
  * A file's bytes as text with the CID value blanked (qemu picks it at
  * random): the zeroes after the descriptor text go too, as a CID of another
- * length shifts where they start.
+ * length shifts where they start. So do the bytes right after the text's NUL
+ * when they are its own last bytes: qemu's CID rewrite on the first write
+ * leaves the old text's tail there when the new random CID is shorter.
  */
-async function maskedCid(path: string): Promise<string> {
-  const text = new TextDecoder("latin1").decode(await Deno.readFile(path));
-  return text.replace(/(^|\n)CID=[0-9a-f]{1,8}\n([^\0]*)\0*/, "$1CID=*\n$2");
+function maskCid(text: string): string {
+  return text.replace(
+    /(^|\n)CID=[0-9a-f]{1,8}\n([^\0]*)\0([^\0]{1,7}(?=\0))?\0*/,
+    (_, head: string, desc: string, stale = "") =>
+      `${head}CID=*\n${desc}${desc.endsWith(stale) ? "" : "\0" + stale}`,
+  );
 }
+
+async function maskedCid(path: string): Promise<string> {
+  return maskCid(new TextDecoder("latin1").decode(await Deno.readFile(path)));
+}
+
+Deno.test("maskCid() drops the CID and the stale tail of a shorter CID, nothing else", () => {
+  const desc = 'version=1\nCID=%\nparentCID=ffffffff\nddb.toolsVersion = "2147483647"\n';
+  const file = (cid: string, after: string) => desc.replace("%", cid) + after + "\0\0\0\x16\0";
+  const want = maskCid(file("fedcba98", ""));
+  assertEquals(maskCid(file("12", "")), want);
+  // qemu-img itself leaves these after its CID rewrite (seen in 6 of 800 converts).
+  assertEquals(maskCid(file("1a2b3c", "\0\n")), want);
+  assertEquals(maskCid(file("1a2b3", '\0"\n')), want);
+  assertTrue(maskCid(file("1a2b3c", "\0x")) !== want);
+  assertTrue(maskCid(file("1a2b3c", "\0\n\0\x17")) !== want);
+});
 
 /** Asserts two directories hold the same files, byte for byte apart from CIDs. */
 async function assertSameFiles(ours: string, theirs: string): Promise<void> {
@@ -288,6 +309,34 @@ Deno.test("VmdkImage.write() allocates grains as qemu-img convert does", async (
     assertEquals([r.code, r.stderr], [0, ""]);
   }
   await assertSameFiles(`${d.path}/ours`, `${d.path}/theirs`);
+});
+
+Deno.test("VmdkImage.write() leaves the old descriptor's tail after a shorter CID as qemu-img does", async () => {
+  await using d = await tempDir();
+  await sh(
+    "qemu-img create -q -f vmdk a.vmdk 1M && qemu-img create -q -f raw s.raw 1M && " +
+      "qemu-io -f raw -c 'write -P 5 0 4k' s.raw >/dev/null",
+    d.path,
+  );
+  const latin1 = new TextDecoder("latin1");
+  const area = async (name: string) =>
+    latin1.decode((await Deno.readFile(`${d.path}/${name}`)).subarray(512, 21 * 512));
+  // A CID 25 digits long: any new one is shorter, so qemu's rewrite leaves bytes behind.
+  const old = (await area("a.vmdk")).replace(/\0+$/, "").replace(
+    /CID=\w+/,
+    "CID=" + "0".repeat(24) + "1",
+  );
+  await poke(`${d.path}/a.vmdk`, 512, new TextEncoder().encode(old));
+  await sh("cp a.vmdk b.vmdk && qemu-img convert -n -O vmdk s.raw a.vmdk", d.path);
+  const r = await qimg(["convert", "-n", "-O", "vmdk", "s.raw", "b.vmdk"], d.path);
+  assertEquals(r.code, 0, r.stderr);
+  for (const name of ["a.vmdk", "b.vmdk"]) {
+    const got = await area(name);
+    const text = got.slice(0, got.indexOf("\0"));
+    assertTrue(/\nCID=[0-9a-f]{1,8}\n/.test(text) && text.length < old.length, name);
+    const tail = old.slice(text.length + 1);
+    assertEquals(got, (text + "\0" + tail).padEnd(got.length, "\0"), name);
+  }
 });
 
 Deno.test("VmdkImage.write() keeps qemu-io's view of a backed overlay", async () => {
