@@ -8,9 +8,11 @@ import type { Image } from "./image.ts";
 import { Progress } from "./progress.ts";
 import { cvtnum } from "./size.ts";
 import { JobRateLimit } from "./throttle.ts";
+import { ImageLockError, isImageLockError, unlockFile } from "./image_lock.ts";
 import {
   checkCacheMode,
   expectOneImage,
+  innerOpenMessage,
   openForCommand,
   printHelp,
   processObject,
@@ -132,11 +134,21 @@ async function commitInto(
   // Refuse before writing anything when the overlay cannot be emptied.
   if (!keep) await top.makeEmpty!({ dryRun: true });
   const layer = image.chain[depth];
-  const target = await openForCommand(layer.filename, io, {
-    format: layer.driver.name,
-    write: true,
-    backing: false,
-  });
+  // qemu reopens the base read-write: the chain's read-only open must not refuse it.
+  if (layer.hostFile) await unlockFile(layer.hostFile);
+  let target: Image;
+  try {
+    target = await openForCommand(layer.filename, io, {
+      format: layer.driver.name,
+      write: true,
+      backing: false,
+    });
+  } catch (e) {
+    // A reopen names no file.
+    if (!isImageLockError(e)) throw e;
+    throw new ImageLockError(innerOpenMessage(e, layer.filename), { hint: e.hint });
+  }
+
   try {
     const out = target.chain[0].image;
     if (!out.write) throw notSupportedYet("commit");

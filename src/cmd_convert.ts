@@ -9,6 +9,7 @@ import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { Image } from "./image.ts";
+import { ImageLockError } from "./image_lock.ts";
 import { loadFormat } from "./formats.ts";
 import type { FormatDriver } from "./driver.ts";
 import {
@@ -350,7 +351,12 @@ export async function run(args: string[], io: Io): Promise<number> {
   let exitCode = 1;
   try {
     for (const name of srcNames) {
-      const image = await openForCommand(name, io, { format: fmt, imageOpts, forceShare });
+      const image = await openForCommand(name, io, {
+        format: fmt,
+        imageOpts,
+        forceShare,
+        stable: true,
+      });
       opened.push(image);
       sources.push(image);
     }
@@ -460,7 +466,9 @@ export async function run(args: string[], io: Io): Promise<number> {
           io.remove?.bind(io),
         );
       } catch (e) {
-        throw new QimgError(`${outName}: error while converting ${outFmt}: ${strerror(e)}`);
+        throw new QimgError(`${outName}: error while converting ${outFmt}: ${strerror(e)}`, {
+          hint: e instanceof ImageLockError ? e.hint : undefined,
+        });
       }
     }
     if (!isCacheMode(cache)) throw new QimgError(`Invalid cache option: ${cache}`);

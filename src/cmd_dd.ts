@@ -15,6 +15,7 @@ import { convert, CopyError, type CopyTarget, imageTarget, sliceSource } from ".
 import { createTargetFile } from "./cmd_convert.ts";
 import { cvtnum } from "./size.ts";
 import { openForCommand, processObject } from "./cmd_util.ts";
+import { ImageLockError } from "./image_lock.ts";
 
 const LONG = [
   { name: "help", arg: "none", val: "h" },
@@ -132,7 +133,9 @@ export async function run(args: string[], io: Io): Promise<number> {
     try {
       await createTargetFile(io, outName, outFmt, outSize);
     } catch (e) {
-      throw new QimgError(`${outName}: error while creating output image: ${strerror(e)}`);
+      throw new QimgError(`${outName}: error while creating output image: ${strerror(e)}`, {
+        hint: e instanceof ImageLockError ? e.hint : undefined,
+      });
     }
     output = await openForCommand(outName, io, { format: outFmt, write: true });
     if (skipTooFar) io.stderr(`qimg: ${dd.input}: cannot skip to specified offset\n`);

@@ -140,6 +140,8 @@ export interface CommandOpenOptions {
   backing?: boolean;
   /** `-U` */
   forceShare?: boolean;
+  /** Other writers are refused even on raw images (convert's source). */
+  stable?: boolean;
   /** Opening for `check` (qemu's BDRV_O_CHECK). */
   check?: boolean;
   /** Metadata only, as `info` (qemu's BDRV_O_NO_IO). */
@@ -222,6 +224,8 @@ export async function openForCommand(
       warn: (message) => io.stderr(message + "\n"),
       openFile: (p, w) => io.openFile(p, { write: w }),
       nestBackingErrors: options.nestBackingErrors ?? true,
+      forceShare: options.forceShare,
+      stable: options.stable,
     });
   } catch (e) {
     // qemu names the image as given: with --image-opts, the option string.

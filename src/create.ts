@@ -32,6 +32,7 @@ import {
   ProtocolError,
 } from "./protocol.ts";
 import { openImageChain } from "./image.ts";
+import { ImageLockError } from "./image_lock.ts";
 import { qdictEntries } from "./output.ts";
 import { hexSuffixWarning, strtosz } from "./size.ts";
 
@@ -192,6 +193,8 @@ async function prepareCreate(
       base = await openImageChain(backingPath, {
         format: backingFormat,
         openFile: (p, write) => openFile(p, { write }),
+        // qemu-img create reads the backing file's size whoever uses it.
+        forceShare: true,
       });
     } catch (e) {
       if (!(e instanceof QimgError)) throw e;
@@ -283,6 +286,7 @@ export async function createImageWith(
   try {
     file = await openFile(plan.path, { create: true, write: true });
   } catch (e) {
+    if (e instanceof ImageLockError) throw e;
     throw new QimgError(`Could not create '${plan.path}': ${strerror(e)}`);
   }
   try {

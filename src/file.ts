@@ -4,6 +4,7 @@
  */
 
 import { QimgError } from "./errors.ts";
+import { CREATE_LOCKS, lockFile } from "./image_lock.ts";
 
 /** A run of a host file that either holds data or is a hole. */
 export interface HostExtent {
@@ -60,6 +61,12 @@ export interface BlockFile {
    * (a punched hole). Resolves false when the file cannot, may be absent.
    */
   discard?(offset: number, length: number): Promise<boolean>;
+  /**
+   * Holds shared byte-range locks on exactly the bytes in `hold`, then
+   * returns the first byte of `probe` another open of the file holds
+   * (src/image_lock.ts). Absent or a no-op where the host cannot lock.
+   */
+  lockBytes?(hold: readonly number[], probe: readonly number[]): Promise<number | undefined>;
 }
 
 /** Bytes of a file mapped into memory (see {@link BlockFile.view}). */
@@ -134,6 +141,7 @@ export class DenoFile implements BlockFile {
   #holes: HoleFinder | null | undefined;
   #noFlush = false;
   #viewSize: number | undefined;
+  #locks: ByteLocks | null | undefined;
 
   private constructor(name: string, path: string, file: Deno.FsFile, writable: boolean) {
     this.name = name;
@@ -146,16 +154,10 @@ export class DenoFile implements BlockFile {
    * Opens `path`; errors keep Deno's error class so callers can map them.
    * Async so that every failure arrives as a rejection, never a throw.
    */
-  // deno-lint-ignore require-await
   static async open(path: string, options: OpenFileOptions = {}): Promise<DenoFile> {
     const write = options.write || options.create || false;
     if (options.create) beforeChange();
-    const file = Deno.openSync(path, {
-      read: true,
-      write,
-      create: options.create,
-      truncate: options.create,
-    });
+    const file = Deno.openSync(path, { read: true, write, create: options.create });
     if (!file.statSync().isFile) {
       file.close();
       // qemu's file driver refuses directories and other non-regular files.
@@ -163,6 +165,16 @@ export class DenoFile implements BlockFile {
     }
     const opened = new DenoFile(path, path, file, write);
     opened.#noFlush = options.noFlush ?? false;
+    if (options.create) {
+      // An image another process uses is refused before it is emptied.
+      try {
+        await lockFile(opened, CREATE_LOCKS);
+      } catch (e) {
+        await opened.close();
+        throw e;
+      }
+      file.truncateSync(0);
+    }
     return opened;
   }
 
@@ -262,7 +274,19 @@ export class DenoFile implements BlockFile {
   async close(): Promise<void> {
     this.#holes?.close();
     this.#holes = null;
+    this.#locks?.close();
+    this.#locks = null;
     this.#file.close();
+  }
+
+  /** OFD locks on a descriptor of their own; none without the ffi permission. */
+  // deno-lint-ignore require-await
+  async lockBytes(hold: readonly number[], probe: readonly number[]): Promise<number | undefined> {
+    if (this.#locks === undefined) {
+      if (hold.length === 0) return;
+      this.#locks = ByteLocks.open(this.#path, this.#file);
+    }
+    return this.#locks?.set(hold, probe);
   }
 
   resolve(name: string): string {
@@ -585,8 +609,127 @@ class HoleFinder {
   }
 }
 
+/** What byte locks need of libc: opened on its own when the rest is not (a third of the cost). */
+const LOCK_LIBC = {
+  open: { parameters: ["buffer", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  fstat: { parameters: ["i32", "buffer"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "buffer"], result: "i32" },
+} as const;
+
+let lockLibc: Deno.DynamicLibrary<typeof LOCK_LIBC> | undefined;
+let lockLibcUsers = 0;
+
+const O_CLOEXEC = 0o2000000;
+const F_OFD_GETLK = 36;
+const F_OFD_SETLK = 37;
+const F_RDLCK = 0;
+const F_WRLCK = 1;
+const F_UNLCK = 2;
+
+/**
+ * Shared OFD byte-range locks (fcntl F_OFD_SETLK) on a descriptor of their
+ * own, as qemu's file protocol holds them (src/image_lock.ts); they go with
+ * the descriptor. Only when the ffi permission is already granted.
+ */
+class ByteLocks {
+  #lib: Deno.DynamicLibrary<typeof LOCK_LIBC>["symbols"];
+  #release: () => void;
+  #fd: number;
+  #held = new Set<number>();
+  /** struct flock on x86-64 and aarch64: short type, short whence, off_t start, off_t len, pid_t pid. */
+  #flock = new DataView(new ArrayBuffer(32));
+
+  private constructor(
+    lib: Deno.DynamicLibrary<typeof LOCK_LIBC>["symbols"],
+    release: () => void,
+    fd: number,
+  ) {
+    this.#lib = lib;
+    this.#release = release;
+    this.#fd = fd;
+  }
+
+  static open(path: string, file: Deno.FsFile): ByteLocks | null {
+    try {
+      if (Deno.build.os !== "linux") return null;
+      if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
+      // libc's handle when open already, else only the few calls locks need.
+      let lib: Deno.DynamicLibrary<typeof LOCK_LIBC>["symbols"];
+      let release: () => void;
+      if (libc) {
+        lib = openLibc().symbols;
+        release = closeLibc;
+      } else {
+        lockLibc ??= Deno.dlopen("libc.so.6", LOCK_LIBC);
+        lockLibcUsers++;
+        lib = lockLibc.symbols;
+        release = () => {
+          if (--lockLibcUsers === 0) {
+            lockLibc?.close();
+            lockLibc = undefined;
+          }
+        };
+      }
+      const fd = lib.open(new TextEncoder().encode(path + "\0"), O_CLOEXEC) as number;
+      if (fd < 0) {
+        release();
+        return null;
+      }
+      const locks = new ByteLocks(lib, release, fd);
+      // The path may name another file by now: lock only the one opened.
+      const st = new BigUint64Array(32);
+      const own = file.statSync();
+      if (
+        lib.fstat(fd, st) !== 0 || Number(st[0]) !== own.dev || Number(st[1]) !== (own.ino ?? -1)
+      ) {
+        locks.close();
+        return null;
+      }
+      return locks;
+    } catch {
+      return null;
+    }
+  }
+
+  #fcntl(cmd: number, type: number, byte: number): number {
+    const f = this.#flock;
+    f.setInt16(0, type, true);
+    f.setInt16(2, 0, true); // SEEK_SET
+    f.setBigInt64(8, BigInt(byte), true);
+    f.setBigInt64(16, 1n, true);
+    f.setInt32(24, 0, true);
+    return this.#lib.fcntl(this.#fd, cmd, new Uint8Array(f.buffer)) as number;
+  }
+
+  set(hold: readonly number[], probe: readonly number[]): number | undefined {
+    for (const byte of [...this.#held]) {
+      if (hold.includes(byte)) continue;
+      this.#fcntl(F_OFD_SETLK, F_UNLCK, byte);
+      this.#held.delete(byte);
+    }
+    for (const byte of hold) {
+      if (this.#held.has(byte)) continue;
+      // Only a write lock (which qemu never takes) can refuse a shared one.
+      if (this.#fcntl(F_OFD_SETLK, F_RDLCK, byte) !== 0) return byte;
+      this.#held.add(byte);
+    }
+    for (const byte of probe) {
+      // F_OFD_GETLK answers for other descriptions only; an error means no locking here.
+      if (this.#fcntl(F_OFD_GETLK, F_WRLCK, byte) !== 0) continue;
+      if (this.#flock.getInt16(0, true) !== F_UNLCK) return byte;
+    }
+  }
+
+  close(): void {
+    this.#lib.close(this.#fd);
+    this.#release();
+  }
+}
+
 const LIBC = {
   open: { parameters: ["buffer", "i32"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "buffer"], result: "i32" },
   lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
   close: { parameters: ["i32"], result: "i32" },
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },

@@ -8,6 +8,7 @@ import type { BlockStatus, FormatDriver, FormatImage, FormatInfo } from "./drive
 import { type BlockFile, DenoFile } from "./file.ts";
 import { isPermissionError, QimgError, strerror } from "./errors.ts";
 import { findFormat, loadFormat, probeFormat } from "./formats.ts";
+import { layerLocks, lockFile } from "./image_lock.ts";
 import type { JsonValue } from "./output.ts";
 
 /**
@@ -83,6 +84,10 @@ export interface OpenImageOptions {
    * qemu-img info --backing-chain, which opens each layer on its own.
    */
   nestBackingErrors?: boolean;
+  /** `-U`: lock nothing away from other processes (read-only opens). */
+  forceShare?: boolean;
+  /** The data must not change while open (convert's source): other writers are refused, as qemu-img. */
+  stable?: boolean;
 }
 
 const PROBE_BYTES = 2048;
@@ -94,6 +99,8 @@ export interface Layer {
   driver: FormatDriver;
   /** The file name as given or as stored in the overlay. */
   filename: string;
+  /** The host file the layer's locks are on (src/image_lock.ts). */
+  hostFile?: BlockFile;
 }
 
 /** Opens a local host file. */
@@ -112,6 +119,7 @@ async function openLayer(
   filename: string,
   options: OpenImageOptions,
   write: boolean,
+  backing = false,
 ): Promise<Layer> {
   const openFile = options.openFile ?? openHostFile;
   // qemu looks the format up before it opens the file.
@@ -144,6 +152,18 @@ async function openLayer(
         );
       }
     }
+    // As qemu, the locks are taken before the format reads its metadata.
+    await lockFile(
+      file,
+      layerLocks({
+        write,
+        noIo: options.noIo,
+        forceShare: options.forceShare,
+        backing,
+        stable: options.stable,
+        passThrough: driver.name === "raw",
+      }),
+    );
     const image = await driver.open(file, {
       write,
       openFile,
@@ -151,7 +171,7 @@ async function openLayer(
       check: options.check,
       warn: options.warn,
     });
-    return { image, driver, filename };
+    return { image, driver, filename, hostFile: file };
   } catch (e) {
     await file.close();
     if (e instanceof QimgError) {
@@ -355,6 +375,7 @@ export async function openImageChain(
             path,
             { ...options, format: ref.format, warn: undefined, check: undefined },
             false,
+            true,
           ),
         );
       } catch (e) {
