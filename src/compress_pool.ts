@@ -122,12 +122,13 @@ export async function loadCodec(codec: ClusterCodec): Promise<void> {
   if (codec !== "zstd" && typeof zlib.deflateRawSync !== "function") await loadPako();
 }
 
-/** A request sent to a worker: `data` holds whole clusters of `cs` bytes (transferred). */
+/** A request sent to a worker: the first `length` bytes of `data` are whole clusters of `cs` bytes (transferred). */
 export interface CompressRequest {
   id: number;
   codec: ClusterCodec;
   cs: number;
   data: ArrayBuffer;
+  length: number;
 }
 
 /** A worker's answer: the request's buffer holding the compressed clusters back to back, and their lengths (-1: uncompressed), or the error. */
@@ -231,7 +232,13 @@ export class CompressPool {
         data,
         cs,
       });
-      const request: CompressRequest = { id, codec: this.codec, cs, data: copy.buffer };
+      const request: CompressRequest = {
+        id,
+        codec: this.codec,
+        cs,
+        data: copy.buffer,
+        length: data.length,
+      };
       slot.worker.postMessage(request, [copy.buffer]);
     });
   }
@@ -246,12 +253,24 @@ export class CompressPool {
     if (b && b.byteLength && this.#free.length < FREE_BUFFERS) this.#free.push(b);
   }
 
+  /**
+   * A buffer for a batch of `length` bytes: batches vary in length (runs of
+   * non-zero clusters), so buffers come in powers of two, and one of the
+   * same size is reused (a fresh one costs page faults and zeroing).
+   */
   #buffer(length: number): Uint8Array<ArrayBuffer> {
-    for (;;) {
-      const b = this.#free.pop();
-      if (!b) return new Uint8Array(length);
-      if (b.byteLength === length) return new Uint8Array(b);
+    const size = 2 ** Math.ceil(Math.log2(Math.max(length, 4096)));
+    const free = this.#free;
+    for (let i = free.length - 1; i >= 0; i--) {
+      if (free[i].byteLength !== size) continue;
+      const b = free[i];
+      free[i] = free[free.length - 1];
+      free.pop();
+      return new Uint8Array(b, 0, length);
     }
+    // The pool is full of other sizes: the oldest goes.
+    if (free.length >= FREE_BUFFERS) free.shift();
+    return new Uint8Array(new ArrayBuffer(size), 0, length);
   }
 
   /** Terminates the workers (pending requests fail); later requests start new ones. */

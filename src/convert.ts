@@ -505,7 +505,8 @@ class Converter {
       const tail = (sector - start + n) % this.#alignments[index];
       if (n > tail) n -= tail;
       this.#host = undefined;
-      if (e.data && this.#viewable) {
+      // -c maps data too: its batches copy the mapped bytes (no read into a buffer).
+      if (e.data && !this.#o.salvage) {
         const file = plainFile(src, e);
         // Mapped only where the run lies in this source (a view never crosses into the next).
         if (file) {
@@ -571,7 +572,12 @@ class Converter {
       if (this.#minSparse === 0 && status === Status.Zero) n = Math.min(n, this.#bufSectors);
       const claim: Claim = { sector: this.#sectorNum, count: n, status };
       const h = this.#host;
-      if (status === Status.Data && h && claim.sector >= h.sector && claim.sector + n <= h.end) {
+      // A -c claim of a whole cluster may reach past the data run: that is read.
+      const inRun = claim.sector + n <= this.#nextStatus;
+      if (
+        status === Status.Data && h && claim.sector >= h.sector && claim.sector + n <= h.end &&
+        inRun
+      ) {
         const offset = h.offset + (claim.sector - h.sector) * SECTOR;
         // Whole 32-bit words for the zero scan.
         if (offset % 4 === 0) claim.host = { file: h.file, offset };
@@ -642,10 +648,10 @@ class Converter {
       // Compress while earlier clusters are still waiting to be written in order.
       let runs: ClusterRun[] | undefined;
       if (this.#o.compressed && status === Status.Data && this.#error === undefined) {
-        runs = this.#clusterRuns(buf!, count);
+        runs = this.#clusterRuns(input!, count);
         for (let r = 0, pos = 0; r < runs.length; pos += runs[r++].count) {
           if (!runs[r].data || !this.#target.prepareCompressed) continue;
-          const bytes = buf!.subarray(pos * SECTOR, (pos + runs[r].count) * SECTOR);
+          const bytes = input!.subarray(pos * SECTOR, (pos + runs[r].count) * SECTOR);
           this.#target.prepareCompressed((sector + pos) * SECTOR, bytes);
         }
       }

@@ -2,7 +2,7 @@ import pako from "pako";
 import { assert, assertEquals } from "./_assert.ts";
 import { compressBatchInThread, compressClusterFast, CompressPool } from "../src/compress_pool.ts";
 import { zstdDecompressCluster } from "../src/codec.ts";
-import { runProgram, sh, tempDir } from "./_util.ts";
+import { qimg, runProgram, sh, tempDir } from "./_util.ts";
 import { loadPako, loadZlib } from "../src/zlib_loader.ts";
 
 // The codecs load node:zlib and pako lazily; the synchronous ones tested here need them loaded.
@@ -71,6 +71,23 @@ Deno.test("CompressPool with Workers answers each batch with its own clusters' b
     for (let i = 0; i < inputs.length; i++) {
       assertEquals(outs[i], compressBatchInThread(codec, inputs[i], 65536));
     }
+    pool.close();
+  }
+});
+
+Deno.test("CompressPool reuses a batch's buffer for a shorter batch and compresses only its clusters", async () => {
+  for (const codec of ["zlib", "zstd"] as const) {
+    const pool = new CompressPool(codec, 1);
+    const long = batch(7, 11);
+    const first = await pool.compressBatch(long, 65536);
+    assertEquals(first, compressBatchInThread(codec, long, 65536));
+    pool.recycle(first);
+    // 5 clusters go in the 7 clusters' (512 KiB) buffer, its tail still holding the last batch.
+    const short = batch(5, 12);
+    assertEquals(
+      await pool.compressBatch(short, 65536),
+      compressBatchInThread(codec, short, 65536),
+    );
     pool.close();
   }
 });
@@ -164,5 +181,25 @@ Deno.test("convert -c with several Workers writes every cluster in place (zlib, 
       assert(Math.abs(s - q) <= q * 0.02, `${codec} ${cs}: size ${s} against qemu-img's ${q}`);
       await sh("rm o.qcow2 q.qcow2", dir.path);
     }
+  }
+});
+
+Deno.test("convert -c from a qcow2 with smaller clusters reads a cluster past a short data run, not the host bytes after it", async () => {
+  await using dir = await tempDir();
+  // Guest cluster 0 (4 KiB) lies in the host file just before guest 60k's:
+  // a 64 KiB target cluster at 0 must not take the host bytes that follow.
+  await sh(
+    "qemu-img create -q -f qcow2 -o cluster_size=4k s.qcow2 1M && " +
+      "qemu-io -c 'write -P 0x22 0 4k' -c 'write -P 0x11 60k 4k' -c 'write -P 0x33 200k 128k' s.qcow2",
+    dir.path,
+  );
+  for (const codec of ["zlib", "zstd"]) {
+    const r = await qimg(
+      ["convert", "-c", "-O", "qcow2", "-o", `compression_type=${codec}`, "s.qcow2", "o.qcow2"],
+      dir.path,
+    );
+    assertEquals(r, { stdout: "", stderr: "", code: 0 });
+    await sh("qemu-img check -q o.qcow2 && qemu-img compare -q s.qcow2 o.qcow2", dir.path);
+    await sh("rm o.qcow2", dir.path);
   }
 });
