@@ -569,6 +569,9 @@ export class Qcow2Image implements FormatImage {
   ): Promise<void> {
     if (this.#snapshotView) throw new QimgError("writing a qcow2 snapshot view: not supported");
     await this.#writer?.flush();
+    // qemu loads the bitmaps as it opens the image read-write (marking them
+    // in use) and stores them anew on close, whatever amend did.
+    await this.#tracking();
     const { amendQcow2 } = await import("./qcow2_amend.ts");
     await amendQcow2(
       {

@@ -317,11 +317,10 @@ export async function amendQcow2(
     (backingFile !== h.backingFile || backingFormat !== h.backingFormat);
   const lazyRefused = lazy && !wasLazy && newVersion < 3;
   // v3 needs each snapshot's 64-bit VM state size and disk size (16 bytes
-  // of extra data); qemu then rewrites the snapshot table, qimg cannot yet.
-  if (newVersion > oldVersion && (img.snapshots ?? []).some((sn) => sn.extraDataSize < 16)) {
-    throw notYet("changing the compat level of qcow2 images with snapshots");
-  }
-  if (newVersion !== oldVersion && h.bitmaps) {
+  // of extra data): the upgrade then rewrites the snapshot table.
+  const extendSnapshots = newVersion > oldVersion &&
+    (img.snapshots ?? []).some((sn) => sn.extraDataSize < 16);
+  if (newVersion > oldVersion && h.bitmaps) {
     throw notYet("changing the compat level of qcow2 images with bitmaps");
   }
   if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw notYet("amend of dirty qcow2 images");
@@ -336,6 +335,11 @@ export async function amendQcow2(
     // qemu's qcow2_upgrade reports two steps.
     const upgrade = progress("upgrade");
     upgrade(0, 2);
+    if (extendSnapshots) {
+      await img.flush();
+      const { rewriteSnapshotTable } = await import("./qcow2_snapshot_write.ts");
+      await rewriteSnapshotTable(img.file, h);
+    }
     upgrade(1, 2);
     h.version = 3;
     await writeHeader(img.file, h);

@@ -229,7 +229,11 @@ export class Qcow2Bitmaps {
    * image's data may have moved tables and allocated clusters since open.
    */
   async reload(): Promise<void> {
+    const dir = this.#h.bitmaps;
     this.#h = await readQcow2Header(this.#file, { write: true });
+    // A v2 header (amend to compat=0.10) cannot mark the directory
+    // consistent, yet it is still the one to replace and free.
+    if (this.#h.bitmapsInconsistent && !this.#h.bitmaps) this.#h.bitmaps = dir;
     this.#refs = await Qcow2Refcounts.open(this.#file, this.#h);
   }
 

@@ -80,7 +80,9 @@ export function headerCluster(h: Qcow2Header): Uint8Array {
     const table = featureNameTable();
     ext(EXT_FEATURE_TABLE, table);
   }
-  if (h.version === 3 && h.bitmaps && (h.autoclearFeatures & AUTOCLEAR_BITMAPS)) {
+  // A v2 header has no autoclear bits: qemu still writes the extension of
+  // the bitmaps it holds (amend to compat=0.10), which then read as stale.
+  if (h.bitmaps && (h.version < 3 || (h.autoclearFeatures & AUTOCLEAR_BITMAPS))) {
     const d = new Uint8Array(24);
     putBe32(d, 0, h.bitmaps.nbBitmaps);
     putBe64(d, 8, h.bitmaps.directorySize);

@@ -37,6 +37,8 @@ import {
 
 /** Header offsets: nb_snapshots (u32) then snapshots_offset (u64). */
 const HDR_NB_SNAPSHOTS = 60;
+/** Header offsets: l1_size (u32) then l1_table_offset (u64). */
+const HDR_L1_SIZE = 36;
 /** The extra data qemu 7.2 writes: vm_state_size_large, disk_size, icount. */
 const KNOWN_EXTRA = 24;
 const L1_OFFSET_MASK = 0x00fffffffffffe00n;
@@ -217,6 +219,32 @@ class SnapshotWriter {
 
   async readActiveL1(): Promise<Uint8Array> {
     return await readPadded(this.file, this.h.l1TableOffset, this.h.l1Size * 8);
+  }
+
+  /**
+   * Moves the active L1 table to new clusters holding `entries` entries (the
+   * old ones, then zeroes). The new table is on disk before the header
+   * points at it, and the old clusters are freed after: a kill leaks at worst.
+   * The old clusters are not punched (qemu discards only snapshot clusters).
+   */
+  async growActiveL1(entries: number): Promise<void> {
+    const h = this.h;
+    const l1 = new Uint8Array(entries * 8);
+    l1.set(await this.readActiveL1());
+    const offset = await this.refs.allocClusters(Math.ceil(entries * 8 / this.cs));
+    await this.refs.cache.flush();
+    await this.file.write(offset, l1);
+    await this.file.flush();
+    const hdr = new Uint8Array(12);
+    putBe32(hdr, 0, entries);
+    putBe64(hdr, 4, offset);
+    await this.file.write(HDR_L1_SIZE, hdr);
+    await this.file.flush();
+    const oldOffset = h.l1TableOffset;
+    const oldSize = h.l1Size;
+    h.l1Size = entries;
+    h.l1TableOffset = offset;
+    if (oldSize) await this.refs.changeRange(oldOffset, oldSize * 8, -1);
   }
 
   async writeActiveL1(l1: Uint8Array): Promise<void> {
@@ -569,13 +597,20 @@ export async function applySnapshot(
     w = new SnapshotWriter(file, header);
     await w.init("Failed to load snapshot: Operation not supported");
   }
-  if (sn.l1Size > header.l1Size) {
-    throw new QimgError("applying a snapshot with a larger L1 table: not supported yet");
-  }
+  // A snapshot taken before a shrink keeps its longer L1 table (a shrink
+  // keeps l1_size): the active table grows to exactly its length first.
+  if (sn.l1Size > header.l1Size) await w.growActiveL1(sn.l1Size);
   const snL1 = new Uint8Array(header.l1Size * 8);
   snL1.set(await readPadded(file, Number(sn.l1TableOffset), sn.l1Size * 8));
-  // The snapshot's own L1 keeps its entries; only refcounts change through it.
-  await w.updateTree(snL1.slice(0, sn.l1Size * 8), 1);
+  // The snapshot's own L1 gets its COPIED flags recomputed (it carries the
+  // active table's from when it was taken) and is written back when they
+  // changed, as qemu does; nothing reads flags there, so order is free.
+  const own = snL1.slice(0, sn.l1Size * 8);
+  await w.updateTree(own, 1);
+  if (own.some((b, k) => b !== snL1[k])) {
+    await w.refs.cache.flush();
+    await file.write(Number(sn.l1TableOffset), own);
+  }
   const old = await w.readActiveL1();
   // Without COPIED flags until the refcounts settle: a kill in between then
   // leaves leaks and flags that lag (harmless), never a COPIED entry whose
@@ -611,4 +646,17 @@ export async function deleteSnapshot(
   await w.writeActiveL1(active);
   await w.finish();
   return entries.map((e) => e.sn);
+}
+
+/**
+ * Rewrites the snapshot table with every entry's v3 extra data (64-bit VM
+ * state size, disk size, instruction count), as an upgrade to compat=1.1
+ * needs when a snapshot lacks it: the new table goes to new clusters, the
+ * header then points at it, the old one is freed (a kill leaks at worst).
+ */
+export async function rewriteSnapshotTable(file: BlockFile, header: Qcow2Header): Promise<void> {
+  const w = new SnapshotWriter(file, header);
+  await w.init("-95 (Operation not supported)");
+  await w.writeTable(await w.entries());
+  await w.finish();
 }
