@@ -22,6 +22,7 @@ import type {
 import { type BlockFile, readZeroFilled } from "./file.ts";
 import type { JsonValue } from "./output.ts";
 import { QimgError, strerror } from "./errors.ts";
+import { strerrorNumber } from "./errno.ts";
 import { alignUp, be32, le16, le32, putLe32 } from "./bytes.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
 import { createFile, truncateFile } from "./protocol.ts";
@@ -38,7 +39,6 @@ import {
 
 const SECTOR = 512;
 /** qemu's largest image (BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB). */
-const BDRV_MAX_LENGTH = 2 ** 63 - 2 ** 30;
 const BDRV_MAX_BIG = (1n << 63n) - (1n << 30n);
 const VMDK3_MAGIC = 0x434f5744; // "COWD"
 const VMDK4_MAGIC = 0x4b444d56; // "KDMV"
@@ -214,8 +214,8 @@ interface OpenState {
   options: OpenOptions;
   extents: Extent[];
   createType?: string;
-  /** The extents end past qemu's block layer limit: the open fails once all is read (EFBIG). */
-  tooLarge?: boolean;
+  /** qemu's bs->total_sectors: the extents' sizes summed in int64 (hostile ones wrap). */
+  totalSectors: bigint;
   /** Files opened for extents (closed with the image, or on failure). */
   opened: BlockFile[];
 }
@@ -227,6 +227,7 @@ function addExtent(
     "startSector" | "endSector" | "l2Cache" | "nextClusterSector" | "l1" | "l1EntrySectors"
   >,
   fileSectors: number,
+  exactSectors = BigInt(e.sectors),
 ): Extent {
   if (e.clusterSectors > MAX_GRAIN_SECTORS) {
     throw new QimgError("Invalid granularity, image may be corrupt");
@@ -246,12 +247,7 @@ function addExtent(
     l1: new Uint32Array(0),
     l2Cache: new Map(),
   };
-  if (extent.endSector * SECTOR > BDRV_MAX_LENGTH) {
-    // qemu opens it, then its block layer refuses the size: the error comes last.
-    st.tooLarge = true;
-  } else if (!Number.isSafeInteger(extent.endSector * SECTOR)) {
-    throw new QimgError("Image size too large");
-  }
+  st.totalSectors = BigInt.asIntN(64, st.totalSectors + exactSectors);
   st.extents.push(extent);
   return extent;
 }
@@ -383,36 +379,51 @@ async function openVmdk4(st: OpenState, file: BlockFile, depth: number): Promise
     throw new QimgError("Invalid granularity, image may be corrupt");
   }
   if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
-  checkCapacity(capacity);
-  const e = addExtent(st, {
-    file,
-    flat: false,
-    type: "",
-    sectors: Number(capacity),
-    flatStartOffset: 0,
-    compressed,
-    hasMarker: (flags & FLAG_MARKER) !== 0,
-    hasZeroGrain: (flags & FLAG_ZERO_GRAIN) !== 0,
-    l1Offset: sectorsToBytes(gdOffset),
-    l1BackupOffset,
-    l1Size,
-    l2Size: gtes,
-    clusterSectors: Number(granularity),
-  }, sectors);
+  const e = addExtent(
+    st,
+    {
+      file,
+      flat: false,
+      type: "",
+      sectors: Number(capacity),
+      flatStartOffset: 0,
+      compressed,
+      hasMarker: (flags & FLAG_MARKER) !== 0,
+      hasZeroGrain: (flags & FLAG_ZERO_GRAIN) !== 0,
+      l1Offset: sectorsToBytes(gdOffset),
+      l1BackupOffset,
+      l1Size,
+      l2Size: gtes,
+      clusterSectors: Number(granularity),
+    },
+    sectors,
+    capacity,
+  );
   if (compressed) st.createType = "streamOptimized";
   await initTables(e);
 }
 
 /**
- * Refuses a sparse extent's capacity (sectors) that qimg cannot count
- * exactly: qemu's int64 sector counts wrap past it, and sizes qemu's block
- * layer refuses anyway are left to its check at the end of the open.
+ * What qemu's block layer makes of the summed sector count once the image
+ * is open: the byte size, an open failure (its byte count, wrapping,
+ * above the limit), or a size query failing later with `errno` (negative
+ * counts give their negation cut to an int, counts past INT64_MAX / 512
+ * EFBIG). Sizes qimg cannot hold exactly fail the open.
  */
-function checkCapacity(capacity: bigint): void {
-  if (capacity > BigInt(Number.MAX_SAFE_INTEGER) / 512n && capacity * 512n <= BDRV_MAX_BIG) {
-    throw new QimgError("Image size too large");
+function blockLayerSize(total: bigint): { size: number; errno?: number } {
+  // BDRV_SECTOR_SIZE is unsigned in C: the product wraps as a uint64.
+  if (BigInt.asUintN(64, total * 512n) > BDRV_MAX_BIG) {
+    throw new QimgError("Could not refresh total sector count: File too large");
   }
+  if (total < 0n) return { size: 0, errno: Number(BigInt.asIntN(32, BigInt.asIntN(64, -total))) };
+  if (total > ((1n << 63n) - 1n) / 512n) return { size: 0, errno: 27 }; // EFBIG
+  const size = Number(total * 512n);
+  if (BigInt(size) !== total * 512n) throw new QimgError("Image size too large");
+  return { size };
 }
+
+/** Exact above 2^53 (hostile capacities): the human renderer prints numbers as JS does. */
+const jsonInt = (v: number) => Number.isSafeInteger(v) ? v : BigInt(v);
 
 const hex16 = (v: bigint) => "0x" + v.toString(16).padStart(16, "0");
 
@@ -453,7 +464,6 @@ async function openSeSparse(st: OpenState, file: BlockFile): Promise<void> {
   const capacity = f(2);
   const l1Size = Number(BigInt.asUintN(32, f(17) * 512n / 8n));
   if (l1Size > MAX_L1_SIZE) throw new QimgError("L1 size too big");
-  checkCapacity(capacity);
   const e = addExtent(st, {
     file,
     flat: false,
@@ -573,6 +583,10 @@ export class VmdkImage implements FormatImage {
   #top: BlockFile;
   #opened: BlockFile[];
   #descOffset: number;
+  #size: number;
+  #sizeErrno?: number;
+  /** qemu's bs->total_sectors (negative for some hostile sizes). */
+  #totalSectors: number;
   #cidUpdated = false;
   #cidChecked = false;
   #lock: Promise<void> = Promise.resolve();
@@ -595,7 +609,15 @@ export class VmdkImage implements FormatImage {
   constructor(
     top: BlockFile,
     st: OpenState,
-    fields: { descOffset: number; cid: number; parentCid: number; backing?: string },
+    fields: {
+      descOffset: number;
+      cid: number;
+      parentCid: number;
+      backing?: string;
+      size: number;
+      sizeErrno?: number;
+      totalSectors: number;
+    },
   ) {
     this.#top = top;
     this.#opened = st.opened;
@@ -604,15 +626,25 @@ export class VmdkImage implements FormatImage {
     this.#descOffset = fields.descOffset;
     this.cid = fields.cid;
     this.parentCid = fields.parentCid;
+    this.#size = fields.size;
+    this.#sizeErrno = fields.sizeErrno;
+    this.#totalSectors = fields.totalSectors;
     if (fields.backing !== undefined) this.backing = { name: fields.backing, format: "vmdk" };
     this.file = imageFile(top, this.extents);
     if (!(st.options.check && st.options.write)) this.check = () => this.#check();
     this.#openFile = st.options.openFile;
   }
 
+  /**
+   * The virtual size; qemu opens some hostile sizes but fails to tell them
+   * (info prints that error, check walks the sector count regardless).
+   */
   get size(): number {
-    const last = this.extents[this.extents.length - 1];
-    return last ? last.endSector * SECTOR : 0;
+    if (this.#sizeErrno === undefined) return this.#size;
+    const e = this.#sizeErrno;
+    throw new QimgError(
+      `Can't get image size '${this.#top.name}'${e ? ": " + strerrorNumber(e) : ""}`,
+    );
   }
 
   #find(sector: number): Extent | undefined {
@@ -886,7 +918,7 @@ export class VmdkImage implements FormatImage {
       const x: Record<string, JsonValue> = {
         filename: e.file.name,
         format: e.type,
-        "virtual-size": e.sectors * SECTOR,
+        "virtual-size": jsonInt(e.sectors * SECTOR),
       };
       if (e.compressed) x.compressed = true;
       if (!e.flat) x["cluster-size"] = e.clusterSectors * SECTOR;
@@ -929,7 +961,7 @@ export class VmdkImage implements FormatImage {
       leaksFixed: 0,
       messages: [],
     };
-    const total = this.size / SECTOR;
+    const total = this.#totalSectors;
     const fail = (message: string, error: string) => {
       result.messages.push(message);
       result.corruptions++;
@@ -1488,7 +1520,7 @@ function randomCid(): number {
 
 /** Opens a vmdk image on `file`: a sparse file, or a descriptor naming its extents. */
 export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Promise<VmdkImage> {
-  const st: OpenState = { top: file, options, extents: [], opened: [] };
+  const st: OpenState = { top: file, options, extents: [], opened: [], totalSectors: 0n };
   try {
     const buf = await readDescText(file, 0);
     const magic = be32(buf, 0);
@@ -1510,8 +1542,16 @@ export async function openVmdk(file: BlockFile, options: OpenOptions = {}): Prom
     const cid = readCid(cidText, false);
     const parentCid = readCid(cidText, true);
     if (cid === undefined || parentCid === undefined) throw invalid();
-    if (st.tooLarge) throw new QimgError("Could not refresh total sector count: File too large");
-    return new VmdkImage(file, st, { descOffset, cid, parentCid, backing: hint || undefined });
+    const { size, errno } = blockLayerSize(st.totalSectors);
+    return new VmdkImage(file, st, {
+      descOffset,
+      cid,
+      parentCid,
+      backing: hint || undefined,
+      size,
+      sizeErrno: errno,
+      totalSectors: Number(st.totalSectors),
+    });
   } catch (e) {
     for (const f of st.opened) await f.close().catch(() => {});
     throw e;
