@@ -5,16 +5,7 @@
  */
 
 import { assertEquals, assertTrue } from "./_assert.ts";
-import {
-  assertSameAsQemu,
-  CLI,
-  hashFile,
-  qemuImg,
-  qimg,
-  runProgram,
-  sh,
-  tempDir,
-} from "./_util.ts";
+import { assertSameAsQemu, CLI, hashFile, qemuImg, qimg, sh, tempDir } from "./_util.ts";
 import {
   layerLocks,
   PERM_CONSISTENT_READ as CR,
@@ -25,21 +16,42 @@ import {
 // Other builds (Node) have no fcntl: they lock nothing.
 const ignore = Deno.env.get("QIMG_RUNNER") !== undefined;
 
-/** Runs `qemu-io [-r] -c 'sleep …' image` until disposed, once its locks are on. */
-async function hold(cwd: string, image: string, readOnly: boolean) {
+/**
+ * Waits until a lock is on `image` (its inode in /proc/locks): a probe that
+ * opened the image itself could refuse the holder in the race.
+ */
+async function waitLocked(cwd: string, image: string, holder: Deno.ChildProcess): Promise<void> {
+  const ino = (await Deno.stat(`${cwd}/${image}`)).ino;
+  let exited = false;
+  holder.status.then(() => exited = true);
+  for (let i = 0; i < 400; i++) {
+    const locks = await Deno.readTextFile("/proc/locks");
+    if (locks.split("\n").some((l) => l.includes("OFDLCK") && l.includes(`:${ino} 100 `))) {
+      // qemu sets its bytes one after another: let it finish.
+      await new Promise((ok) => setTimeout(ok, 100));
+      return;
+    }
+    if (exited) break;
+    await new Promise((ok) => setTimeout(ok, 25));
+  }
+  throw new Error(`qemu-io never locked ${image}`);
+}
+
+/** Runs `qemu-io [-r] [-f fmt] -c 'sleep …' image` until disposed, once its locks are on. */
+async function hold(cwd: string, image: string, options: string[]) {
   const child = new Deno.Command("qemu-io", {
-    args: [...(readOnly ? ["-r"] : []), "-c", "sleep 60000", image],
+    args: [...options, "-c", "sleep 60000", image],
     cwd,
     stdin: "null",
     stdout: "null",
     stderr: "null",
   }).spawn();
-  // Locked once a writer is refused (a read-only holder refuses writers too);
-  // qemu-io opens read-write and quits without writing.
-  for (let i = 0; i < 200; i++) {
-    const r = await runProgram("qemu-io", ["-c", "quit", image], cwd);
-    if (r.stderr.includes("lock")) break;
-    await new Promise((ok) => setTimeout(ok, 25));
+  try {
+    await waitLocked(cwd, image, child);
+  } catch (e) {
+    child.kill("SIGKILL");
+    await child.status;
+    throw e;
   }
   return {
     async [Symbol.asyncDispose]() {
@@ -115,7 +127,7 @@ Deno.test({
     await using dir = await tempDir();
     const cwd = dir.path;
     await images(cwd);
-    await using _ = await hold(cwd, "h.qcow2", false);
+    await using _ = await hold(cwd, "h.qcow2", []);
     const before = await hashFile(`${cwd}/h.qcow2`);
     for (const args of READS) {
       const r = await assertSameAs([...args, "h.qcow2"], cwd);
@@ -161,7 +173,7 @@ Deno.test({
     await using dir = await tempDir();
     const cwd = dir.path;
     await images(cwd);
-    await using _ = await hold(cwd, "a.qcow2", true);
+    await using _ = await hold(cwd, "a.qcow2", ["-r"]);
     for (const args of READS) {
       const r = await assertSameAs([...args, "a.qcow2"], cwd);
       assertEquals(r.code, 0, args.join(" "));
@@ -192,7 +204,7 @@ Deno.test({
     const cwd = dir.path;
     await images(cwd);
     {
-      await using _ = await hold(cwd, "a.qcow2", false);
+      await using _ = await hold(cwd, "a.qcow2", []);
       for (
         const args of [
           ["info", "b.qcow2"],
@@ -207,33 +219,17 @@ Deno.test({
       }
     }
     // A raw image shares everything with its user, except with convert's source.
-    const child = new Deno.Command("qemu-io", {
-      args: ["-f", "raw", "-c", "sleep 60000", "r.raw"],
-      cwd,
-      stdin: "null",
-      stdout: "null",
-      stderr: "null",
-    }).spawn();
-    try {
-      for (let i = 0; i < 200; i++) {
-        const r = await qemuImg(["convert", "-O", "raw", "r.raw", "out.raw"], cwd);
-        if (r.code !== 0) break;
-        await new Promise((ok) => setTimeout(ok, 25));
-      }
-      for (
-        const args of [
-          ["map", "r.raw"],
-          ["compare", "r.raw", "r.raw"],
-          ["convert", "-O", "qcow2", "r.raw", "out.qcow2"],
-          ["convert", "-U", "-O", "qcow2", "r.raw", "out.qcow2"],
-          ["resize", "-f", "raw", "r.raw", "1M"],
-        ]
-      ) {
-        await assertSameAsQemu(args, cwd);
-      }
-    } finally {
-      child.kill("SIGKILL");
-      await child.status;
+    await using _ = await hold(cwd, "r.raw", ["-f", "raw"]);
+    for (
+      const args of [
+        ["map", "r.raw"],
+        ["compare", "r.raw", "r.raw"],
+        ["convert", "-O", "qcow2", "r.raw", "out.qcow2"],
+        ["convert", "-U", "-O", "qcow2", "r.raw", "out.qcow2"],
+        ["resize", "-f", "raw", "r.raw", "1M"],
+      ]
+    ) {
+      await assertSameAsQemu(args, cwd);
     }
   },
 });
@@ -256,13 +252,14 @@ Deno.test({
       stdout: "null",
       stderr: "piped",
     }).spawn();
-    let target = "";
-    let source = "";
-    for (let i = 0; i < 400 && !target.includes("lock"); i++) {
-      target = (await qemuImg(["info", "dst.qcow2"], cwd)).stderr;
-      await new Promise((ok) => setTimeout(ok, 20));
+    // Watched in /proc/locks: a qemu-img probe could itself refuse qimg's open.
+    for (let i = 0; i < 400; i++) {
+      if (await Deno.stat(`${cwd}/dst.qcow2`).then(() => true, () => false)) break;
+      await new Promise((ok) => setTimeout(ok, 10));
     }
-    source = (await qemuImg(["snapshot", "-c", "s", "src.qcow2"], cwd)).stderr;
+    await waitLocked(cwd, "dst.qcow2", child);
+    const target = (await qemuImg(["info", "dst.qcow2"], cwd)).stderr;
+    const source = (await qemuImg(["snapshot", "-c", "s", "src.qcow2"], cwd)).stderr;
     const out = await child.output();
     assertEquals(out.code, 0, new TextDecoder().decode(out.stderr));
     assertEquals(
@@ -287,7 +284,7 @@ Deno.test({
     await using dir = await tempDir();
     const cwd = dir.path;
     await images(cwd);
-    await using _ = await hold(cwd, "h.qcow2", false);
+    await using _ = await hold(cwd, "h.qcow2", []);
     const noFfi = [Deno.execPath(), "run", "--no-prompt", "--allow-read", "--allow-write", CLI];
     const r = await qimg(["map", "--output=json", "h.qcow2"], cwd, noFfi);
     assertEquals(r.stderr, "");
