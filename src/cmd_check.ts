@@ -137,6 +137,7 @@ async function runCheck(pass: () => Promise<CheckResult>, io: Io): Promise<Check
     throw e;
   }
   if (result.messages.length) io.stderr(result.messages.map((m) => m + "\n").join(""));
+  for (const text of result.moreMessages ?? []) io.stderr(text);
   return result;
 }
 

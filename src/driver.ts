@@ -79,6 +79,11 @@ export interface CheckResult {
   compressedClusters?: number;
   /** Lines the check prints while it runs (qemu's fprintf(stderr) lines). */
   messages: string[];
+  /**
+   * More such lines, too many to hold (a hostile vdi map's): text chunks of
+   * whole lines, produced as they are printed, after `messages`.
+   */
+  moreMessages?: Iterable<string>;
 }
 
 /** An internal snapshot, as qemu's QEMUSnapshotInfo. */

@@ -38,8 +38,6 @@ const DISCARDED = 0xfffffffe;
 const MAX_BLOCKS = (2 ** 31 - SECTOR) / 4;
 const MAX_DISK_SIZE = MAX_BLOCKS * BLOCK_SIZE;
 /** The banner qemu writes into the header's text field. */
-/** Block map entries past the end of the file a check lists one by one (the rest are counted). */
-const MAX_TAIL_LINES = 65536;
 const QEMU_TEXT = "<<< QEMU VM Virtual Disk Image >>>\n";
 
 /** Header field offsets (VirtualBox's VDIHEADER1 after the 72-byte pre-header). */
@@ -274,51 +272,25 @@ export class VdiImage implements FormatImage {
         exitCode: EXIT.CHECK_UNSUPPORTED,
       });
     }
-    const total = this.header.blocksInImage;
-    const messages: string[] = [];
-    let corruptions = 0;
-    let allocated = 0;
-    const used = new Set<number>();
-    const visit = (block: number, entry: number) => {
-      if (entry >= DISCARDED) return;
-      if (entry < total) {
-        allocated++;
-        if (!used.has(entry)) used.add(entry);
-        else {
-          // qemu prints the entry twice (its message reads the entry back from its own map).
-          messages.push(`ERROR: block index ${entry} also used by ${entry}`);
-          corruptions++;
-        }
-      } else {
-        messages.push(`ERROR: block index ${block} too large, is ${entry}`);
-        corruptions++;
-      }
-    };
-    const stored = Math.min(total, this.#bmap.length);
-    for (let b = 0; b < stored; b++) visit(b, this.#bmap[b]);
-    // Past the end of the file qemu's map reads as zeroes (every entry is
-    // block 0) unless written since; at most a file's worth are listed.
-    for (const [b, entry] of [...this.#beyond].sort((x, y) => x[0] - y[0])) visit(b, entry);
-    const tail = total - stored - this.#beyond.size;
-    for (let i = 0; i < Math.min(tail, MAX_TAIL_LINES); i++) visit(stored + i, 0);
-    if (tail > MAX_TAIL_LINES) {
-      const rest = tail - MAX_TAIL_LINES;
-      allocated += rest;
-      corruptions += rest;
-    }
-    if (allocated !== this.header.blocksAllocated) {
-      messages.push(
-        `ERROR: allocated blocks mismatch, is ${allocated}, should be ${this.header.blocksAllocated}`,
+    const counts = { corruptions: 0, allocated: 0 };
+    const walk = (text: boolean) =>
+      checkLines(
+        this.#bmap,
+        [...this.#beyond].sort((x, y) => x[0] - y[0]),
+        this.header,
+        counts,
+        text,
       );
-      corruptions++;
-    }
+    for (const _ of walk(false));
     return Promise.resolve({
-      corruptions,
+      corruptions: counts.corruptions,
       leaks: 0,
       checkErrors: 0,
       corruptionsFixed: 0,
       leaksFixed: 0,
-      messages,
+      messages: [],
+      // qemu lists every entry past the end of the file (hostile maps: 2^29): streamed.
+      moreMessages: walk(true),
     });
   }
 
@@ -329,6 +301,85 @@ export class VdiImage implements FormatImage {
   close(): Promise<void> {
     return this.file.close();
   }
+}
+
+/** Lines per chunk of a check's streamed output. */
+const CHECK_CHUNK = 1 << 15;
+
+/**
+ * qemu's vdi check walk: each allocated entry in range and used once, and
+ * the allocation count. Counts into `counts`; with `text`, yields the
+ * lines, batched. Entries past the stored map read as 0 (qemu's
+ * zero-padded read), so each after the first is the same duplicate line:
+ * counted at once, printed in chunks.
+ */
+function* checkLines(
+  bmap: Uint32Array,
+  beyond: [number, number][],
+  h: VdiHeader,
+  counts: { corruptions: number; allocated: number },
+  text: boolean,
+): Generator<string> {
+  const total = h.blocksInImage;
+  const stored = Math.min(total, bmap.length);
+  // Which data blocks are used, as bits: at most what the file's map holds, plus block 0.
+  let highest = 0;
+  for (let b = 0; b < stored; b++) if (bmap[b] < total && bmap[b] > highest) highest = bmap[b];
+  for (const [, e] of beyond) if (e < total && e > highest) highest = e;
+  const used = new Uint8Array((highest >>> 3) + 1);
+  let corruptions = 0;
+  let allocated = 0;
+  let out = "";
+  let lines = 0;
+  const visit = (block: number, entry: number) => {
+    if (entry >= DISCARDED) return;
+    if (entry < total) {
+      allocated++;
+      if (!(used[entry >>> 3] & (1 << (entry & 7)))) used[entry >>> 3] |= 1 << (entry & 7);
+      else {
+        // qemu prints the entry twice (its message reads the entry back from its own map).
+        if (text) out += `ERROR: block index ${entry} also used by ${entry}\n`;
+        lines++;
+        corruptions++;
+      }
+    } else {
+      if (text) out += `ERROR: block index ${block} too large, is ${entry}\n`;
+      lines++;
+      corruptions++;
+    }
+  };
+  for (let b = 0; b < stored; b++) {
+    visit(b, bmap[b]);
+    if (lines >= CHECK_CHUNK) {
+      if (text) yield out;
+      out = "";
+      lines = 0;
+    }
+  }
+  for (const [b, entry] of beyond) visit(b, entry);
+  let tail = total - stored - beyond.length;
+  if (tail > 0 && !(used[0] & 1)) {
+    visit(stored, 0);
+    tail--;
+  }
+  allocated += tail;
+  corruptions += tail;
+  if (text) {
+    if (out) yield out;
+    out = "";
+    const line = "ERROR: block index 0 also used by 0\n";
+    const chunk = line.repeat(Math.min(tail, CHECK_CHUNK));
+    for (; tail >= CHECK_CHUNK; tail -= CHECK_CHUNK) yield chunk;
+    if (tail) yield line.repeat(tail);
+  }
+  if (allocated !== h.blocksAllocated) {
+    if (text) {
+      yield `ERROR: allocated blocks mismatch, is ${allocated}, should be ${h.blocksAllocated}\n`;
+    }
+    corruptions++;
+  }
+  counts.corruptions = corruptions;
+  counts.allocated = allocated;
 }
 
 /** Opens a vdi image on `file`, with qemu-img 7.2's checks and messages. */
