@@ -6,7 +6,7 @@ import { getopt } from "./getopt.ts";
 import { QimgError, usageError } from "./errors.ts";
 import { resolveRelative } from "./file.ts";
 import { findFormat } from "./formats.ts";
-import { Image, openImageChain } from "./image.ts";
+import { Image, type Layer, openImageChain } from "./image.ts";
 import type { FormatImage } from "./driver.ts";
 import { Progress } from "./progress.ts";
 import { backingChangeError } from "./qcow2_header_write.ts";
@@ -221,7 +221,9 @@ async function copyDifferences(
   const prefix = newBacking ? image.chain.indexOf(newBacking.chain[0]) : -1;
   const newSize = newBacking?.size ?? 0;
   const runs: (Run & { start: number })[] = [];
-  for await (const e of image.extents()) {
+  // Only the layers above the new backing file (with one in the chain) or
+  // the image itself matter here: below, every layer reads the same.
+  for await (const e of image.extents({ base: prefix > 0 ? prefix : 1 })) {
     const own = e.present && e.depth === 0;
     const above = e.present && e.depth > 0 && (prefix < 0 || e.depth < prefix);
     const last = runs.at(-1);
@@ -237,14 +239,16 @@ async function copyDifferences(
   const step = Math.fround(100 / Math.trunc(size / Math.min(size, IO_BUF_SIZE)));
   const oldBacking = new Image(image.chain.slice(1));
   const oldSize = oldBacking.chain.length > 0 ? oldBacking.size : 0;
+  const same = sharedBase(oldBacking.chain, newBacking?.chain ?? []);
   // A write to part of a cluster fills the rest from the old backing chain.
   const below = oldBacking.chain.length > 0
     ? (o: number, b: Uint8Array) => oldBacking.read(o, b)
     : undefined;
   let differed = false;
   let r = 0;
-  // compare.ts brings node:buffer's memcmp, which start-up need not load.
-  const { firstDifference } = await import("./compare.ts");
+  // compare.ts brings node:buffer's memcmp (~5 ms to load): only a range
+  // that starts out equal needs it.
+  let firstDifference: ((x: Uint8Array, y: Uint8Array) => number) | undefined;
   const oldBuf = new Uint8Array(Math.min(IO_BUF_SIZE, size));
   const newBuf = new Uint8Array(Math.min(IO_BUF_SIZE, size));
   for (let offset = 0; offset < size;) {
@@ -277,19 +281,32 @@ async function copyDifferences(
     const x = oldBuf.subarray(0, n);
     const y = newBuf.subarray(0, n);
     const oldIsZero = start >= oldSize;
-    if (!oldIsZero) await oldBacking.read(start, x);
-    else x.fill(0);
-    if (start < newSize) await newBacking!.read(start, y);
-    else y.fill(0);
-    for (let done = 0; done < n;) {
-      const [differ, len] = compareSectors(x.subarray(done), y.subarray(done), firstDifference);
-      if (differ) {
-        if (!top?.write) return true;
-        differed = true;
-        if (oldIsZero && top.writeZeroes) await top.writeZeroes(start + done, len);
-        else await top.write(start + done, x.subarray(done, done + len), below);
+    // Only the stretches where the two chains may differ are read and
+    // compared; the rest is equal without reading (no write either).
+    for (const [a, b] of await stretchesToCompare(same, start, n)) {
+      const xa = x.subarray(a, b);
+      const ya = y.subarray(a, b);
+      if (!oldIsZero && start + a < oldSize) await oldBacking.read(start + a, xa);
+      else xa.fill(0);
+      if (start + a < newSize) await newBacking!.read(start + a, ya);
+      else ya.fill(0);
+      for (let done = a; done < b;) {
+        const xs = x.subarray(done, b);
+        const ys = y.subarray(done, b);
+        let sectors = compareSectors(xs, ys, firstDifference);
+        if (!sectors) {
+          ({ firstDifference } = await import("./compare.ts"));
+          sectors = compareSectors(xs, ys, firstDifference)!;
+        }
+        const [differ, len] = sectors;
+        if (differ) {
+          if (!top?.write) return true;
+          differed = true;
+          if (oldIsZero && top.writeZeroes) await top.writeZeroes(start + done, len);
+          else await top.write(start + done, x.subarray(done, done + len), below);
+        }
+        done += len;
       }
-      done += len;
     }
     meter.print(step, 100);
   }
@@ -297,23 +314,119 @@ async function copyDifferences(
 }
 
 /**
+ * The layers of the old and the new backing chain above a layer both share
+ * (the same file opened the same way), if any. Where neither chain's layers
+ * above it hold data, both read that layer at the same offset; where both
+ * read as zeroes, they are equal too.
+ */
+interface SharedBase {
+  old: Layer[];
+  new: Layer[];
+  /** Whether the chains continue into one shared layer below `old` and `new`. */
+  shared: boolean;
+}
+
+function sharedBase(oldChain: Layer[], newChain: Layer[]): SharedBase {
+  for (let i = 0; i < oldChain.length; i++) {
+    const o = oldChain[i];
+    const j = newChain.findIndex((n) =>
+      n === o ||
+      (n.filename === o.filename && n.driver.name === o.driver.name &&
+        n.image.size === o.image.size)
+    );
+    if (j >= 0) return { old: oldChain.slice(0, i), new: newChain.slice(0, j), shared: true };
+  }
+  return { old: oldChain, new: newChain, shared: false };
+}
+
+/**
+ * What reading `layers` (then the shared layer, if any) gives at `offset`
+ * for the returned length: "zero", "shared" (the shared layer's bytes at
+ * the same offset) or "own" (data of one of these layers).
+ */
+async function sourceOf(
+  layers: Layer[],
+  shared: boolean,
+  offset: number,
+  length: number,
+): Promise<{ kind: "zero" | "shared" | "own"; length: number }> {
+  for (const { image } of layers) {
+    // Reads stop at the end of a shorter layer: zeroes after it.
+    if (offset >= image.size) return { kind: "zero", length };
+    length = Math.min(length, image.size - offset);
+    const s = await image.blockStatus(offset, length);
+    length = Math.min(length, s.length);
+    if (s.data) return { kind: "own", length };
+    if (s.zero) return { kind: "zero", length };
+  }
+  return { kind: shared ? "shared" : "zero", length };
+}
+
+/**
+ * The stretches [a, b) of the range of `n` bytes at `start` (relative to
+ * it) where the old and the new backing chain may read differently: all
+ * of it but what both read from the same place, trimmed to the range's
+ * 512-byte sectors so that comparing the stretches finds the same
+ * differing runs as comparing the whole range.
+ */
+async function stretchesToCompare(
+  same: SharedBase,
+  start: number,
+  n: number,
+): Promise<[number, number][]> {
+  const out: [number, number][] = [];
+  let from = 0;
+  for (let at = 0; at < n;) {
+    const o = await sourceOf(same.old, same.shared, start + at, n - at);
+    const w = await sourceOf(same.new, same.shared, start + at, o.length);
+    const len = Math.min(o.length, w.length);
+    if (len <= 0) throw new Error(`blockStatus returned an empty run at ${start + at}`);
+    if (o.kind === w.kind && o.kind !== "own") {
+      const a = Math.ceil(at / 512) * 512;
+      const b = at + len === n ? n : Math.floor((at + len) / 512) * 512;
+      if (b > a) {
+        if (a > from) out.push([from, a]);
+        from = b;
+      }
+    }
+    at += len;
+  }
+  if (from < n) out.push([from, n]);
+  return out;
+}
+
+/**
  * qemu's compare_buffers: whether the first 512-byte sector differs, and
  * how many bytes from the start share that answer, sector by sector.
+ * Undefined when the first sector is equal and `firstDifference` (for the
+ * search through equal bytes) is not given.
  */
 function compareSectors(
   a: Uint8Array,
   b: Uint8Array,
-  firstDifference: (x: Uint8Array, y: Uint8Array) => number,
-): [boolean, number] {
+  firstDifference?: (x: Uint8Array, y: Uint8Array) => number,
+): [boolean, number] | undefined {
+  // Word by word where both are 4-byte aligned: a differing sector most
+  // often shows so in its first word, and no view is made per sector.
+  const aligned = ((a.byteOffset | b.byteOffset) & 3) === 0;
+  const words = aligned ? a.length >>> 2 : 0;
+  const wa = aligned ? new Int32Array(a.buffer, a.byteOffset, words) : new Int32Array(0);
+  const wb = aligned ? new Int32Array(b.buffer, b.byteOffset, words) : new Int32Array(0);
   const sector = (at: number) => {
     const end = Math.min(at + 512, a.length);
-    return firstDifference(a.subarray(at, end), b.subarray(at, end)) >= 0;
+    let j = at;
+    for (const w = Math.min(end, words * 4) >>> 2; j >>> 2 < w; j += 4) {
+      if (wa[j >>> 2] !== wb[j >>> 2]) return true;
+    }
+    for (; j < end; j++) if (a[j] !== b[j]) return true;
+    return false;
   };
   const first = sector(0);
+  if (!first && !firstDifference) return undefined;
   let i = Math.min(512, a.length);
   if (!first) {
     // Equal so far: the sector holding the first difference ends the run.
-    const d = firstDifference(a.subarray(i), b.subarray(i));
+    const d = firstDifference!(a.subarray(i), b.subarray(i));
     i = d < 0 ? a.length : i + d - (d % 512);
   }
   while (i < a.length && sector(i) === first) i += 512;

@@ -300,13 +300,16 @@ export class Image {
   /**
    * Yields coalesced extents from `start` for `length` bytes. Neighbours
    * merge when their status is the same and their host offsets continue.
+   * With `base`, only the layers above that depth are asked (blockStatus).
    */
-  async *extents(options: { start?: number; length?: number } = {}): AsyncGenerator<Extent> {
+  async *extents(
+    options: { start?: number; length?: number; base?: number } = {},
+  ): AsyncGenerator<Extent> {
     const start = options.start ?? 0;
     const end = Math.min(this.size, start + (options.length ?? this.size));
     let pending: Extent | undefined;
     for (let offset = start; offset < end;) {
-      const e = await this.blockStatus(offset, end - offset);
+      const e = await this.blockStatus(offset, end - offset, options.base);
       if (e.length <= 0) throw new Error(`blockStatus returned an empty run at ${offset}`);
       if (pending && canMerge(pending, e)) {
         pending.length += e.length;

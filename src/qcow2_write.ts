@@ -425,11 +425,28 @@ export class Qcow2Writer {
           const buf = await this.#oldCluster(e, cStart, backingRead);
           buf.set(data.subarray(from - pos, to - pos), from - cStart);
           await this.#data.write(e.offset, buf);
-        } else {
-          await this.#data.write(e.offset + (from - cStart), data.subarray(from - pos, to - pos));
+          setEntry(view, i, ext, COPIED | BigInt(e.offset), BITMAP_DATA);
+          i++;
+          continue;
         }
-        if (!e.full) setEntry(view, i, ext, COPIED | BigInt(e.offset), BITMAP_DATA);
-        i++;
+        // The following clusters that continue on the host and take the
+        // write whole (or hold all their bytes already) go out in the same
+        // request: one write per host run, as qemu's, not one per cluster.
+        let k = i;
+        for (; k < last; k++) {
+          const n = readEntry(view, k + 1, ext, this.#dataMode);
+          const nStart = cStart + (k + 1 - i) * cs;
+          if (!n.host || !n.copied || n.offset !== e.offset + (k + 1 - i) * cs) break;
+          if (!n.full && (n.ext || end < nStart + cs)) break;
+          if (this.#inflight.size) await this.#settle(n.offset);
+        }
+        const runTo = Math.min(end, cStart + (k + 1 - i) * cs);
+        await this.#data.write(e.offset + (from - cStart), data.subarray(from - pos, runTo - pos));
+        for (let m = i; m <= k; m++) {
+          const n = m === i ? e : readEntry(view, m, ext, this.#dataMode);
+          if (!n.full) setEntry(view, m, ext, COPIED | BigInt(n.offset), BITMAP_DATA);
+        }
+        i = k + 1;
         continue;
       }
       // A run of clusters that need new host clusters, allocated together.
