@@ -7,7 +7,8 @@
 import type { Io } from "./command.ts";
 import { notSupportedYet, optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
-import { QimgError, strerror } from "./errors.ts";
+import { QimgError, SizeQueryError, strerror } from "./errors.ts";
+import { strerrorNumber } from "./errno.ts";
 import { Image } from "./image.ts";
 import { ImageLockError } from "./image_lock.ts";
 import { loadFormat } from "./formats.ts";
@@ -358,6 +359,13 @@ export async function run(args: string[], io: Io): Promise<number> {
         stable: true,
       });
       opened.push(image);
+      try {
+        // qemu sizes each source as it opens it: a hostile vmdk's sector count can be negative.
+        void image.size;
+      } catch (e) {
+        if (!(e instanceof SizeQueryError && e.sectors < 0n)) throw e;
+        throw new QimgError(`Could not get size of ${name}: ${strerrorNumber(e.errno)}`);
+      }
       sources.push(image);
     }
     if (snapshotOpts) {

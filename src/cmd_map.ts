@@ -6,7 +6,7 @@
 import type { Io } from "./command.ts";
 import { optionError } from "./command.ts";
 import { getopt } from "./getopt.ts";
-import { IoError, QimgError, strerror, usageError } from "./errors.ts";
+import { IoError, QimgError, SizeQueryError, strerror, usageError } from "./errors.ts";
 import type { Image } from "./image.ts";
 import { openForCommand, parseOutputFormat, printHelp, processObject } from "./cmd_util.ts";
 import { cvtnum } from "./size.ts";
@@ -90,7 +90,15 @@ export async function run(args: string[], io: Io): Promise<number> {
   try {
     print(human ? "Offset          Length          Mapped to       File\n" : "[");
     // qemu computes start + max-length in int64: an overflow wraps negative and maps nothing.
-    let end = BigInt(image.size);
+    let end: bigint;
+    try {
+      end = BigInt(image.size);
+    } catch (e) {
+      if (e instanceof SizeQueryError) {
+        throw new QimgError(`Failed to get size for '${operands[0]}'`);
+      }
+      throw e;
+    }
     if (maxLength !== undefined) {
       let sum = start + maxLength;
       if (sum > 0x7fffffffffffffffn) sum -= 1n << 64n;

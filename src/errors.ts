@@ -42,6 +42,27 @@ export class QimgError extends Error {
   }
 }
 
+/**
+ * qemu's bdrv_getlength failing on an open image (hostile vmdk sizes): the
+ * message is info's; map and convert word it their own way.
+ */
+export class SizeQueryError extends QimgError {
+  /** The C errno (an int; 0 adds no text to info's message). */
+  readonly errno: number;
+  /** qemu's bdrv_nb_sectors, which convert sizes sources with (negative: its own failure). */
+  readonly sectors: bigint;
+  /**
+   * @param message info's message.
+   * @param errno the errno as C's int.
+   * @param sectors the sector count the block layer holds.
+   */
+  constructor(message: string, errno: number, sectors: bigint) {
+    super(message);
+    this.errno = errno;
+    this.sectors = sectors;
+  }
+}
+
 /** The hint qemu-img prints under usage errors. */
 export const HELP_HINT = "Try 'qimg --help' for more information";
 

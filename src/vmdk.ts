@@ -21,7 +21,7 @@ import type {
 } from "./driver.ts";
 import { type BlockFile, readZeroFilled } from "./file.ts";
 import type { JsonValue } from "./output.ts";
-import { QimgError, strerror } from "./errors.ts";
+import { QimgError, SizeQueryError, strerror } from "./errors.ts";
 import { strerrorNumber } from "./errno.ts";
 import { alignUp, be32, le16, le32, putLe32 } from "./bytes.ts";
 import { type OptionDesc, SIZE_OPTION } from "./options.ts";
@@ -642,8 +642,10 @@ export class VmdkImage implements FormatImage {
   get size(): number {
     if (this.#sizeErrno === undefined) return this.#size;
     const e = this.#sizeErrno;
-    throw new QimgError(
+    throw new SizeQueryError(
       `Can't get image size '${this.#top.name}'${e ? ": " + strerrorNumber(e) : ""}`,
+      e,
+      BigInt(this.#totalSectors),
     );
   }
 
