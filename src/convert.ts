@@ -13,7 +13,7 @@
  */
 
 import { Lock } from "./lock.ts";
-import type { FormatImage } from "./driver.ts";
+import type { CopyRun, FormatImage } from "./driver.ts";
 import { Image } from "./image.ts";
 import { QimgError, strerror } from "./errors.ts";
 import { isZero } from "./bytes.ts";
@@ -232,6 +232,15 @@ interface Claim {
   status: Status;
   /** Where a data claim's bytes lie as they are in a host file (mapped instead of read). */
   host?: { file: BlockFile; offset: number };
+  /** The layer holding a data claim's bytes, when it has a copyMap; `offset` in its guest bytes. */
+  layer?: { image: FormatImage; offset: number };
+}
+
+/** The layer that answered a data status, when it can say more for copying (FormatImage.copyMap). */
+function copyLayer(source: SourceImage, status: SourceStatus): FormatImage | undefined {
+  if (!(source instanceof Image)) return;
+  const image = source.chain[status.depth ?? 0]?.image;
+  return image?.copyMap ? image : undefined;
 }
 
 function pow2floor(n: number): number {
@@ -269,11 +278,18 @@ function sameRun(
   n: number,
   sector: number,
   alignment: number,
+  known?: number[],
 ): { count: number; data: boolean } {
   if (n <= 0) return { count: 0, data: false };
-  let zero = sectorIsZero(buf, start);
-  let i = 1;
-  while (i < n && sectorIsZero(buf, start + i) === zero) i++;
+  let zero: boolean;
+  let i: number;
+  if (known) {
+    ({ zero, count: i } = knownRun(buf, start, n, known));
+  } else {
+    zero = sectorIsZero(buf, start);
+    i = 1;
+    while (i < n && sectorIsZero(buf, start + i) === zero) i++;
+  }
   const tail = (sector + i) % alignment;
   if (tail) {
     if (zero && i <= tail) zero = false;
@@ -281,6 +297,35 @@ function sameRun(
     else i -= tail;
   }
   return { count: i, data: !zero };
+}
+
+/**
+ * The scan of sameRun where the sectors of `known` (sorted [start, end)
+ * pairs) read as zeroes without looking at them (copyMap's zero runs).
+ */
+function knownRun(
+  buf: Int32Array,
+  start: number,
+  n: number,
+  known: number[],
+): { zero: boolean; count: number } {
+  const end = start + n;
+  let zero: boolean | undefined;
+  let pos = start;
+  for (let k = 0; pos < end;) {
+    while (k < known.length && known[k + 1] <= pos) k += 2;
+    if (k < known.length && known[k] <= pos) {
+      if (zero === false) break;
+      zero = true;
+      pos = Math.min(end, known[k + 1]);
+      continue;
+    }
+    const stop = k < known.length ? Math.min(end, known[k]) : end;
+    zero ??= sectorIsZero(buf, pos);
+    while (pos < stop && sectorIsZero(buf, pos) === zero) pos++;
+    if (pos < stop) break;
+  }
+  return { zero: zero!, count: pos - start };
 }
 
 /**
@@ -294,19 +339,38 @@ function dataRun(
   min: number,
   sector: number,
   alignment: number,
+  known?: number[],
 ): { count: number; data: boolean } {
   if (n < min) min = n;
-  const first = sameRun(buf, start, n, sector, alignment);
+  const first = sameRun(buf, start, n, sector, alignment, known);
   if (!first.data) return first;
   let used = first.count;
   let checked = used;
   while (checked < n) {
-    const r = sameRun(buf, start + checked, n - checked, sector + checked, alignment);
+    const r = sameRun(buf, start + checked, n - checked, sector + checked, alignment, known);
     checked += r.count;
     if (r.data) used = checked;
     else if (r.count >= min) break;
   }
   return { count: used, data: true };
+}
+
+/**
+ * Zeroes the known zero sectors (sorted [start, end) pairs) of `buf` that
+ * a data write covers (`runs`; all of them without runs): they were not read.
+ */
+function fillKnown(buf: Uint8Array, runs: ClusterRun[] | undefined, known: number[]): void {
+  let pos = 0;
+  for (const r of runs ?? [{ count: Infinity, data: true }]) {
+    if (r.data) {
+      for (let k = 0; k < known.length; k += 2) {
+        const from = Math.max(pos, known[k]);
+        const to = Math.min(pos + r.count, known[k + 1]);
+        if (to > from) buf.fill(0, from * SECTOR, to * SECTOR);
+      }
+    }
+    pos += r.count;
+  }
 }
 
 /**
@@ -404,6 +468,8 @@ class Converter {
   #viewable: boolean;
   /** The host file and offset of the cached data status run, which starts at `sector`. */
   #host: { file: BlockFile; offset: number; sector: number; end: number } | undefined;
+  /** The layer of the cached data status run when it has a copyMap; `start`: its source's first sector. */
+  #layer: { image: FormatImage; start: number; end: number } | undefined;
   #sectorNum = 0;
   #allocated = 0;
   #allocatedDone = 0;
@@ -513,6 +579,9 @@ class Converter {
           this.#host = { file, offset: e.hostOffset!, sector, end: start + this.#sectors[index] };
         }
       }
+      this.#layer = undefined;
+      const image = e.data && this.#viewable && !this.#host ? copyLayer(src, e) : undefined;
+      if (image) this.#layer = { image, start, end: start + this.#sectors[index] };
       if (!e.present && withBase) this.#status = Status.Backing;
       else if (e.zero) this.#status = postBackingZero ? Status.Backing : Status.Zero;
       else if (e.data) this.#status = Status.Data;
@@ -582,6 +651,10 @@ class Converter {
         // Whole 32-bit words for the zero scan.
         if (offset % 4 === 0) claim.host = { file: h.file, offset };
       }
+      const l = this.#layer;
+      if (status === Status.Data && !claim.host && l && claim.sector + n <= l.end) {
+        claim.layer = { image: l.image, offset: (claim.sector - l.start) * SECTOR };
+      }
       this.#sectorNum += n;
       return claim;
     });
@@ -627,6 +700,13 @@ class Converter {
           undefined
         );
       }
+      // Sector ranges (claim-relative [start, end) pairs) its layer knows read as zeroes.
+      let zeroes: number[] | undefined;
+      if (status === Status.Data && !view && claim.layer) {
+        const plan = await this.#copyPlan(claim.layer, count);
+        view = plan?.view;
+        zeroes = plan?.zeroes;
+      }
       // Allocated only when needed: mapped copies need none, and eight idle
       // buffers' external memory set off garbage collections.
       if ((status === Status.Data && !view) || (this.#minSparse === 0 && status === Status.Zero)) {
@@ -635,7 +715,8 @@ class Converter {
       const input = view?.bytes ?? buf;
       if (status === Status.Data && !view) {
         try {
-          await this.#read(sector, count, buf!);
+          if (zeroes) await this.#readBetween(sector, count, buf!, zeroes);
+          else await this.#read(sector, count, buf!);
         } catch (err) {
           this.#fail(
             new CopyError("reading", sector * SECTOR, strerror(err)),
@@ -657,7 +738,8 @@ class Converter {
       }
       // Zero detection before waiting for our turn: it overlaps the writes of earlier requests.
       if (status === Status.Data && !this.#o.compressed && this.#error === undefined) {
-        runs = this.#dataRuns(input!, sector, count);
+        runs = this.#dataRuns(input!, sector, count, zeroes);
+        if (zeroes && !view) fillKnown(buf!, runs, zeroes);
       }
       if (!this.#o.outOfOrder) {
         while (this.#writeOffset !== sector && this.#error === undefined) {
@@ -800,13 +882,83 @@ class Converter {
     }
   }
 
+  /**
+   * How a data claim's bytes are had from its layer's copyMap: mapped when
+   * they lie whole in its file, else the sector ranges that read as zeroes
+   * (not read, not scanned). Undefined: read it all.
+   */
+  async #copyPlan(
+    layer: { image: FormatImage; offset: number },
+    count: number,
+  ): Promise<{ view?: FileView; zeroes?: number[] } | undefined> {
+    const { image, offset } = layer;
+    const length = count * SECTOR;
+    if (offset + length > image.size) return;
+    let runs: CopyRun[];
+    try {
+      runs = await image.copyMap!(offset, length);
+    } catch {
+      return; // the read reports it
+    }
+    const host = runs[0].hostOffset;
+    let inPlace = host !== undefined;
+    for (let pos = 0, i = 0; i < runs.length && inPlace; pos += runs[i++].length) {
+      inPlace = runs[i].hostOffset === host! + pos;
+    }
+    let view: FileView | undefined;
+    // Whole words for the zero scan; a run of nothing but zeroes needs no bytes.
+    if (inPlace && host! % 4 === 0 && image.file.view && runs.some((r) => !r.zero)) {
+      view = await image.file.view(host!, length).catch(() => undefined);
+    }
+    if (runs.length === 1 && !runs[0].zero) return view && { view };
+    const zeroes: number[] = [];
+    let pos = 0;
+    for (const r of runs) {
+      // Whole sectors only.
+      const first = Math.ceil(pos / SECTOR);
+      const end = Math.floor((pos + r.length) / SECTOR);
+      if (r.zero && end > first) {
+        if (zeroes[zeroes.length - 1] === first) zeroes[zeroes.length - 1] = end;
+        else zeroes.push(first, end);
+      }
+      pos += r.length;
+    }
+    if (pos !== length || !zeroes.length) {
+      view?.release();
+      return;
+    }
+    return { view, zeroes };
+  }
+
+  /** Reads the sectors of a claim outside its known zero ranges. */
+  async #readBetween(sector: number, count: number, buf: Uint8Array, zeroes: number[]) {
+    for (let pos = 0, k = 0; pos < count; k += 2) {
+      const end = k < zeroes.length ? zeroes[k] : count;
+      if (end > pos) await this.#read(sector + pos, end - pos, buf.subarray(pos * SECTOR));
+      pos = k < zeroes.length ? zeroes[k + 1] : count;
+    }
+  }
+
   /** The writes (data or zero runs) `#write` makes of a data request, found ahead. */
-  #dataRuns(buf: Uint8Array, sector: number, count: number): ClusterRun[] | undefined {
+  #dataRuns(
+    buf: Uint8Array,
+    sector: number,
+    count: number,
+    known?: number[],
+  ): ClusterRun[] | undefined {
     if (this.#minSparse === 0 || this.#o.copyRange) return;
     const words = wordsOf(buf);
     const runs: ClusterRun[] = [];
     for (let pos = 0; pos < count;) {
-      const r = dataRun(words, pos, count - pos, this.#minSparse, sector + pos, this.#alignment);
+      const r = dataRun(
+        words,
+        pos,
+        count - pos,
+        this.#minSparse,
+        sector + pos,
+        this.#alignment,
+        known,
+      );
       runs.push(r);
       pos += r.count;
     }

@@ -110,8 +110,11 @@ export interface OpenOptions {
   openFile?: (path: string, write: boolean) => Promise<BlockFile>;
   /** Metadata only, as qemu-img info's BDRV_O_NO_IO: no data file, no decryption. */
   noIo?: boolean;
-  /** Prints qemu's warnings raised while opening. */
-  warn?: (message: string) => void;
+  /**
+   * Prints qemu's warnings raised while opening, each ended by `end`
+   * (default a newline; qemu ends one of them with nothing).
+   */
+  warn?: (message: string, end?: string) => void;
 }
 
 /** Options for creating an image. */
@@ -141,6 +144,14 @@ export interface FormatImage {
   read(offset: number, buf: Uint8Array, backingRead?: BackingReader): Promise<void>;
   /** Block status of this layer at `offset`. */
   blockStatus(offset: number, length: number): Promise<BlockStatus>;
+  /**
+   * For convert only: how a range blockStatus calls data lies in this
+   * layer, where that is finer than blockStatus may say (vhdx: qemu's
+   * map shows it all as data, without offsets). Runs that read as zeroes
+   * are neither read nor scanned, runs with a `hostOffset` in `file` are
+   * mapped; what is written stays decided by blockStatus and the bytes.
+   */
+  copyMap?(offset: number, length: number): Promise<CopyRun[]>;
   /** Format-specific facts for info. */
   info(): Promise<FormatInfo>;
   /**
@@ -230,6 +241,16 @@ export interface FormatImage {
       backingRead?: BackingReader;
     },
   ): Promise<void>;
+}
+
+/** One run of a {@link FormatImage.copyMap} answer. */
+export interface CopyRun {
+  /** Length in bytes; the runs cover the range asked, in order. */
+  length: number;
+  /** Reads as zeroes. */
+  zero: boolean;
+  /** Where the bytes lie as they are in the layer's file (on a zero run: a hole there). */
+  hostOffset?: number;
 }
 
 /** Reads guest bytes from the layers below an image. */

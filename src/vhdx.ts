@@ -14,6 +14,7 @@ import { Lock } from "./lock.ts";
 import type {
   BlockStatus,
   CheckResult,
+  CopyRun,
   CreateOptions,
   FormatDriver,
   FormatImage,
@@ -196,6 +197,9 @@ export class VhdxImage implements FormatImage {
   #logSequence = 1n;
   #logWrite = 0;
   #lock = new Lock();
+  /** writeConcurrent's transfers still running: the latest (settled, never failing) per BAT entry. */
+  #transfers = new Map<number, Promise<void>>();
+  #fileEnd: number | undefined;
 
   constructor(file: BlockFile, l: Layout, bat: Bat, replayed: boolean) {
     this.file = file;
@@ -238,6 +242,7 @@ export class VhdxImage implements FormatImage {
   }
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
+    if (this.#transfers.size) await this.#drain();
     const bs = this.#l.blockSize;
     for (let done = 0; done < buf.length;) {
       const guest = offset + done;
@@ -256,40 +261,101 @@ export class VhdxImage implements FormatImage {
 
   write(offset: number, data: Uint8Array): Promise<void> {
     return this.#lock.run(async () => {
-      if (this.#firstWrite) {
-        this.#firstWrite = false;
-        await updateHeaders(this.file, this.#l, { newDataGuid: true });
-      }
-      const bs = this.#l.blockSize;
-      for (let done = 0; done < data.length;) {
-        const guest = offset + done;
-        const inBlock = guest % bs;
-        const n = Math.min(data.length - done, bs - inBlock);
-        const index = this.#batIndex(guest);
-        let { state, host } = this.#state(index);
-        if (ZERO_STATES.has(state)) {
-          // A new block at the 1 MiB-aligned end of the file; the grown file reads as zeroes.
-          host = Math.ceil((await this.file.size()) / MiB) * MiB;
-          await this.file.truncate(host + bs);
-          state = PAYLOAD_FULLY_PRESENT;
-          await this.file.write(host + inBlock, data.subarray(done, done + n));
-          await this.#writeEntry(index, host, state);
-        } else if (state === PAYLOAD_FULLY_PRESENT) {
-          if (host < MiB) throw new IoError("payload block in the header section");
-          await this.file.write(host + inBlock, data.subarray(done, done + n));
-        } else throw new IoError(`payload block state ${state}`);
-        done += n;
-      }
+      await this.#drain();
+      await this.#place(offset, data, (_index, host, bytes) => this.#put(host, bytes));
     });
   }
 
-  async writeZeroes(offset: number, length: number): Promise<void> {
-    // qemu's vhdx cannot write zeroes: its block layer writes zeroed
-    // buffers, which allocates blocks that read as zeroes already.
-    const chunk = new Uint8Array(Math.min(length, 1 << 20));
-    for (let done = 0; done < length; done += chunk.length) {
-      await this.write(offset + done, chunk.subarray(0, Math.min(chunk.length, length - done)));
+  /**
+   * As write, with the data transfers on other threads (convert's bulk
+   * copy): blocks are allocated and the BAT logged under the lock in call
+   * order; a transfer into a block waits for the earlier ones into it.
+   */
+  async writeConcurrent(offset: number, data: Uint8Array): Promise<void> {
+    const file = this.file;
+    if (!file.writeConcurrent) return await this.write(offset, data);
+    const transfers: Promise<void>[] = [];
+    await this.#lock.run(() =>
+      this.#place(offset, data, (index, host, bytes) => {
+        const before = this.#transfers.get(index);
+        const t = before
+          ? before.then(() => file.writeConcurrent!(host, bytes))
+          : file.writeConcurrent!(host, bytes);
+        const settled = t.catch(() => {});
+        this.#transfers.set(index, settled);
+        settled.then(() => {
+          if (this.#transfers.get(index) === settled) this.#transfers.delete(index);
+        });
+        transfers.push(t);
+        return Promise.resolve();
+      })
+    );
+    await Promise.all(transfers);
+  }
+
+  /** Waits for writeConcurrent's transfers still running. */
+  async #drain(): Promise<void> {
+    while (this.#transfers.size) await Promise.all(this.#transfers.values());
+  }
+
+  /** Allocates the blocks of a write (logging their BAT entries), handing the data to `put`. */
+  async #place(
+    offset: number,
+    data: Uint8Array,
+    put: (index: number, host: number, bytes: Uint8Array) => Promise<void>,
+  ): Promise<void> {
+    if (this.#firstWrite) {
+      this.#firstWrite = false;
+      await updateHeaders(this.file, this.#l, { newDataGuid: true });
     }
+    const bs = this.#l.blockSize;
+    for (let done = 0; done < data.length;) {
+      const guest = offset + done;
+      const inBlock = guest % bs;
+      const n = Math.min(data.length - done, bs - inBlock);
+      const index = this.#batIndex(guest);
+      let { state, host } = this.#state(index);
+      if (ZERO_STATES.has(state)) {
+        // A new block at the 1 MiB-aligned end of the file; the grown file reads as zeroes.
+        host = Math.ceil((await this.#end()) / MiB) * MiB;
+        await this.file.truncate(host + bs);
+        this.#fileEnd = host + bs;
+        state = PAYLOAD_FULLY_PRESENT;
+        await put(index, host + inBlock, data.subarray(done, done + n));
+        await this.#writeEntry(index, host, state);
+      } else if (state === PAYLOAD_FULLY_PRESENT) {
+        if (host < MiB) throw new IoError("payload block in the header section");
+        await put(index, host + inBlock, data.subarray(done, done + n));
+      } else throw new IoError(`payload block state ${state}`);
+      done += n;
+    }
+  }
+
+  /** The host file's size: read once, then kept as this open's writes change it. */
+  async #end(): Promise<number> {
+    return this.#fileEnd ??= await this.file.size();
+  }
+
+  /** Writes metadata or data at `at` (the file's size kept). */
+  async #put(at: number, bytes: Uint8Array): Promise<void> {
+    const end = await this.#end();
+    await this.file.write(at, bytes);
+    this.#fileEnd = Math.max(end, at + bytes.length);
+  }
+
+  writeZeroes(offset: number, length: number): Promise<void> {
+    // qemu's vhdx cannot write zeroes: its block layer writes zeroed
+    // buffers, which allocates blocks that read as zeroes already. One
+    // section of the lock: blocks are allocated in call order among
+    // writeConcurrent's (convert calls them in guest order).
+    return this.#lock.run(async () => {
+      await this.#drain();
+      const chunk = new Uint8Array(Math.min(length, 1 << 20));
+      for (let done = 0; done < length; done += chunk.length) {
+        const n = Math.min(chunk.length, length - done);
+        await this.#place(offset + done, chunk.subarray(0, n), (_i, at, b) => this.#put(at, b));
+      }
+    });
   }
 
   /**
@@ -305,7 +371,7 @@ export class VhdxImage implements FormatImage {
     const at = this.#l.batOffset + index * 8;
     const sectorAt = at - at % 4096;
     const sector = new Uint8Array(4096);
-    await readAt(this.file, sectorAt, sector);
+    if (sectorAt < await this.#end()) await readAt(this.file, sectorAt, sector);
     putLe32(sector, at % 4096, lo);
     putLe32(sector, at % 4096 + 4, hi);
     const header = this.#l.headers[this.#l.current]!;
@@ -316,18 +382,59 @@ export class VhdxImage implements FormatImage {
       guid,
       sequence: this.#logSequence,
       tail: this.#logWrite,
-      fileSize: await this.file.size(),
+      fileSize: await this.#end(),
       offset: sectorAt,
       sector,
     });
-    await this.file.write(header.logOffset + this.#logWrite, entry);
+    await this.#put(header.logOffset + this.#logWrite, entry);
     await this.file.flush();
-    await this.file.write(sectorAt, sector);
+    await this.#put(sectorAt, sector);
+    // The header copies updateHeaders keeps are what the file holds unless this overwrote one.
+    if (sectorAt < HEADER2 + HEADER_SIZE) this.#l.known = false;
     await this.file.flush();
     await updateHeaders(this.file, this.#l, { logGuid: new Uint8Array(16) });
     this.#logSequence++;
     // Entries go round the log, each naming itself as the tail (the log is empty again).
     this.#logWrite = (this.#logWrite + entry.length) % header.logLength;
+  }
+
+  /**
+   * Convert's finer view (blockStatus must say "all data" as qemu's does):
+   * blocks in a zero state and holes of the host file read as zeroes;
+   * fully present blocks lie as they are at their host offset.
+   */
+  async copyMap(offset: number, length: number): Promise<CopyRun[]> {
+    const runs: CopyRun[] = [];
+    const add = (n: number, zero: boolean, hostOffset?: number) => {
+      const last = runs[runs.length - 1];
+      const follows = last && last.zero === zero && (
+        hostOffset === undefined
+          ? zero && last.hostOffset === undefined
+          : last.hostOffset !== undefined && last.hostOffset + last.length === hostOffset
+      );
+      if (follows) last.length += n;
+      else {runs.push(
+          hostOffset === undefined ? { length: n, zero } : { length: n, zero, hostOffset },
+        );}
+    };
+    const bs = this.#l.blockSize;
+    for (let done = 0; done < length;) {
+      const guest = offset + done;
+      const inBlock = guest % bs;
+      const n = Math.min(length - done, bs - inBlock);
+      const { state, host } = this.#state(this.#batIndex(guest));
+      if (ZERO_STATES.has(state)) add(n, true);
+      else if (state === PAYLOAD_FULLY_PRESENT && host >= MiB && host + bs <= MAX_OFFSET) {
+        for (let at = host + inBlock, end = at + n; at < end;) {
+          const e = await this.file.extent(at, end - at);
+          const len = Math.min(e.length, end - at);
+          add(len, !e.data, at);
+          at += len;
+        }
+      } else add(n, false); // read() decides: offset 0 reads the file's start, other states fail
+      done += n;
+    }
+    return runs;
   }
 
   blockStatus(_offset: number, length: number): Promise<BlockStatus> {
@@ -361,12 +468,14 @@ export class VhdxImage implements FormatImage {
     });
   }
 
-  flush(): Promise<void> {
-    return this.file.flush();
+  async flush(): Promise<void> {
+    await this.#drain();
+    await this.file.flush();
   }
 
-  close(): Promise<void> {
-    return this.file.close();
+  async close(): Promise<void> {
+    await this.#drain();
+    await this.file.close();
   }
 }
 
@@ -374,6 +483,8 @@ export class VhdxImage implements FormatImage {
 interface HeaderState {
   headers: [Header | undefined, Header | undefined];
   current: 0 | 1;
+  /** Both copies' `raw` are the file's 4 KiB as they stand (updateHeaders wrote them; nothing else since). */
+  known?: boolean;
 }
 
 /**
@@ -394,8 +505,9 @@ async function updateHeaders(
     const other = (1 - l.current) as 0 | 1;
     // The header's fields over the slot's own reserved bytes, which the checksum also covers.
     const at = other === 0 ? HEADER1 : HEADER2;
-    const raw = new Uint8Array(HEADER_SIZE);
-    await readAt(file, at, raw);
+    const kept = l.known ? l.headers[other]?.raw : undefined;
+    const raw = kept ? kept.slice() : new Uint8Array(HEADER_SIZE);
+    if (!kept) await readAt(file, at, raw);
     raw.set(active.raw.subarray(0, HEADER_STRUCT));
     new DataView(raw.buffer).setBigUint64(8, active.sequence + 1n, true);
     raw.set(session, 16);
@@ -406,6 +518,7 @@ async function updateHeaders(
     l.headers[other] = parseHeader(raw);
     l.current = other;
   }
+  l.known = true;
   await file.flush();
 }
 

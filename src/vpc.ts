@@ -84,6 +84,13 @@ function ascii(b: Uint8Array, off: number, n: number): string {
   return String.fromCharCode(...b.subarray(off, off + n));
 }
 
+/** A run of copyMap's answer: its bytes, whether they read as zeroes, where they lie in the file. */
+interface CopyRun {
+  length: number;
+  zero: boolean;
+  hostOffset?: number;
+}
+
 /** A CHS geometry. */
 export interface Geometry {
   cylinders: number;
@@ -364,6 +371,44 @@ export class VpcImage implements FormatImage {
       n += this.#inBlock(offset + n, length - n);
     }
     return { length: Math.min(n, length), data: false, zero: true };
+  }
+
+  /**
+   * Convert's finer view (blockStatus must call whole blocks data, as
+   * qemu's): holes of the host file inside a block read as zeroes, so they
+   * are neither read nor scanned (qemu-img's convert leaves a block's zero
+   * runs unwritten, as holes); the rest lies as it is at its host offset.
+   */
+  async copyMap(offset: number, length: number): Promise<CopyRun[]> {
+    if (this.#fixed) return [{ length, zero: false, hostOffset: offset }];
+    const runs: CopyRun[] = [];
+    const add = (n: number, zero: boolean, hostOffset?: number) => {
+      const last = runs[runs.length - 1];
+      const follows = last && last.zero === zero &&
+        (hostOffset === undefined
+          ? last.hostOffset === undefined
+          : last.hostOffset !== undefined && last.hostOffset + last.length === hostOffset);
+      if (follows) {
+        last.length += n;
+      } else {
+        runs.push(hostOffset === undefined ? { length: n, zero } : { length: n, zero, hostOffset });
+      }
+    };
+    for (let done = 0; done < length;) {
+      const n = this.#inBlock(offset + done, length - done);
+      const host = this.#hostOffset(offset + done);
+      if (host < 0) add(n, true);
+      else {
+        for (let at = host, end = host + n; at < end;) {
+          const e = await this.file.extent(at, end - at);
+          const len = Math.min(e.length, end - at);
+          add(len, !e.data, at);
+          at += len;
+        }
+      }
+      done += n;
+    }
+    return runs;
   }
 
   async #hostStatus(

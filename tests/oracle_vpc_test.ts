@@ -252,6 +252,45 @@ Deno.test("VpcImage.writeZeroes() writes zeroes as data in one section: allocati
   assertEquals(await hashFile(`${dir.path}/mine.vhd`), await hashFile(`${dir.path}/theirs.vhd`));
 });
 
+Deno.test("VpcImage.copyMap() calls holes in allocated blocks zero at their host offsets, unallocated blocks zero", async () => {
+  await using dir = await tempDir();
+  const M = 1 << 20;
+  const K = 1024;
+  // qemu-img convert leaves the zero run inside block 0 unwritten: a hole of the vpc file.
+  await sh(
+    `qemu-img create -q -f raw src.raw 6M
+     qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'write -P 0x22 1M 64k' -c 'write -P 0x33 5M 4k' src.raw >/dev/null
+     qemu-img convert -f raw -O vpc src.raw a.vhd`,
+    dir.path,
+  );
+  const image = await openVpc(await DenoFile.open(`${dir.path}/a.vhd`));
+  const map = JSON.parse(await sh("qemu-img map --output=json a.vhd", dir.path));
+  const runs = await image.copyMap(0, 4 * M);
+  // Block 0 lies in place, holes (file system blocks) included; block 1 is not allocated.
+  let pos = 0;
+  const zero = new Set<number>(); // guest 64 KiB units wholly zero
+  for (const r of runs) {
+    if (pos < 2 * M) assertEquals(r.hostOffset, map[0].offset + pos, `run at ${pos}`);
+    else assertEquals(r, { length: 2 * M, zero: true });
+    for (let u = Math.ceil(pos / (64 * K)); (u + 1) * 64 * K <= pos + r.length; u++) {
+      if (r.zero) zero.add(u);
+    }
+    pos += r.length;
+  }
+  assertEquals(pos, 4 * M);
+  // The data (0 and 1 MiB) is not zero; what qemu-img left unwritten between is.
+  assertEquals([zero.has(0), zero.has(2), zero.has(14), zero.has(16), zero.has(18)], [
+    false,
+    true,
+    true,
+    false,
+    true,
+  ]);
+  await image.close();
+  // convert reads it as qemu-img does.
+  await assertReadsLikeQemu(dir.path, "a.vhd");
+});
+
 Deno.test("openVpc() ends hostile footers and headers with qemu-img's message", async () => {
   await using dir = await tempDir();
   await sh("qemu-img create -q -f vpc base.vhd 10M", dir.path);
