@@ -221,7 +221,7 @@ export async function openForCommand(
       backing: options.backing,
       check: options.check,
       noIo: options.noIo,
-      warn: (message) => io.stderr(message + "\n"),
+      warn: (message, end = "\n") => io.stderr(message + end),
       openFile: (p, w) => io.openFile(p, { write: w }),
       nestBackingErrors: options.nestBackingErrors ?? true,
       forceShare: options.forceShare,

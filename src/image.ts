@@ -69,8 +69,8 @@ export interface OpenImageOptions {
   write?: boolean;
   /** Open the backing chain (default true). */
   backing?: boolean;
-  /** Called with qemu's warnings (e.g. raw probing on a writable open). */
-  warn?: (message: string) => void;
+  /** Called with qemu's warnings (e.g. raw probing on a writable open), as FormatOpenOptions.warn. */
+  warn?: (message: string, end?: string) => void;
   /** Opens a host file; defaults to the local file system. */
   openFile?: (path: string, write: boolean) => Promise<BlockFile>;
   /** Metadata only (qemu-img info's BDRV_O_NO_IO): no data files, no decryption. */

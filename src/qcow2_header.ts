@@ -120,8 +120,8 @@ export interface Qcow2Header {
 export interface ReadHeaderOptions {
   /** Opening read/write (corrupt images refuse that). */
   write?: boolean;
-  /** Prints qemu's warnings (stale bitmaps). */
-  warn?: (message: string) => void;
+  /** Prints qemu's warnings (stale bitmaps), as FormatOpenOptions.warn. */
+  warn?: (message: string, end?: string) => void;
   /** Opening for check (BDRV_O_CHECK): no reftable or snapshot table checks, check reports them. */
   check?: boolean;
 }
@@ -251,7 +251,7 @@ function readExtensions(
   end: number,
   h: { cryptMethod: number; clusterSize: number; autoclear: bigint; version: number },
   lenient: boolean,
-  warn?: (message: string) => void,
+  warn?: (message: string, end?: string) => void,
 ): ExtensionResult {
   const r: ExtensionResult = { featureTable: [], unknown: [], bitmapsInconsistent: false };
   const fail = (msg: string): ExtensionResult => {
@@ -310,6 +310,7 @@ function readExtensions(
                 ? "qimg: warning: This qcow2 v2 image contains bitmaps, but they may have been modified by a program without persistent bitmap support; so now they must all be considered inconsistent"
                 : "qimg: warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent") +
                 "\nSome clusters may be leaked, run 'qimg check -r' on the image file to fix.",
+              "", // qemu-img 7.2 ends this warning without a newline
             );
           }
           break;

@@ -157,3 +157,24 @@ Deno.test("bitmap changes to qcow2 write the image qemu-img 7.2 writes", async (
     );
   }
 });
+
+Deno.test("stale bitmaps warn as qemu-img 7.2, whose warning ends without a newline", async () => {
+  await using dir = await tempDir();
+  // A v3 image with a bitmap whose autoclear bit a program without bitmap support cleared.
+  await sh(
+    "qemu-img create -q -f qcow2 v3.qcow2 64M && qemu-img bitmap --add v3.qcow2 b0 && " +
+      "printf '\\000' | dd of=v3.qcow2 bs=1 seek=95 conv=notrunc status=none",
+    dir.path,
+  );
+  for (
+    const args of [
+      ["check", "v3.qcow2"],
+      ["info", "v3.qcow2"],
+      ["map", "--output=json", "v3.qcow2"],
+      ["compare", "v3.qcow2", "v3.qcow2"],
+    ]
+  ) {
+    const r = await assertSameAsQemu(args, dir.path);
+    assertEquals(r.stderr.includes("fix.\n"), false, "qemu-img prints no newline after it");
+  }
+});
