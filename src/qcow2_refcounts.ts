@@ -140,7 +140,20 @@ export class Qcow2Refcounts {
         continue;
       }
       const block = await this.cache.get(offset);
+      // 16-bit refcounts (the default): a native search skips to the next
+      // free entry (the first allocation starts at cluster 0).
+      const u16 = this.#order === 4 && (block.byteOffset & 1) === 0
+        ? new Uint16Array(block.buffer, block.byteOffset, this.#perBlock)
+        : undefined;
       for (; i < n && start + i < end;) {
+        if (i === 0 && u16) {
+          const k = u16.indexOf(0, start - (end - this.#perBlock));
+          if (k < 0) {
+            start = end;
+            break;
+          }
+          start = end - this.#perBlock + k;
+        }
         if (getRefcount(block, (start + i) % this.#perBlock, this.#order) !== 0) {
           start += i + 1;
           i = 0;
