@@ -19,6 +19,7 @@ import { QimgError, strerror } from "./errors.ts";
 import { isZero } from "./bytes.ts";
 import type { BlockFile, FileView } from "./file.ts";
 import type { Io } from "./command.ts";
+import { WriteQueue } from "./write_queue.ts";
 
 const SECTOR = 512;
 /** qemu-img's IO_BUF_SIZE: 2 MiB per request. */
@@ -423,10 +424,10 @@ function concurrentWriter(
   if (top.writeConcurrent) return (offset, data) => top.writeConcurrent!(offset, data, backingRead);
   const file = top.file;
   if (image.chain[0].driver.name !== "raw" || !file.writeConcurrent) return;
+  // Two transfers at most, neighbours merged: more only spin on the file's lock.
+  const queue = new WriteQueue(file);
   return (offset, data) =>
-    offset + data.length <= top.size
-      ? file.writeConcurrent!(offset, data)
-      : top.write!(offset, data);
+    offset + data.length <= top.size ? queue.write(offset, data) : top.write!(offset, data);
 }
 
 /**

@@ -34,6 +34,12 @@ export interface BlockFile {
    * stay unchanged until the promise settles. May be absent.
    */
   writeConcurrent?(offset: number, data: Uint8Array): Promise<void>;
+  /**
+   * Writes `parts` one after the other from `offset` in one transfer on
+   * another thread (pwritev); resolves to the bytes written, short (maybe
+   * 0) on an error or where the host cannot. May be absent.
+   */
+  writevConcurrent?(offset: number, parts: Uint8Array[]): Promise<number>;
   /** Sets the file length. */
   truncate(size: number): Promise<void>;
   /** Makes written data durable. */
@@ -222,6 +228,12 @@ export class DenoFile implements BlockFile {
     this.#writeRest(offset, data, done);
   }
 
+  async writevConcurrent(offset: number, parts: Uint8Array[]): Promise<number> {
+    beforeChange();
+    if (this.#holes === undefined) this.#holes = this.#native();
+    return this.#holes ? await this.#holes.pwritevAsync(offset, parts) : 0;
+  }
+
   /** Writes what pwrite left (after an error: Deno's call throws it with its text). */
   #writeRest(offset: number, data: Uint8Array, done: number): void {
     if (done === data.length) return;
@@ -344,7 +356,16 @@ function closeLibc(): void {
 
 /** Views map whole windows of this size (see HoleFinder.map), into one of SLOTS slots. */
 const WINDOW = 8 << 20;
-// 48 MiB: V8 counts the arena's ArrayBuffer as external memory, and 64 MiB
+/**
+ * Each slot maps its window and this much of the file after it, so that a
+ * view starting in a window never needs a mapping of its own (convert's
+ * requests of up to 2 MiB): those, an ArrayBuffer each, made every fourth
+ * request count as external memory and set off collections (4 GiB qcow2
+ * to raw: 9 full collections, now 1).
+ */
+const REACH = 2 << 20;
+const SLOT = WINDOW + REACH;
+// 60 MiB: V8 counts the arena's ArrayBuffer as external memory, and 64 MiB
 // of it set off a collection at once (~5 ms); eight workers' views fit in fewer.
 const SLOTS = 6;
 const PROT_NONE = 0;
@@ -426,6 +447,19 @@ class HoleFinder {
    * what the caller does next (convert maps and scans the next chunk).
    * `data` must stay unchanged until the promise settles.
    */
+  /** pwritev on another thread: one call for several buffers; the bytes written (0 on an error). */
+  async pwritevAsync(offset: number, parts: Uint8Array[]): Promise<number> {
+    const iov = new BigUint64Array(parts.length * 2);
+    for (let i = 0; i < parts.length; i++) {
+      iov[2 * i] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(parts[i])));
+      iov[2 * i + 1] = BigInt(parts[i].length);
+    }
+    const n = Number(
+      await this.#lib.symbols.pwritevAsync(this.#fd, iov, parts.length, BigInt(offset)),
+    );
+    return Math.max(n, 0);
+  }
+
   async pwriteAsync(offset: number, data: Uint8Array): Promise<number> {
     let done = 0;
     while (done < data.length) {
@@ -453,17 +487,17 @@ class HoleFinder {
    */
   map(offset: number, length: number): FileView | undefined {
     const w = Math.floor(offset / WINDOW);
-    if (Math.floor((offset + length - 1) / WINDOW) !== w) return this.#mapOnce(offset, length);
+    if (offset + length > w * WINDOW + SLOT) return this.#mapOnce(offset, length);
     let win = this.#windows.get(w);
     if (!win) {
       const slot = this.#freeSlot();
       if (slot === undefined) return this.#mapOnce(offset, length);
-      const at = Deno.UnsafePointer.offset(this.#arena!.ptr, slot * WINDOW);
+      const at = Deno.UnsafePointer.offset(this.#arena!.ptr, slot * SLOT);
       // MAP_FIXED replaces the slot's pages in place; the range stays ours throughout.
       // A window may reach past the end of the file: only bytes inside it are viewed.
       const ptr = this.#lib.symbols.mmap(
         at,
-        BigInt(WINDOW),
+        BigInt(SLOT),
         PROT_READ,
         MAP_SHARED | MAP_FIXED,
         this.#fd,
@@ -477,7 +511,7 @@ class HoleFinder {
     if (this.#idle === w) this.#idle = undefined;
     // Page tables for the view in one call, cheaper than a fault every 16 pages
     // (MADV_POPULATE_READ; older kernels refuse it, and faults do the work).
-    const at = win.slot * WINDOW + offset - w * WINDOW;
+    const at = win.slot * SLOT + offset - w * WINDOW;
     const page = at - (at % PAGE);
     this.#lib.symbols.madvise(
       Deno.UnsafePointer.offset(this.#arena!.ptr, page),
@@ -508,7 +542,7 @@ class HoleFinder {
     if (this.#arena === undefined) {
       const ptr = this.#lib.symbols.mmap(
         null,
-        BigInt(SLOTS * WINDOW),
+        BigInt(SLOTS * SLOT),
         PROT_NONE,
         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
         -1,
@@ -516,7 +550,7 @@ class HoleFinder {
       );
       this.#arena = !ptr || Deno.UnsafePointer.value(ptr) === 0xffffffffffffffffn ? null : {
         ptr,
-        buffer: Deno.UnsafePointerView.getArrayBuffer(ptr, SLOTS * WINDOW),
+        buffer: Deno.UnsafePointerView.getArrayBuffer(ptr, SLOTS * SLOT),
         used: new Array(SLOTS).fill(false),
       };
     }
@@ -531,10 +565,10 @@ class HoleFinder {
     const win = this.#windows.get(w);
     if (!win || win.views > 0) return;
     // Back to reserved, inaccessible pages (never munmap: the range must stay ours).
-    const at = Deno.UnsafePointer.offset(this.#arena!.ptr, win.slot * WINDOW);
+    const at = Deno.UnsafePointer.offset(this.#arena!.ptr, win.slot * SLOT);
     this.#lib.symbols.mmap(
       at,
-      BigInt(WINDOW),
+      BigInt(SLOT),
       PROT_NONE,
       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
       -1,
@@ -544,7 +578,7 @@ class HoleFinder {
     this.#windows.delete(w);
   }
 
-  /** A mapping of its own for a view that crosses windows. */
+  /** A mapping of its own for a view that reaches past its window's slot. */
   #mapOnce(offset: number, length: number): FileView | undefined {
     const s = this.#lib.symbols;
     const lead = offset % PAGE;
@@ -601,7 +635,7 @@ class HoleFinder {
 
   close(): void {
     // Views must not outlive their file: every window goes.
-    if (this.#arena) this.#lib.symbols.munmap(this.#arena.ptr, BigInt(SLOTS * WINDOW));
+    if (this.#arena) this.#lib.symbols.munmap(this.#arena.ptr, BigInt(SLOTS * SLOT));
     this.#arena = null;
     this.#windows.clear();
     this.#lib.symbols.close(this.#fd);
@@ -742,6 +776,12 @@ const LIBC = {
   fstat: { parameters: ["i32", "buffer"], result: "i32" },
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pwritevAsync: {
+    name: "pwritev",
+    parameters: ["i32", "buffer", "i32", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
   pwriteAsync: {
     name: "pwrite",
     parameters: ["i32", "buffer", "usize", "i64"],
