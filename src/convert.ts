@@ -160,8 +160,11 @@ export interface SourceStatus {
   compressed?: boolean;
 }
 
-/** Formats whose host offsets (block status) point at the guest bytes as they are. */
-const PLAIN_FORMATS = new Set(["raw", "qcow2", "vdi", "vpc"]);
+/**
+ * Formats whose host offsets (block status) point at the guest bytes as
+ * they are. Not vpc: its copyMap says more (holes inside its blocks).
+ */
+const PLAIN_FORMATS = new Set(["raw", "qcow2", "vdi"]);
 
 /**
  * The host file whose bytes at a status run's host offset are the guest's

@@ -11,6 +11,7 @@
 import { Lock } from "./lock.ts";
 import type {
   BlockStatus,
+  CopyRun,
   CreateOptions,
   FormatDriver,
   FormatImage,
@@ -82,13 +83,6 @@ function checksum(b: Uint8Array): number {
 
 function ascii(b: Uint8Array, off: number, n: number): string {
   return String.fromCharCode(...b.subarray(off, off + n));
-}
-
-/** A run of copyMap's answer: its bytes, whether they read as zeroes, where they lie in the file. */
-interface CopyRun {
-  length: number;
-  zero: boolean;
-  hostOffset?: number;
 }
 
 /** A CHS geometry. */

@@ -2,6 +2,7 @@ import pako from "pako";
 import { assert, assertEquals } from "./_assert.ts";
 import { compressBatchInThread, compressClusterFast, CompressPool } from "../src/compress_pool.ts";
 import { zstdDecompressCluster } from "../src/codec.ts";
+import { WORKER_SOURCE } from "../src/compress_worker.ts";
 import { qimg, runProgram, sh, tempDir } from "./_util.ts";
 import { loadPako, loadZlib } from "../src/zlib_loader.ts";
 
@@ -63,7 +64,7 @@ Deno.test("compressBatchInThread marks random clusters uncompressed and compress
 });
 
 Deno.test("CompressPool with Workers answers each batch with its own clusters' bytes, then closes", async () => {
-  for (const codec of ["zlib", "zstd"] as const) {
+  for (const codec of ["zlib", "zstd", "zlib-stream"] as const) {
     const pool = new CompressPool(codec, 2);
     const inputs = Array.from({ length: 10 }, (_, i) => batch(5 + (i % 3), i));
     const outs = await Promise.all(inputs.map((d) => pool.compressBatch(d, 65536)));
@@ -76,7 +77,7 @@ Deno.test("CompressPool with Workers answers each batch with its own clusters' b
 });
 
 Deno.test("CompressPool reuses a batch's buffer for a shorter batch and compresses only its clusters", async () => {
-  for (const codec of ["zlib", "zstd"] as const) {
+  for (const codec of ["zlib", "zstd", "zlib-stream"] as const) {
     const pool = new CompressPool(codec, 1);
     const long = batch(7, 11);
     const first = await pool.compressBatch(long, 65536);
@@ -90,6 +91,34 @@ Deno.test("CompressPool reuses a batch's buffer for a shorter batch and compress
     );
     pool.close();
   }
+});
+
+Deno.test("WORKER_SOURCE keeps one reset codec context per codec and cluster size on this Deno", async () => {
+  // The one-shot node:zlib calls are the fallback: they cost 4x on random clusters.
+  const src = WORKER_SOURCE + `
+self.onmessage = () => {
+  const fast = [];
+  for (const codec of ["zstd", "zlib", "zlib-stream", "probe"]) {
+    for (const cs of [512, 65536, 2097152]) {
+      if (codecFor(codec, cs).toString().includes("writeSync")) fast.push(codec + "/" + cs);
+    }
+  }
+  self.postMessage(fast);
+};`;
+  const url = URL.createObjectURL(new Blob([src], { type: "text/javascript" }));
+  const worker = new Worker(url, { type: "module" });
+  const fast = await new Promise((resolve) => {
+    worker.onmessage = (e) => resolve(e.data);
+    worker.postMessage(0);
+  });
+  worker.terminate();
+  URL.revokeObjectURL(url);
+  assertEquals(
+    fast,
+    ["zstd", "zlib", "zlib-stream", "probe"].flatMap((c) =>
+      [512, 65536, 2097152].map((cs) => `${c}/${cs}`)
+    ),
+  );
 });
 
 Deno.test("CompressPool with no Workers compresses in-thread", async () => {

@@ -18,8 +18,10 @@ import {
   sh,
   tempDir,
 } from "./_util.ts";
-import { chsGeometry, openVpc, roundedImageSize } from "../src/vpc.ts";
-import { DenoFile } from "../src/file.ts";
+import { chsGeometry, openVpc, roundedImageSize, vpcDriver } from "../src/vpc.ts";
+import { type BlockFile, DenoFile } from "../src/file.ts";
+import { convert } from "../src/convert.ts";
+import { Image } from "../src/image.ts";
 import { lastFirst } from "./_write_order.ts";
 
 /** Footer bytes that hold the time, the random UUID and the checksum over both. */
@@ -289,6 +291,47 @@ Deno.test("VpcImage.copyMap() calls holes in allocated blocks zero at their host
   await image.close();
   // convert reads it as qemu-img does.
   await assertReadsLikeQemu(dir.path, "a.vhd");
+});
+
+Deno.test("convert takes the holes inside vpc blocks from copyMap: what the host calls a hole is not read or scanned", async () => {
+  await using dir = await tempDir();
+  const M = 1 << 20;
+  await sh(
+    `qemu-img create -q -f raw src.raw 4M
+     qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'write -P 0x22 1M 64k' src.raw >/dev/null
+     qemu-img convert -f raw -O vpc src.raw a.vhd`,
+    dir.path,
+  );
+  const host = await DenoFile.open(`${dir.path}/a.vhd`);
+  // The host says block 0 is a hole from 512 KiB on (its data at 1 MiB included): convert
+  // must believe it (zeroes there) rather than look at the mapped bytes.
+  const cut = 2560 + M / 2;
+  const lying: BlockFile = new Proxy(host, {
+    get(target, key) {
+      if (key === "extent") {
+        return async (offset: number, length: number) =>
+          offset >= cut
+            ? { length, data: false }
+            : await host.extent(offset, Math.min(length, cut - offset));
+      }
+      const value = Reflect.get(target, key);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  const image = await openVpc(lying);
+  const source = new Image([{ image, driver: vpcDriver, filename: "a.vhd" }]);
+  const out = new Uint8Array(image.size);
+  try {
+    await convert([source], {
+      size: out.length,
+      write: (offset, data) => Promise.resolve(void out.set(data, offset)),
+    }, { targetIsZero: true });
+  } finally {
+    await source.close();
+  }
+  const want = new Uint8Array(image.size);
+  want.fill(0x11, 0, 64 * 1024);
+  assertEquals(out.findIndex((b, i) => b !== want[i]), -1);
 });
 
 Deno.test("openVpc() ends hostile footers and headers with qemu-img's message", async () => {
