@@ -8,6 +8,10 @@
  * Checks, messages and choices as qemu-img 7.2: differencing images do not
  * open (ENOTSUP), a pending log is replayed only by a writable open,
  * block status has no host offsets (qemu's vhdx reports all data).
+ * Convert alone sees more (copyMap): zero-state blocks and holes of the
+ * host file are neither read nor scanned, payload is mapped in place; as
+ * a target, blocks are allocated in call order under a lock while data
+ * transfers run on other threads (writeConcurrent).
  */
 
 import { Lock } from "./lock.ts";
