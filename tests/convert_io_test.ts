@@ -7,6 +7,7 @@
 import { DenoFile } from "../src/file.ts";
 import type { BlockFile } from "../src/file.ts";
 import { WriteQueue } from "../src/write_queue.ts";
+import { dataRuns } from "../src/convert.ts";
 import { assertEquals, assertRejects, assertTrue } from "./_assert.ts";
 import { tempDir } from "./_util.ts";
 
@@ -187,4 +188,38 @@ Deno.test({
       await f.close();
     }
   },
+});
+
+Deno.test("dataRuns() gives the same writes with its one-in-min shortcut as scanning every sector", () => {
+  // xorshift: the same cases every run.
+  let x = 2463534242;
+  const rand = (n: number) => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % n;
+  };
+  let shortcuts = 0;
+  for (let c = 0; c < 3000; c++) {
+    const count = 1 + rand(300);
+    const buf = new Uint8Array(count * 512);
+    // Data sectors (a non-zero byte anywhere in them) with sparse zero runs of any length.
+    for (let s = 0; s < count; s++) buf[s * 512 + rand(512)] = 1 + rand(255);
+    const gaps = rand(4);
+    for (let g = 0; g < gaps; g++) {
+      const at = rand(count);
+      buf.fill(0, at * 512, Math.min(count, at + 1 + rand(rand(2) ? 4 : 40)) * 512);
+    }
+    const min = [1, 2, 7, 8, 16, 64][rand(6)];
+    // Zero heads and tails shorter than `min` too.
+    if (rand(4) === 0) buf.fill(0, (count - 1 - rand(min)) * 512);
+    if (rand(4) === 0) buf.fill(0, 0, (1 + rand(min)) * 512);
+    const alignment = Math.max(2 ** Math.floor(Math.log2(min)), [1, 8][rand(2)]);
+    const sector = rand(5000);
+    const fast = dataRuns(buf, sector, count, min, alignment);
+    const exact = dataRuns(buf, sector, count, min, alignment, undefined, true);
+    assertEquals(fast, exact, `case ${c}: count ${count} min ${min} sector ${sector}`);
+    if (exact.length === 1 && exact[0].data) shortcuts++;
+  }
+  assertTrue(shortcuts > 500, `the shortcut's case came up (${shortcuts} times)`);
 });
