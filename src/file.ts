@@ -308,7 +308,9 @@ export class DenoFile implements BlockFile {
   async extent(offset: number, length: number): Promise<HostExtent> {
     if (this.#holes === undefined) this.#holes = this.#native();
     if (this.#holes === null) return { length, data: true };
-    return this.#holes.extent(offset, length, await this.size());
+    // Read-only handles skip the size (an fstat per call, and convert asks
+    // per run): past the end SEEK_DATA fails (ENXIO), the same "hole".
+    return this.#holes.extent(offset, length, this.writable ? await this.size() : Infinity);
   }
 
   async allocate(offset: number, length: number): Promise<void> {

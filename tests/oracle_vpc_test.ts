@@ -334,6 +334,32 @@ Deno.test("convert takes the holes inside vpc blocks from copyMap: what the host
   assertEquals(out.findIndex((b, i) => b !== want[i]), -1);
 });
 
+Deno.test("DenoFile.extent() answers read-only as writable: data, holes, past the end (copyMap's queries)", async () => {
+  await using dir = await tempDir();
+  await sh(
+    "truncate -s 1M f && qemu-io -f raw -c 'write -P 1 64k 4k' f >/dev/null",
+    dir.path,
+  );
+  const ro = await DenoFile.open(`${dir.path}/f`);
+  const rw = await DenoFile.open(`${dir.path}/f`, { write: true });
+  try {
+    for (
+      const [at, n] of [[0, 1 << 20], [64 << 10, 8192], [68 << 10, 4096], [1 << 20, 512], [
+        5 << 20,
+        512,
+      ]]
+    ) {
+      assertEquals(await ro.extent(at, n), await rw.extent(at, n), `${at} ${n}`);
+    }
+    // The read-only handle sees the file grow (no size kept).
+    await rw.write(2 << 20, new Uint8Array(4096).fill(2));
+    assertEquals(await ro.extent(2 << 20, 4096), { length: 4096, data: true });
+  } finally {
+    await ro.close();
+    await rw.close();
+  }
+});
+
 Deno.test("openVpc() ends hostile footers and headers with qemu-img's message", async () => {
   await using dir = await tempDir();
   await sh("qemu-img create -q -f vpc base.vhd 10M", dir.path);
