@@ -119,14 +119,6 @@ function hex(n: number): string {
 
 /** Zeroes padding new blocks (never written to). */
 let zeroBlock: Uint8Array | undefined;
-/** The most writeZeroes writes at once. */
-const ZERO_CHUNK = BLOCK_SIZE;
-
-/** `n` (at most ZERO_CHUNK) bytes of the shared zeroes. */
-function zeroChunk(n: number): Uint8Array {
-  zeroBlock ??= new Uint8Array(BLOCK_SIZE);
-  return zeroBlock.subarray(0, n);
-}
 
 /** An open vdi image. */
 export class VdiImage implements FormatImage {
@@ -140,8 +132,6 @@ export class VdiImage implements FormatImage {
   /** Entries set past the stored part of the map (hostile or truncated images). */
   readonly #beyond = new Map<number, number>();
   #lock = new Lock();
-  /** writeConcurrent's transfers still running: the latest (settled, never failing) per data block. */
-  #transfers = new Map<number, Promise<void>>();
 
   constructor(file: BlockFile, raw: Uint8Array, header: VdiHeader, bmap: Uint32Array) {
     this.file = file;
@@ -164,7 +154,6 @@ export class VdiImage implements FormatImage {
   async read(offset: number, buf: Uint8Array): Promise<void> {
     // Blocks past the end of the file read as zeroes without a read: a hostile
     // map's offsets reach beyond what the host may even seek to (EINVAL).
-    if (this.#transfers.size) await this.#drain();
     const end = await this.file.size();
     for (let done = 0; done < buf.length;) {
       const guest = offset + done;
@@ -181,114 +170,47 @@ export class VdiImage implements FormatImage {
     }
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    await this.#lock.run(async () => {
-      await this.#drain();
-      await this.#place(offset, data, (host, bytes) => this.file.write(host, bytes));
-    });
-  }
-
-  /**
-   * As write, with the data transfers on other threads (convert's bulk
-   * copy): blocks are allocated and the map written under the lock in call
-   * order; transfers into a block go after the earlier ones into it (a new
-   * block's zero padding before later data).
-   */
-  async writeConcurrent(offset: number, data: Uint8Array): Promise<void> {
-    const file = this.file;
-    if (!file.writeConcurrent) return await this.write(offset, data);
-    const transfers: Promise<void>[] = [];
-    await this.#lock.run(() =>
-      this.#place(offset, data, (host, bytes) => {
-        const first = Math.floor((host - this.header.offsetData) / BLOCK_SIZE);
-        const last = Math.floor((host + bytes.length - 1 - this.header.offsetData) / BLOCK_SIZE);
-        const before: Promise<void>[] = [];
-        for (let b = first; b <= last; b++) {
-          const t = this.#transfers.get(b);
-          if (t) before.push(t);
-        }
-        const t = before.length
-          ? Promise.all(before).then(() => file.writeConcurrent!(host, bytes))
-          : file.writeConcurrent!(host, bytes);
-        const settled = t.catch(() => {});
-        for (let b = first; b <= last; b++) this.#transfers.set(b, settled);
-        settled.then(() => {
-          for (let b = first; b <= last; b++) {
-            if (this.#transfers.get(b) === settled) this.#transfers.delete(b);
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.#lock.run(async () => {
+      let first = -1;
+      let last = -1;
+      for (let done = 0; done < data.length;) {
+        const guest = offset + done;
+        const inBlock = guest % BLOCK_SIZE;
+        let n = Math.min(data.length - done, BLOCK_SIZE - inBlock);
+        const block = Math.floor(guest / BLOCK_SIZE);
+        const host = this.#host(guest);
+        if (host >= 0) {
+          // Blocks that follow each other in the file take the data in one write.
+          while (done + n < data.length && this.#host(guest + n) === host + n) {
+            n = Math.min(data.length - done, n + BLOCK_SIZE);
           }
-        });
-        transfers.push(t);
-        return Promise.resolve();
-      })
-    );
-    await Promise.all(transfers);
-  }
-
-  /**
-   * Zeroes written as data, in one section under the lock: qemu's vpc and
-   * vdi have no zero write, so its block layer writes zeroed buffers (and
-   * blocks get allocated). One call keeps the order of allocations when
-   * convert's concurrent writes come around it.
-   */
-  async writeZeroes(offset: number, length: number): Promise<void> {
-    await this.#lock.run(async () => {
-      await this.#drain();
-      for (let done = 0; done < length; done += ZERO_CHUNK) {
-        const zeroes = zeroChunk(Math.min(ZERO_CHUNK, length - done));
-        await this.#place(offset + done, zeroes, (host, bytes) => this.file.write(host, bytes));
+          await this.file.write(host, data.subarray(done, done + n));
+        } else {
+          // New blocks go after the allocated ones, in order, written whole
+          // (zero-padded) in one write; the map and header once per request.
+          let count = 1;
+          while (done + n < data.length && this.#host(guest + n) < 0) {
+            n = Math.min(data.length - done, n + BLOCK_SIZE);
+            count++;
+          }
+          const entry = this.header.blocksAllocated;
+          for (let i = 0; i < count; i++) this.#setEntry(block + i, entry + i);
+          this.header.blocksAllocated = (entry + count) >>> 0;
+          // The zeroes around the data come from one shared buffer (no copy of the data).
+          const at = this.header.offsetData + entry * BLOCK_SIZE;
+          const tail = count * BLOCK_SIZE - inBlock - n;
+          zeroBlock ??= new Uint8Array(BLOCK_SIZE);
+          if (inBlock) await this.file.write(at, zeroBlock.subarray(0, inBlock));
+          await this.file.write(at + inBlock, data.subarray(done, done + n));
+          if (tail) await this.file.write(at + inBlock + n, zeroBlock.subarray(0, tail));
+          if (first < 0) first = block;
+          last = block + count - 1;
+        }
+        done += n;
       }
+      if (first >= 0) await this.#writeMetadata(first, last);
     });
-  }
-
-  /** Waits for writeConcurrent's transfers still running. */
-  async #drain(): Promise<void> {
-    while (this.#transfers.size) await Promise.all(this.#transfers.values());
-  }
-
-  /** Allocates the blocks of a write and writes the map, handing the data (and padding) to `put`. */
-  async #place(
-    offset: number,
-    data: Uint8Array,
-    put: (host: number, bytes: Uint8Array) => Promise<void>,
-  ): Promise<void> {
-    let first = -1;
-    let last = -1;
-    for (let done = 0; done < data.length;) {
-      const guest = offset + done;
-      const inBlock = guest % BLOCK_SIZE;
-      let n = Math.min(data.length - done, BLOCK_SIZE - inBlock);
-      const block = Math.floor(guest / BLOCK_SIZE);
-      const host = this.#host(guest);
-      if (host >= 0) {
-        // Blocks that follow each other in the file take the data in one write.
-        while (done + n < data.length && this.#host(guest + n) === host + n) {
-          n = Math.min(data.length - done, n + BLOCK_SIZE);
-        }
-        await put(host, data.subarray(done, done + n));
-      } else {
-        // New blocks go after the allocated ones, in order, written whole
-        // (zero-padded) in one write; the map and header once per request.
-        let count = 1;
-        while (done + n < data.length && this.#host(guest + n) < 0) {
-          n = Math.min(data.length - done, n + BLOCK_SIZE);
-          count++;
-        }
-        const entry = this.header.blocksAllocated;
-        for (let i = 0; i < count; i++) this.#setEntry(block + i, entry + i);
-        this.header.blocksAllocated = (entry + count) >>> 0;
-        // The zeroes around the data come from one shared buffer (no copy of the data).
-        const at = this.header.offsetData + entry * BLOCK_SIZE;
-        const tail = count * BLOCK_SIZE - inBlock - n;
-        zeroBlock ??= new Uint8Array(BLOCK_SIZE);
-        if (inBlock) await put(at, zeroBlock.subarray(0, inBlock));
-        await put(at + inBlock, data.subarray(done, done + n));
-        if (tail) await put(at + inBlock + n, zeroBlock.subarray(0, tail));
-        if (first < 0) first = block;
-        last = block + count - 1;
-      }
-      done += n;
-    }
-    if (first >= 0) await this.#writeMetadata(first, last);
   }
 
   #setEntry(block: number, entry: number): void {
@@ -372,14 +294,12 @@ export class VdiImage implements FormatImage {
     });
   }
 
-  async flush(): Promise<void> {
-    await this.#drain();
-    await this.file.flush();
+  flush(): Promise<void> {
+    return this.file.flush();
   }
 
-  async close(): Promise<void> {
-    await this.#drain();
-    await this.file.close();
+  close(): Promise<void> {
+    return this.file.close();
   }
 }
 

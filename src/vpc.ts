@@ -44,17 +44,6 @@ const CREATE_BLOCK_SIZE = 0x200000;
 /** Reads at or past this offset fail in qemu's block layer (beyond BDRV_MAX_LENGTH). */
 const MAX_READ_BIG = (1n << 63n) - (1n << 30n);
 
-/** The most writeZeroes writes at once. */
-const ZERO_CHUNK = 1 << 20;
-/** Zeroes for writeZeroes (never written to). */
-let zeroes: Uint8Array | undefined;
-
-/** `n` (at most ZERO_CHUNK) bytes of the shared zeroes. */
-function zeroChunk(n: number): Uint8Array {
-  zeroes ??= new Uint8Array(ZERO_CHUNK);
-  return zeroes.subarray(0, n);
-}
-
 /** Creator applications whose images are sized by the footer's current_size, not CHS. */
 const CURRENT_SIZE_CREATORS = ["win ", "qem2", "d2v ", "CTXS", "tap\0"];
 
@@ -184,8 +173,6 @@ export class VpcImage implements FormatImage {
   #freeOffset: number;
   #lastBitmap = -1;
   #lock = new Lock();
-  /** writeConcurrent's transfers still running: the latest (settled, never failing) per block. */
-  #transfers = new Map<number, Promise<void>>();
 
   constructor(
     file: BlockFile,
@@ -230,7 +217,6 @@ export class VpcImage implements FormatImage {
 
   async read(offset: number, buf: Uint8Array): Promise<void> {
     if (this.#fixed) return await readZeroFilled(this.file, offset, buf);
-    if (this.#transfers.size) await this.#drain();
     for (let done = 0; done < buf.length;) {
       const n = this.#inBlock(offset + done, buf.length - done);
       const host = this.#hostOffset(offset + done);
@@ -241,91 +227,27 @@ export class VpcImage implements FormatImage {
     }
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    if (this.#fixed) return await this.file.write(offset, data);
-    await this.#lock.run(async () => {
-      await this.#drain();
-      await this.#place(offset, data, (host, bytes) => this.file.write(host, bytes));
-    });
-  }
-
-  /**
-   * As write, with the data transfers on other threads (convert's bulk
-   * copy): blocks are allocated and the metadata written under the lock in
-   * call order; transfers into one block go in call order too.
-   */
-  async writeConcurrent(offset: number, data: Uint8Array): Promise<void> {
-    const file = this.file;
-    if (this.#fixed || !file.writeConcurrent) return await this.write(offset, data);
-    const transfers: Promise<void>[] = [];
-    await this.#lock.run(() =>
-      this.#place(offset, data, (host, bytes, block) => {
-        const before = this.#transfers.get(block);
-        const t = before
-          ? before.then(() => file.writeConcurrent!(host, bytes))
-          : file.writeConcurrent!(host, bytes);
-        const settled = t.catch(() => {});
-        this.#transfers.set(block, settled);
-        settled.then(() => {
-          if (this.#transfers.get(block) === settled) this.#transfers.delete(block);
-        });
-        transfers.push(t);
-        return Promise.resolve();
-      })
-    );
-    await Promise.all(transfers);
-  }
-
-  /**
-   * Zeroes written as data, in one section under the lock: qemu's vpc and
-   * vdi have no zero write, so its block layer writes zeroed buffers (and
-   * blocks get allocated). One call keeps the order of allocations when
-   * convert's concurrent writes come around it.
-   */
-  async writeZeroes(offset: number, length: number): Promise<void> {
-    if (this.#fixed) {
-      for (let done = 0; done < length; done += ZERO_CHUNK) {
-        await this.file.write(offset + done, zeroChunk(Math.min(ZERO_CHUNK, length - done)));
-      }
-      return;
-    }
-    await this.#lock.run(async () => {
-      await this.#drain();
-      for (let done = 0; done < length; done += ZERO_CHUNK) {
-        const zeroes = zeroChunk(Math.min(ZERO_CHUNK, length - done));
-        await this.#place(offset + done, zeroes, (host, bytes) => this.file.write(host, bytes));
-      }
-    });
-  }
-
-  /** Waits for writeConcurrent's transfers still running. */
-  async #drain(): Promise<void> {
-    while (this.#transfers.size) await Promise.all(this.#transfers.values());
-  }
-
-  /** Allocates and marks the blocks of a write (metadata), handing each block's data to `put`. */
-  async #place(
-    offset: number,
-    data: Uint8Array,
-    put: (host: number, bytes: Uint8Array, block: number) => Promise<void>,
-  ): Promise<void> {
-    for (let done = 0; done < data.length;) {
-      const guest = offset + done;
-      const n = this.#inBlock(guest, data.length - done);
-      let host = this.#hostOffset(guest);
-      if (host < 0) {
-        host = await this.#allocate(guest);
-      } else {
-        // qemu marks every sector of a block used, once per block it writes to.
-        const bitmap = host - this.#bitmapSize - guest % this.#blockSize;
-        if (bitmap !== this.#lastBitmap) {
-          this.#lastBitmap = bitmap;
-          await this.file.write(bitmap, new Uint8Array(this.#bitmapSize).fill(0xff));
+  write(offset: number, data: Uint8Array): Promise<void> {
+    if (this.#fixed) return this.file.write(offset, data);
+    return this.#lock.run(async () => {
+      for (let done = 0; done < data.length;) {
+        const guest = offset + done;
+        const n = this.#inBlock(guest, data.length - done);
+        let host = this.#hostOffset(guest);
+        if (host < 0) {
+          host = await this.#allocate(guest);
+        } else {
+          // qemu marks every sector of a block used, once per block it writes to.
+          const bitmap = host - this.#bitmapSize - guest % this.#blockSize;
+          if (bitmap !== this.#lastBitmap) {
+            this.#lastBitmap = bitmap;
+            await this.file.write(bitmap, new Uint8Array(this.#bitmapSize).fill(0xff));
+          }
         }
+        await this.file.write(host, data.subarray(done, done + n));
+        done += n;
       }
-      await put(host, data.subarray(done, done + n), Math.floor(guest / this.#blockSize));
-      done += n;
-    }
+    });
   }
 
   /** Appends a block for guest `offset` where the footer was, moves the footer, updates the BAT. */
@@ -428,14 +350,12 @@ export class VpcImage implements FormatImage {
     );
   }
 
-  async flush(): Promise<void> {
-    await this.#drain();
-    await this.file.flush();
+  flush(): Promise<void> {
+    return this.file.flush();
   }
 
-  async close(): Promise<void> {
-    await this.#drain();
-    await this.file.close();
+  close(): Promise<void> {
+    return this.file.close();
   }
 }
 

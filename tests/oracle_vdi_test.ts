@@ -11,7 +11,6 @@ import {
   assertReadsLikeQemu,
   assertSameAsQemu,
   GUEST_WRITES,
-  hashFile,
   le32,
   le64,
   qimg,
@@ -20,7 +19,6 @@ import {
 } from "./_util.ts";
 import { openVdi, parseVdiHeader } from "../src/vdi.ts";
 import { DenoFile } from "../src/file.ts";
-import { lastFirst } from "./_write_order.ts";
 
 /** Header bytes of the image and last-snapshot UUIDs (random at creation). */
 const UUIDS: [number, number] = [392, 424];
@@ -155,57 +153,6 @@ Deno.test("VdiImage.write() allocates blocks as qemu: convert -O vdi output qemu
   const r = await qimg(["convert", "-W", "-m", "8", "-O", "vdi", "src.qcow2", "w.vdi"], dir.path);
   assertEquals(r.code, 0, r.stderr);
   await sh("qemu-img compare -F qcow2 w.vdi src.qcow2", dir.path);
-});
-
-Deno.test("VdiImage.writeConcurrent() allocates in call order, a new block's padding before later data in it", async () => {
-  await using dir = await tempDir();
-  await sh("qemu-img create -q -f vdi mine.vdi 4M && cp mine.vdi theirs.vdi", dir.path);
-  const M = 1 << 20;
-  // Block 3 first (padded around its data), then data into its padding, then blocks 0 and 1 at once.
-  const writes: [number, number, number][] = [[3 * M + 4096, 8192, 0x11], [
-    3 * M + M / 2,
-    4096,
-    0x22,
-  ], [
-    0,
-    M + 512,
-    0x33,
-  ]];
-  const image = await openVdi(
-    lastFirst(await DenoFile.open(`${dir.path}/mine.vdi`, { write: true })),
-  );
-  // All started before any finishes, as convert's pipelined requests.
-  await Promise.all(
-    writes.map(([at, n, v]) => image.writeConcurrent(at, new Uint8Array(n).fill(v))),
-  );
-  await image.close();
-  const io = writes.map(([at, n, v]) => `-c 'write -P ${v} ${at} ${n}'`).join(" ");
-  await sh(`qemu-io -f vdi ${io} theirs.vdi >/dev/null`, dir.path);
-  // Byte for byte (hashes: a failing comparison of 4 MiB arrays takes long to print).
-  assertEquals(await hashFile(`${dir.path}/mine.vdi`), await hashFile(`${dir.path}/theirs.vdi`));
-  await sh("qemu-img check -q mine.vdi", dir.path);
-});
-
-Deno.test("VdiImage.writeZeroes() writes zeroes as data in one section: allocations keep call order", async () => {
-  await using dir = await tempDir();
-  await sh("qemu-img create -q -f vdi mine.vdi 8M && cp mine.vdi theirs.vdi", dir.path);
-  const M = 1 << 20;
-  const image = await openVdi(
-    lastFirst(await DenoFile.open(`${dir.path}/mine.vdi`, { write: true })),
-  );
-  // As convert -n: data, a zero run over several blocks, data; none awaited before the next.
-  await Promise.all([
-    image.writeConcurrent(6 * M, new Uint8Array(4096).fill(0x44)),
-    image.writeZeroes(M / 2, 3 * M),
-    image.writeConcurrent(M / 2 + 3 * M, new Uint8Array(512).fill(0x55)),
-  ]);
-  await image.close();
-  await sh(
-    `qemu-io -f vdi -c 'write -P 0x44 ${6 * M} 4k' -c 'write -z ${M / 2} ${3 * M}' \
-       -c 'write -P 0x55 ${M / 2 + 3 * M} 512' theirs.vdi >/dev/null`,
-    dir.path,
-  );
-  assertEquals(await hashFile(`${dir.path}/mine.vdi`), await hashFile(`${dir.path}/theirs.vdi`));
 });
 
 Deno.test("VdiImage.check() reports qemu's block map errors and exit codes", async () => {

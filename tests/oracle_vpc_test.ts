@@ -13,7 +13,6 @@ import {
   be32,
   be64,
   GUEST_WRITES,
-  hashFile,
   qimg,
   sh,
   tempDir,
@@ -22,7 +21,6 @@ import { chsGeometry, openVpc, roundedImageSize, vpcDriver } from "../src/vpc.ts
 import { type BlockFile, DenoFile } from "../src/file.ts";
 import { convert } from "../src/convert.ts";
 import { Image } from "../src/image.ts";
-import { lastFirst } from "./_write_order.ts";
 
 /** Footer bytes that hold the time, the random UUID and the checksum over both. */
 const FOOTER_VARIABLE = [[24, 28], [64, 84]];
@@ -206,52 +204,6 @@ Deno.test("VpcImage.write() allocates blocks as qemu: convert -O vpc output qemu
   const r = await qimg(["convert", "-W", "-m", "8", "-O", "vpc", "src.qcow2", "w.vhd"], dir.path);
   assertEquals(r.code, 0, r.stderr);
   await sh("qemu-img compare -F qcow2 w.vhd src.qcow2", dir.path);
-});
-
-Deno.test("VpcImage.writeConcurrent() allocates in call order, overlapping transfers in call order", async () => {
-  await using dir = await tempDir();
-  await sh("qemu-img create -q -f vpc mine.vhd 8M && cp mine.vhd theirs.vhd", dir.path);
-  const M = 1 << 20;
-  // Block 1 first, then over part of what that wrote, then block 0 and into block 1 at once.
-  const writes: [number, number, number][] = [
-    [2 * M + 4096, 8192, 0x11],
-    [2 * M + 8192, 512, 0x22],
-    [M, 2 * M, 0x33],
-  ];
-  const image = await openVpc(
-    lastFirst(await DenoFile.open(`${dir.path}/mine.vhd`, { write: true })),
-  );
-  // All started before any finishes, as convert's pipelined requests.
-  await Promise.all(
-    writes.map(([at, n, v]) => image.writeConcurrent(at, new Uint8Array(n).fill(v))),
-  );
-  await image.close();
-  const io = writes.map(([at, n, v]) => `-c 'write -P ${v} ${at} ${n}'`).join(" ");
-  await sh(`qemu-io -f vpc ${io} theirs.vhd >/dev/null`, dir.path);
-  // Byte for byte (hashes: a failing comparison of large arrays takes long to print).
-  assertEquals(await hashFile(`${dir.path}/mine.vhd`), await hashFile(`${dir.path}/theirs.vhd`));
-});
-
-Deno.test("VpcImage.writeZeroes() writes zeroes as data in one section: allocations keep call order", async () => {
-  await using dir = await tempDir();
-  await sh("qemu-img create -q -f vpc mine.vhd 8M && cp mine.vhd theirs.vhd", dir.path);
-  const M = 1 << 20;
-  const image = await openVpc(
-    lastFirst(await DenoFile.open(`${dir.path}/mine.vhd`, { write: true })),
-  );
-  // As convert -n: data, a zero run over two blocks, data; none awaited before the next.
-  await Promise.all([
-    image.writeConcurrent(6 * M, new Uint8Array(4096).fill(0x44)),
-    image.writeZeroes(0, 5 * M),
-    image.writeConcurrent(5 * M, new Uint8Array(512).fill(0x55)),
-  ]);
-  await image.close();
-  await sh(
-    `qemu-io -f vpc -c 'write -P 0x44 ${6 * M} 4k' -c 'write -z ${0} ${5 * M}' \
-       -c 'write -P 0x55 ${5 * M} 512' theirs.vhd >/dev/null`,
-    dir.path,
-  );
-  assertEquals(await hashFile(`${dir.path}/mine.vhd`), await hashFile(`${dir.path}/theirs.vhd`));
 });
 
 Deno.test("VpcImage.copyMap() calls holes in allocated blocks zero at their host offsets, unallocated blocks zero", async () => {
