@@ -242,6 +242,7 @@ export class DenoFile implements BlockFile {
     while (done < data.length) done += f.writeSync(data.subarray(done));
   }
 
+  // deno-lint-ignore require-await
   async view(offset: number, length: number): Promise<FileView | undefined> {
     if (this.#holes === undefined) this.#holes = this.#native();
     if (!this.#holes || length <= 0) return;
@@ -251,7 +252,7 @@ export class DenoFile implements BlockFile {
       ? this.#file.statSync().size
       : (this.#viewSize ??= this.#file.statSync().size);
     if (offset + length > size) return;
-    return await this.#holes.map(offset, length);
+    return this.#holes.map(offset, length);
   }
 
   /**
@@ -486,7 +487,7 @@ class HoleFinder {
    * and fewer mmap calls. The window last left without views stays mapped
    * for the next. Undefined when mmap fails.
    */
-  async map(offset: number, length: number): Promise<FileView | undefined> {
+  map(offset: number, length: number): FileView | undefined {
     const w = Math.floor(offset / WINDOW);
     if (offset + length > w * WINDOW + SLOT) return this.#mapOnce(offset, length);
     let win = this.#windows.get(w);
@@ -511,12 +512,10 @@ class HoleFinder {
     win.views++;
     if (this.#idle === w) this.#idle = undefined;
     // Page tables for the view in one call, cheaper than a fault every 16 pages
-    // (MADV_POPULATE_READ; older kernels refuse it, and faults do the work),
-    // on another thread: convert's main thread is its busiest (4 GiB qcow2
-    // to raw: its CPU about 280 -> 190 ms).
+    // (MADV_POPULATE_READ; older kernels refuse it, and faults do the work).
     const at = win.slot * SLOT + offset - w * WINDOW;
     const page = at - (at % PAGE);
-    await this.#lib.symbols.madviseAsync(
+    this.#lib.symbols.madvise(
       Deno.UnsafePointer.offset(this.#arena!.ptr, page),
       BigInt(at + length - page),
       MADV_POPULATE_READ,
@@ -794,10 +793,4 @@ const LIBC = {
   mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
   munmap: { parameters: ["pointer", "usize"], result: "i32" },
   madvise: { parameters: ["pointer", "usize", "i32"], result: "i32" },
-  madviseAsync: {
-    name: "madvise",
-    parameters: ["pointer", "usize", "i32"],
-    result: "i32",
-    nonblocking: true,
-  },
 } as const;
