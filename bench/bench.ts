@@ -579,9 +579,8 @@ async function main(): Promise<number> {
       // And with its inputs in the page cache, as the figures in the issues assume: this
       // machine's memory reclaim (kdamond) evicts cold pages within seconds. cp reads only
       // the data of a sparse file.
-      const inputs = op.args.filter((a) =>
-        a !== op.output && /\.(raw|qcow2|vmdk|vpc|vhdx|vdi)$/.test(a)
-      );
+      const inputs = op.args.map((a) => a.replace(/^if=/, "")) // dd's if= (its of= is left out)
+        .filter((a) => a !== op.output && /^[^=]+\.(raw|qcow2|vmdk|vpc|vhdx|vdi)$/.test(a));
       await sh(
         `sync && for f in ${inputs.join(" ")}; do cp --sparse=always "$f" /dev/null; done`,
         dir,
