@@ -320,9 +320,6 @@ export async function amendQcow2(
   // of extra data): the upgrade then rewrites the snapshot table.
   const extendSnapshots = newVersion > oldVersion &&
     (img.snapshots ?? []).some((sn) => sn.extraDataSize < 16);
-  if (newVersion > oldVersion && h.bitmaps) {
-    throw notYet("changing the compat level of qcow2 images with bitmaps");
-  }
   if (h.incompatibleFeatures & INCOMPAT_DIRTY) throw notYet("amend of dirty qcow2 images");
   // Bitmaps survive amend: the header keeps their extension, a size change
   // resizes them (Qcow2Image.resize) and refcount changes keep their clusters.
