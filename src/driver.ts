@@ -253,6 +253,36 @@ export interface CopyRun {
   hostOffset?: number;
 }
 
+/**
+ * Builds a copyMap answer in order, merging neighbours: zero runs without a
+ * host offset, and runs that continue each other in the host file.
+ */
+export class CopyRunList {
+  readonly runs: CopyRun[] = [];
+
+  /** Adds `length` bytes: zeroes or data for read() (no `hostOffset`), or bytes lying at `hostOffset`. */
+  add(length: number, zero: boolean, hostOffset?: number): void {
+    const last = this.runs[this.runs.length - 1];
+    const follows = last && last.zero === zero && (
+      hostOffset === undefined
+        ? zero && last.hostOffset === undefined
+        : last.hostOffset !== undefined && last.hostOffset + last.length === hostOffset
+    );
+    if (follows) last.length += length;
+    else this.runs.push(hostOffset === undefined ? { length, zero } : { length, zero, hostOffset });
+  }
+
+  /** Adds the host file's bytes at [at, at + length): its holes as zeroes, its data where it lies. */
+  async addHost(file: BlockFile, at: number, length: number): Promise<void> {
+    for (const end = at + length; at < end;) {
+      const e = await file.extent(at, end - at);
+      const n = Math.min(e.length, end - at);
+      this.add(n, !e.data, at);
+      at += n;
+    }
+  }
+}
+
 /** Reads guest bytes from the layers below an image. */
 export type BackingReader = (offset: number, buf: Uint8Array) => Promise<void>;
 

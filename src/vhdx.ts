@@ -25,6 +25,7 @@ import type {
   FormatInfo,
   OpenOptions,
 } from "./driver.ts";
+import { CopyRunList } from "./driver.ts";
 import type { BlockFile } from "./file.ts";
 import { IoError, QimgError } from "./errors.ts";
 import { le16, le32, le64, putLe32, putLe64 } from "./bytes.ts";
@@ -408,37 +409,20 @@ export class VhdxImage implements FormatImage {
    * fully present blocks lie as they are at their host offset.
    */
   async copyMap(offset: number, length: number): Promise<CopyRun[]> {
-    const runs: CopyRun[] = [];
-    const add = (n: number, zero: boolean, hostOffset?: number) => {
-      const last = runs[runs.length - 1];
-      const follows = last && last.zero === zero && (
-        hostOffset === undefined
-          ? zero && last.hostOffset === undefined
-          : last.hostOffset !== undefined && last.hostOffset + last.length === hostOffset
-      );
-      if (follows) last.length += n;
-      else {runs.push(
-          hostOffset === undefined ? { length: n, zero } : { length: n, zero, hostOffset },
-        );}
-    };
+    const list = new CopyRunList();
     const bs = this.#l.blockSize;
     for (let done = 0; done < length;) {
       const guest = offset + done;
       const inBlock = guest % bs;
       const n = Math.min(length - done, bs - inBlock);
       const { state, host } = this.#state(this.#batIndex(guest));
-      if (ZERO_STATES.has(state)) add(n, true);
+      if (ZERO_STATES.has(state)) list.add(n, true);
       else if (state === PAYLOAD_FULLY_PRESENT && host >= MiB && host + bs <= MAX_OFFSET) {
-        for (let at = host + inBlock, end = at + n; at < end;) {
-          const e = await this.file.extent(at, end - at);
-          const len = Math.min(e.length, end - at);
-          add(len, !e.data, at);
-          at += len;
-        }
-      } else add(n, false); // read() decides: offset 0 reads the file's start, other states fail
+        await list.addHost(this.file, host + inBlock, n);
+      } else list.add(n, false); // read() decides: offset 0 reads the file's start, other states fail
       done += n;
     }
-    return runs;
+    return list.runs;
   }
 
   blockStatus(_offset: number, length: number): Promise<BlockStatus> {

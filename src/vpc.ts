@@ -18,6 +18,7 @@ import type {
   FormatInfo,
   OpenOptions,
 } from "./driver.ts";
+import { CopyRunList } from "./driver.ts";
 import { type BlockFile, readZeroFilled } from "./file.ts";
 import { QimgError } from "./errors.ts";
 import { be16, be32, be64, be64n, putBe16, putBe32, putBe64 } from "./bytes.ts";
@@ -297,34 +298,15 @@ export class VpcImage implements FormatImage {
    */
   async copyMap(offset: number, length: number): Promise<CopyRun[]> {
     if (this.#fixed) return [{ length, zero: false, hostOffset: offset }];
-    const runs: CopyRun[] = [];
-    const add = (n: number, zero: boolean, hostOffset?: number) => {
-      const last = runs[runs.length - 1];
-      const follows = last && last.zero === zero &&
-        (hostOffset === undefined
-          ? last.hostOffset === undefined
-          : last.hostOffset !== undefined && last.hostOffset + last.length === hostOffset);
-      if (follows) {
-        last.length += n;
-      } else {
-        runs.push(hostOffset === undefined ? { length: n, zero } : { length: n, zero, hostOffset });
-      }
-    };
+    const list = new CopyRunList();
     for (let done = 0; done < length;) {
       const n = this.#inBlock(offset + done, length - done);
       const host = this.#hostOffset(offset + done);
-      if (host < 0) add(n, true);
-      else {
-        for (let at = host, end = host + n; at < end;) {
-          const e = await this.file.extent(at, end - at);
-          const len = Math.min(e.length, end - at);
-          add(len, !e.data, at);
-          at += len;
-        }
-      }
+      if (host < 0) list.add(n, true);
+      else await list.addHost(this.file, host, n);
       done += n;
     }
-    return runs;
+    return list.runs;
   }
 
   async #hostStatus(
